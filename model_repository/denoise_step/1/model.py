@@ -1,0 +1,86 @@
+"""denoise_step: one denoising step per request; per-sequence state stays on the device.
+
+Triton's sequence batcher (oldest strategy) delivers calls of several sequences at once; the
+StepEngine runs one denoiser forward per compatible group and each request's own scheduler step.
+"""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from stepdiff.adapters import Stage, load_adapter
+from stepdiff.engine import StepCall, StepEngine
+from stepdiff.orchestrator import ENCODER_OUTPUTS
+from stepdiff.params import PARAM_NAMES, parse_generation_params, scalar
+from stepdiff.triton_io import error_response, load_settings, numpy_inputs, output_tensor, torch_input
+
+BATCH_SIZE_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+METRICS = (
+    ("stepdiff_active_sequences", "Generations whose state denoise_step holds", "GAUGE"),
+    ("stepdiff_denoise_steps_total", "Denoising steps taken (one per request per step)", "COUNTER"),
+    ("stepdiff_denoise_batch_size", "Requests per denoiser forward", "HISTOGRAM"),
+)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        settings = load_settings(args)
+        self.settings = settings
+        self.adapter = load_adapter(settings.pipeline, Stage.DENOISE, settings.torch_device(), settings.torch_dtype())
+        max_batch_size = json.loads(args["model_config"])["max_batch_size"]
+        self.engine = StepEngine(self.adapter, max_batch_size, settings.max_active_sequences, settings.sequence_idle_seconds)
+        # Keep the families alive as long as their metrics (Triton deletes metrics with their family).
+        self.metric_families = {
+            name: pb_utils.MetricFamily(name=name, description=description, kind=getattr(pb_utils.MetricFamily, kind))
+            for name, description, kind in METRICS
+        }
+        labels = {"model": args["model_name"]}
+        self.active_gauge = self.metric_families["stepdiff_active_sequences"].Metric(labels=labels)
+        self.steps_counter = self.metric_families["stepdiff_denoise_steps_total"].Metric(labels=labels)
+        self.batch_histogram = self.metric_families["stepdiff_denoise_batch_size"].Metric(
+            labels=labels, buckets=BATCH_SIZE_BUCKETS
+        )
+
+    def _step_call(self, request) -> StepCall:
+        controls = numpy_inputs(request, ("START", "END", "CORRID", "step", "abort"))
+        call = StepCall(
+            correlation_id=int(scalar(controls, "CORRID")),
+            start=bool(scalar(controls, "START")),
+            end=bool(scalar(controls, "END")),
+            abort=bool(scalar(controls, "abort") or False),
+        )
+        step = scalar(controls, "step")
+        call.step = None if step is None else int(step)
+        if call.start:
+            raw = numpy_inputs(request, PARAM_NAMES)
+            call.params = parse_generation_params(raw, self.adapter.info, self.settings)
+            present = (torch_input(request, name) for name in ENCODER_OUTPUTS)
+            call.conditioning = {name: value for name, value in zip(ENCODER_OUTPUTS, present) if value is not None}
+        return call
+
+    def execute(self, requests):
+        self.engine.sweep()
+        calls, responses = [], [None] * len(requests)
+        for index, request in enumerate(requests):
+            try:
+                calls.append((index, self._step_call(request)))
+            except Exception as error:  # noqa: BLE001 - a malformed call fails alone
+                responses[index] = error_response(error)
+        results = self.engine.run([call for _, call in calls])
+        for (index, _), result in zip(calls, results):
+            if result.error is not None:
+                responses[index] = error_response(result.error)
+                continue
+            outputs = [
+                output_tensor("step_index", np.array([[result.step_index]], dtype=np.int32)),
+                output_tensor("num_steps", np.array([[result.num_steps]], dtype=np.int32)),
+            ]
+            if result.latents is not None:
+                outputs.append(output_tensor("latents", result.latents.float()))
+            responses[index] = pb_utils.InferenceResponse(output_tensors=outputs)
+        for size in self.engine.forward_batch_sizes:
+            self.batch_histogram.observe(size)
+        self.steps_counter.increment(self.engine.steps_done)
+        self.active_gauge.set(len(self.engine.states))
+        return responses

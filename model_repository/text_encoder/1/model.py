@@ -1,0 +1,28 @@
+"""text_encoder: generation inputs -> prompt embeddings (negative ones when guidance is on)."""
+
+import torch
+import triton_python_backend_utils as pb_utils
+
+from stepdiff.adapters import Stage, load_adapter
+from stepdiff.params import PARAM_NAMES, parse_generation_params
+from stepdiff.triton_io import error_response, load_settings, numpy_inputs, output_tensor
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        settings = load_settings(args)
+        self.settings = settings
+        self.adapter = load_adapter(settings.pipeline, Stage.TEXT_ENCODER, settings.torch_device(), settings.torch_dtype())
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                params = parse_generation_params(numpy_inputs(request, PARAM_NAMES), self.adapter.info, self.settings)
+                with torch.inference_mode():
+                    conditioning = self.adapter.encode_prompt(params)
+                outputs = [output_tensor(name, value.float()) for name, value in conditioning.items()]
+                responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
+            except Exception as error:  # noqa: BLE001 - every error goes back to its own request
+                responses.append(error_response(error))
+        return responses

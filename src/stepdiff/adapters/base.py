@@ -1,0 +1,138 @@
+"""The step protocol every pipeline family implements, and the per-request state it works on.
+
+One diffusion request runs as ``encode_prompt`` (text_encoder model), ``prepare`` then N x
+(``denoise`` + ``step``) (denoise_step model, one step per call) and ``decode`` (vae_decode model).
+``denoise`` takes several requests at once: one denoiser forward for a group of compatible requests.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+STEP_METHODS = ("encode_prompt", "prepare", "batch_key", "denoise", "step", "check_latents", "decode")
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """One request's validated sampling parameters (the public ``txt2img`` inputs)."""
+
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    scheduler: str
+    true_cfg_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class PipelineInfo:
+    """What a pipeline accepts, read from its configs without loading weights."""
+
+    family: str
+    pipeline_class: str
+    default_height: int
+    default_width: int
+    size_multiple: int
+    default_steps: int
+    default_guidance_scale: float
+    default_scheduler: str
+    schedulers: tuple[str, ...]
+    max_prompt_tokens: int
+
+
+@dataclass
+class RequestState:
+    """Everything one request keeps on the model's device between step calls."""
+
+    correlation_id: int
+    params: GenerationParams
+    scheduler: Any
+    generator: torch.Generator
+    timesteps: torch.Tensor
+    latents: torch.Tensor
+    conditioning: dict[str, torch.Tensor]
+    do_cfg: bool
+    step_index: int = 0
+    last_active: float = field(default_factory=time.monotonic)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.num_steps
+
+    @property
+    def timestep(self) -> torch.Tensor:
+        return self.timesteps[self.step_index]
+
+
+@runtime_checkable
+class StepAdapter(Protocol):
+    """A pipeline family, decomposed into the stages and steps the Triton models call."""
+
+    family: ClassVar[str]
+    info: PipelineInfo
+
+    def encode_prompt(self, params: GenerationParams) -> dict[str, torch.Tensor]:
+        """Prompt -> conditioning tensors [1, ...], negative ones only when guidance is on."""
+
+    def prepare(self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]) -> RequestState:
+        """Initial latents from the seeded generator, a fresh scheduler with its timesteps."""
+
+    def batch_key(self, state: RequestState) -> Hashable:
+        """Requests with equal keys can share one denoiser forward."""
+
+    def denoise(self, states: Sequence[RequestState]) -> list[torch.Tensor]:
+        """One denoiser forward for a compatible group; the guided model output of each request."""
+
+    def step(self, state: RequestState, model_output: torch.Tensor) -> None:
+        """The request's own scheduler step; advances ``state.step_index``."""
+
+    def check_latents(self, latents: torch.Tensor | None) -> torch.Tensor:
+        """Raise InvalidInput unless ``latents`` can be decoded by this pipeline."""
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Final latents [1, ...] -> uint8 image [1, height, width, 3]."""
+
+
+class InvalidInput(ValueError):
+    """A request input is missing or out of range; the message names the field and what is allowed."""
+
+
+def scheduler_step_kwargs(scheduler: Any, generator: torch.Generator, eta: float = 0.0) -> dict[str, Any]:
+    """``eta``/``generator`` keyword arguments the scheduler's ``step`` accepts (as diffusers passes them)."""
+    accepted = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {}
+    if "eta" in accepted:
+        kwargs["eta"] = eta
+    if "generator" in accepted:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def check_latents(latents: torch.Tensor | None, channels: int) -> torch.Tensor:
+    """Latents of shape [1, channels, h, w] with finite values, or InvalidInput naming the problem."""
+    if latents is None:
+        raise InvalidInput("latents: required input is missing")
+    if latents.dim() != 4 or latents.shape[0] != 1 or latents.shape[1] != channels or min(latents.shape[2:]) < 1:
+        raise InvalidInput(f"latents: expected shape [1, {channels}, h, w], got {list(latents.shape)}")
+    if not torch.isfinite(latents).all():
+        raise InvalidInput("latents: contains NaN or infinity")
+    return latents
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """diffusers ``output_type="np"`` floats in [0, 1] -> uint8, as the public ``image`` output defines."""
+    return (images * 255).round().astype(np.uint8)

@@ -1,0 +1,88 @@
+"""Finding a pipeline on disk or the hub, reading its configs, and building schedulers by name."""
+
+from __future__ import annotations
+
+import enum
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import diffusers
+
+from .base import InvalidInput
+
+
+class Stage(enum.Enum):
+    """Which Triton model an adapter serves; decides which components are loaded."""
+
+    TEXT_ENCODER = "text_encoder"
+    DENOISE = "denoise"
+    DECODE = "decode"
+    INFO = "info"
+
+
+def resolve_pipeline(path_or_hub_id: str) -> Path:
+    """A local diffusers directory for ``path_or_hub_id`` (downloads hub ids once, safetensors only)."""
+    if not path_or_hub_id:
+        raise ValueError("no pipeline given: pass --pipeline PATH_OR_HUB_ID (or set STEPDIFF_PIPELINE)")
+    local = Path(path_or_hub_id).expanduser()
+    if local.exists():
+        if not (local / "model_index.json").is_file():
+            raise ValueError(f"{local} is not a diffusers pipeline directory (no model_index.json)")
+        return local.resolve()
+    try:
+        return Path(diffusers.DiffusionPipeline.download(path_or_hub_id, use_safetensors=True))
+    except Exception as error:  # noqa: BLE001 - the hub raises many types; the message is what matters
+        raise ValueError(
+            f"pipeline {path_or_hub_id!r} is neither a local directory nor a reachable hub id: {error}"
+        ) from error
+
+
+def pipeline_class_name(path: Path) -> str:
+    """``_class_name`` from the pipeline's ``model_index.json``."""
+    return json.loads((path / "model_index.json").read_text())["_class_name"]
+
+
+def load_component_config(path: Path, subfolder: str, component_class: Any = None) -> dict[str, Any]:
+    """A component's config dict (``config.json`` or ``scheduler_config.json``) without its weights."""
+    if component_class is not None:
+        return dict(component_class.load_config(path, subfolder=subfolder))
+    folder = path / subfolder
+    for name in ("config.json", "scheduler_config.json"):
+        if (folder / name).is_file():
+            return json.loads((folder / name).read_text())
+    raise ValueError(f"{folder} has no config.json")
+
+
+def vae_scale_factor(path: Path) -> int:
+    """``2 ** (len(vae.block_out_channels) - 1)`` as diffusers computes it, from the VAE config."""
+    config = load_component_config(path, "vae")
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+@cache
+def _scheduler_class(name: str) -> Any:
+    return getattr(diffusers, name, None)
+
+
+def compatible_schedulers(scheduler_config: dict[str, Any]) -> tuple[str, ...]:
+    """Names of the schedulers that can replace the pipeline's own (and whose dependencies import)."""
+    own = _scheduler_class(scheduler_config["_class_name"]).from_config(scheduler_config)
+    names = {type(own).__name__, *(cls.__name__ for cls in own.compatibles)}
+    usable = []
+    for name in sorted(names):
+        try:
+            _scheduler_class(name).from_config(scheduler_config)
+        except Exception:  # noqa: BLE001 - e.g. DPMSolverSDEScheduler without torchsde
+            continue
+        usable.append(name)
+    return tuple(usable)
+
+
+def new_scheduler(name: str, scheduler_config: dict[str, Any]) -> Any:
+    """A fresh scheduler instance for one request (schedulers keep per-request history)."""
+    scheduler_class = _scheduler_class(name)
+    if scheduler_class is None:
+        raise InvalidInput(f"scheduler: unknown scheduler {name!r}")
+    return scheduler_class.from_config(scheduler_config)

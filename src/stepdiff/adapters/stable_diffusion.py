@@ -1,0 +1,154 @@
+"""Stable Diffusion 1.x / 2.x (``StableDiffusionPipeline``) in the step protocol.
+
+Each method is the matching slice of ``StableDiffusionPipeline.__call__`` (diffusers 0.42), so a
+request run alone reproduces the stock pipeline bit for bit. The safety checker is not run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.utils.torch_utils import randn_tensor
+
+from .base import GenerationParams, PipelineInfo, RequestState, check_latents, scheduler_step_kwargs, to_uint8
+from .loading import Stage, compatible_schedulers, load_component_config, new_scheduler, vae_scale_factor
+
+STAGE_COMPONENTS = {
+    Stage.TEXT_ENCODER: ("text_encoder", "tokenizer"),
+    Stage.DENOISE: ("unet", "scheduler"),
+    Stage.DECODE: ("vae",),
+    Stage.INFO: (),
+}
+ALL_COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+
+
+class StableDiffusionAdapter:
+    """Step-wise ``StableDiffusionPipeline``; loads only the components its stage needs."""
+
+    family: ClassVar[str] = "stable-diffusion"
+    pipeline_classes: ClassVar[tuple[str, ...]] = ("StableDiffusionPipeline",)
+
+    def __init__(self, path: Path, stage: Stage, device: torch.device, dtype: torch.dtype):
+        self.device = device
+        self.dtype = dtype
+        skipped = {name: None for name in ALL_COMPONENTS if name not in STAGE_COMPONENTS[stage]}
+        self.pipe = StableDiffusionPipeline.from_pretrained(
+            path,
+            torch_dtype=dtype,
+            use_safetensors=True,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **skipped,
+        )
+        self.pipe.to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        unet_config = load_component_config(path, "unet", UNet2DConditionModel)
+        self.scale_factor = vae_scale_factor(path)
+        self.in_channels = unet_config["in_channels"]
+        self._cfg_capable = unet_config.get("time_cond_proj_dim") is None
+        scheduler_config = load_component_config(path, "scheduler")
+        self.scheduler_config = scheduler_config
+        sample = unet_config["sample_size"] * self.scale_factor
+        self.info = PipelineInfo(
+            family=self.family,
+            pipeline_class="StableDiffusionPipeline",
+            default_height=sample,
+            default_width=sample,
+            size_multiple=self.scale_factor,
+            default_steps=50,
+            default_guidance_scale=7.5,
+            default_scheduler=scheduler_config["_class_name"],
+            schedulers=compatible_schedulers(scheduler_config),
+            max_prompt_tokens=self.pipe.tokenizer.model_max_length if self.pipe.tokenizer else 77,
+        )
+
+    def uses_cfg(self, params: GenerationParams) -> bool:
+        """diffusers' ``do_classifier_free_guidance``."""
+        return params.guidance_scale > 1 and self._cfg_capable
+
+    def encode_prompt(self, params: GenerationParams) -> dict[str, torch.Tensor]:
+        do_cfg = self.uses_cfg(params)
+        prompt_embeds, negative_prompt_embeds = self.pipe.encode_prompt(
+            params.prompt, self.device, 1, do_cfg, params.negative_prompt
+        )
+        conditioning = {"prompt_embeds": prompt_embeds}
+        if do_cfg:
+            conditioning["negative_prompt_embeds"] = negative_prompt_embeds
+        return conditioning
+
+    def prepare(self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]) -> RequestState:
+        do_cfg = self.uses_cfg(params)
+        if do_cfg and "negative_prompt_embeds" not in conditioning:
+            raise ValueError("guidance_scale > 1 needs negative_prompt_embeds")
+        prompt_embeds = conditioning["prompt_embeds"].to(self.device, self.dtype)
+        if do_cfg:
+            negative = conditioning["negative_prompt_embeds"].to(self.device, self.dtype)
+            prompt_embeds = torch.cat([negative, prompt_embeds])
+        scheduler = new_scheduler(params.scheduler, self.scheduler_config)
+        timesteps, _ = retrieve_timesteps(scheduler, params.num_inference_steps, self.device)
+        generator = torch.Generator().manual_seed(params.seed)
+        shape = (1, self.in_channels, params.height // self.scale_factor, params.width // self.scale_factor)
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=prompt_embeds.dtype)
+        latents = latents * scheduler.init_noise_sigma
+        return RequestState(
+            correlation_id=correlation_id,
+            params=params,
+            scheduler=scheduler,
+            generator=generator,
+            timesteps=timesteps,
+            latents=latents,
+            conditioning={"prompt_embeds": prompt_embeds},
+            do_cfg=do_cfg,
+        )
+
+    def batch_key(self, state: RequestState) -> Hashable:
+        return (tuple(state.latents.shape), tuple(state.conditioning["prompt_embeds"].shape[1:]))
+
+    def denoise(self, states: Sequence[RequestState]) -> list[torch.Tensor]:
+        inputs, timesteps, embeds = [], [], []
+        for state in states:
+            rows = torch.cat([state.latents] * 2) if state.do_cfg else state.latents
+            inputs.append(state.scheduler.scale_model_input(rows, state.timestep))
+            timesteps.append(state.timestep.expand(rows.shape[0]))
+            embeds.append(state.conditioning["prompt_embeds"])
+        if len(states) == 1:  # exactly the stock call: scalar timestep, no concatenation
+            noise = self.pipe.unet(inputs[0], states[0].timestep, encoder_hidden_states=embeds[0], return_dict=False)[0]
+        else:
+            # Mixed schedulers mix int and float timesteps; the UNet embeds them as float anyway.
+            noise = self.pipe.unet(
+                torch.cat(inputs),
+                torch.cat([t.to(torch.float32) for t in timesteps]),
+                encoder_hidden_states=torch.cat(embeds),
+                return_dict=False,
+            )[0]
+        outputs, row = [], 0
+        for state, rows in zip(states, inputs):
+            prediction = noise[row : row + rows.shape[0]]
+            row += rows.shape[0]
+            if state.do_cfg:
+                uncond, text = prediction.chunk(2)
+                prediction = uncond + state.params.guidance_scale * (text - uncond)
+            outputs.append(prediction)
+        return outputs
+
+    def step(self, state: RequestState, model_output: torch.Tensor) -> None:
+        kwargs = scheduler_step_kwargs(state.scheduler, state.generator)
+        state.latents = state.scheduler.step(model_output, state.timestep, state.latents, **kwargs, return_dict=False)[0]
+        state.step_index += 1
+
+    def check_latents(self, latents: torch.Tensor | None) -> torch.Tensor:
+        channels = self.pipe.vae.config.latent_channels
+        return check_latents(latents, channels)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        vae = self.pipe.vae
+        image = vae.decode(latents.to(self.device, vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        image = self.pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * image.shape[0])
+        return to_uint8(image)

@@ -1,0 +1,150 @@
+"""The ``stepdiff`` command: serve a pipeline on Triton, build tiny pipelines, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from . import server
+from .settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_model_repository() -> Path:
+    """The repository's ``model_repository/`` (source checkout or Docker image), else ./model_repository."""
+    bundled = REPO_ROOT / "model_repository"
+    return bundled if bundled.is_dir() else Path.cwd() / "model_repository"
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pipeline", required=True, help="diffusers directory or hub id, e.g. runwayml/stable-diffusion-v1-5")
+    parser.add_argument("--model-repository", type=Path, default=None, help="Triton model repository (default: the bundled one)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="auto: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--cpu-threads", type=int, default=0, help="torch intra-op threads in every model (0: torch default)")
+    parser.add_argument("--max-active-sequences", type=int, default=Settings.max_active_sequences, help="concurrent generations before 'server busy'")
+    parser.add_argument("--max-steps", type=int, default=Settings.max_steps, help="largest num_inference_steps accepted")
+    parser.add_argument("--max-pixels", type=int, default=Settings.max_pixels, help="largest height x width accepted")
+    parser.add_argument("--log-file", type=Path, default=None, help="tritonserver log (default: ~/.cache/stepdiff/logs/)")
+    parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Validated settings; the pipeline is resolved (and downloaded once) before Triton starts."""
+    from .adapters import adapter_class
+    from .adapters.loading import resolve_pipeline
+
+    path = resolve_pipeline(args.pipeline)
+    adapter_class(path)  # fail now, with the supported list, rather than in three model loads
+    settings = Settings(
+        pipeline=str(path),
+        device=args.device,
+        dtype=args.dtype,
+        cpu_threads=args.cpu_threads,
+        max_active_sequences=args.max_active_sequences,
+        max_steps=args.max_steps,
+        max_pixels=args.max_pixels,
+    )
+    settings.validate()
+    settings.torch_device()
+    return settings
+
+
+def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
+    """Start tritonserver for ``args`` and wait until every model is ready."""
+    settings = settings_from_args(args)
+    options = server.ServerOptions(
+        model_repository=(args.model_repository or default_model_repository()).resolve(),
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_verbose=args.log_verbose,
+    )
+    log_file = args.log_file or Path.home() / ".cache" / "stepdiff" / "logs" / f"tritonserver-{args.http_port}.log"
+    print(f"stepdiff: starting tritonserver {server.TRITON_VERSION} for {settings.pipeline} (log: {log_file})", flush=True)
+    process = server.start_triton(options, settings.environment(), log_file)
+    try:
+        process.wait_ready()
+    except BaseException:
+        process.stop()
+        raise
+    return process
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run Triton in the foreground until SIGINT/SIGTERM or until it exits by itself."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    process = start_from_args(args)
+    print(
+        f"stepdiff: ready: txt2img on http://localhost:{args.http_port} and grpc localhost:{args.grpc_port}, "
+        f"metrics on http://localhost:{args.metrics_port}/metrics (Ctrl-C stops)",
+        flush=True,
+    )
+    while not stop.wait(0.5):
+        if process.process.poll() is not None:
+            print(f"stepdiff: tritonserver exited with code {process.process.returncode} (log: {process.log_path})", file=sys.stderr)
+            return process.process.returncode or 1
+    code = process.stop()
+    print(f"stepdiff: stopped (tritonserver exit code {code})", flush=True)
+    return 0
+
+
+def make_tiny_command(args: argparse.Namespace) -> int:
+    from .tiny import make_tiny
+
+    out = make_tiny(args.family, args.out_dir, seed=args.seed)
+    print(f"stepdiff: wrote tiny {args.family} pipeline to {out}")
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Serve ``--pipeline``, generate one image with client/generate.py, stop the server."""
+    process = start_from_args(args)
+    try:
+        command = [
+            sys.executable, str(REPO_ROOT / "client" / "generate.py"),
+            "--url", f"localhost:{args.http_port}", "--out", str(args.out),
+            "--num-inference-steps", str(args.steps), "--seed", "0", args.prompt,
+        ]  # fmt: skip
+        return subprocess.call(command)
+    finally:
+        process.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stepdiff", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="serve a pipeline with tritonserver (foreground)")
+    add_server_arguments(serve_parser)
+    serve_parser.set_defaults(run=serve)
+    tiny_parser = commands.add_parser("make-tiny", help="write a tiny random pipeline (offline, reproducible)")
+    tiny_parser.add_argument("family", choices=["sd"])
+    tiny_parser.add_argument("out_dir", type=Path)
+    tiny_parser.add_argument("--seed", type=int, default=0)
+    tiny_parser.set_defaults(run=make_tiny_command)
+    demo_parser = commands.add_parser("demo", help="serve, generate one image with the client, stop")
+    add_server_arguments(demo_parser)
+    demo_parser.add_argument("--prompt", default="a photo of a red panda sitting on a tree branch")
+    demo_parser.add_argument("--steps", type=int, default=20)
+    demo_parser.add_argument("--out", type=Path, default=Path("outputs"))
+    demo_parser.set_defaults(run=demo)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (server.LaunchError, ValueError) as error:
+        print(f"stepdiff: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The denoise_step core: per-sequence state on the device and step-level batching, without Triton.
+
+Triton's sequence batcher hands ``StepEngine.run`` one call per sequence. A START call creates the
+request's state; a step call advances it by one step (all compatible step calls of one ``run`` share
+one denoiser forward); the last step returns the final latents and frees the state; an abort frees it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters.base import GenerationParams, InvalidInput, RequestState, StepAdapter
+
+
+class ServerBusy(RuntimeError):
+    """Too many active sequences; the caller should retry later."""
+
+
+@dataclass
+class StepCall:
+    """One Triton request to denoise_step, already decoded from tensors."""
+
+    correlation_id: int
+    start: bool = False
+    end: bool = False
+    abort: bool = False
+    step: int | None = None
+    params: GenerationParams | None = None
+    conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    """What goes back for one call: progress, final latents once done, or the error."""
+
+    step_index: int = 0
+    num_steps: int = 0
+    latents: torch.Tensor | None = None
+    error: Exception | None = None
+
+
+class StepEngine:
+    """Owns every active request's state and runs batched steps for the calls Triton delivers."""
+
+    def __init__(self, adapter: StepAdapter, max_batch_size: int, max_active_sequences: int, idle_seconds: float):
+        self.adapter = adapter
+        self.max_batch_size = max_batch_size
+        self.max_active_sequences = max_active_sequences
+        self.idle_seconds = idle_seconds
+        self.states: dict[int, RequestState] = {}
+        self.forward_batch_sizes: list[int] = []
+        self.steps_done = 0
+        self.swept = 0
+
+    @torch.inference_mode()
+    def run(self, calls: Sequence[StepCall]) -> list[StepResult]:
+        """Handle one batch of calls from distinct sequences; errors stay with their own call."""
+        self.forward_batch_sizes = []
+        self.steps_done = 0
+        results = [StepResult() for _ in calls]
+        stepping: list[tuple[int, RequestState]] = []
+        for index, call in enumerate(calls):
+            try:
+                state = self._accept(call)
+            except Exception as error:  # noqa: BLE001 - reported to this caller only
+                self._finish(call.correlation_id)
+                results[index].error = error
+                continue
+            if state is not None:
+                stepping.append((index, state))
+        self._step(stepping, results)
+        for index, call in enumerate(calls):
+            state = self.states.get(call.correlation_id)
+            result = results[index]
+            if state is not None and result.error is None:
+                result.step_index, result.num_steps = state.step_index, state.num_steps
+                if state.done:
+                    result.latents = state.latents
+            if result.error is not None or result.latents is not None or call.end:
+                self._finish(call.correlation_id)
+        return results
+
+    def _accept(self, call: StepCall) -> RequestState | None:
+        """Create, look up or drop the call's state; return it when the call should take a step."""
+        if call.abort:
+            self._finish(call.correlation_id)
+            return None
+        if call.start:
+            if call.params is None:
+                raise InvalidInput("START: the sequence's first call must carry the generation inputs")
+            self._finish(call.correlation_id)  # a reused id restarts cleanly
+            if len(self.states) >= self.max_active_sequences:
+                raise ServerBusy(f"server busy: {len(self.states)} active sequences (limit {self.max_active_sequences}); retry later")
+            self.states[call.correlation_id] = self.adapter.prepare(call.correlation_id, call.params, call.conditioning)
+            return None
+        state = self.states.get(call.correlation_id)
+        if state is None:
+            raise InvalidInput(f"sequence {call.correlation_id}: unknown or already finished (send START first)")
+        state.last_active = time.monotonic()
+        if call.step is not None and call.step != state.step_index:
+            raise InvalidInput(f"step={call.step} but sequence {call.correlation_id} is at step {state.step_index} of {state.num_steps}")
+        if state.done:
+            raise InvalidInput(f"sequence {call.correlation_id} already took all {state.num_steps} steps")
+        return state
+
+    def _step(self, stepping: list[tuple[int, RequestState]], results: list[StepResult]) -> None:
+        """One forward per compatible group (at most ``max_batch_size`` requests), then each scheduler step."""
+        groups: dict[object, list[tuple[int, RequestState]]] = defaultdict(list)
+        for item in stepping:
+            groups[self.adapter.batch_key(item[1])].append(item)
+        for members in groups.values():
+            for first in range(0, len(members), self.max_batch_size):
+                chunk = members[first : first + self.max_batch_size]
+                try:
+                    outputs = self.adapter.denoise([state for _, state in chunk])
+                except Exception as error:  # noqa: BLE001 - the whole forward failed: fail its requests
+                    for index, _ in chunk:
+                        results[index].error = error
+                    continue
+                self.forward_batch_sizes.append(len(chunk))
+                for (index, state), output in zip(chunk, outputs):
+                    try:
+                        self.adapter.step(state, output)
+                        self.steps_done += 1
+                    except Exception as error:  # noqa: BLE001 - one request's scheduler failed
+                        results[index].error = error
+
+    def _finish(self, correlation_id: int) -> None:
+        self.states.pop(correlation_id, None)
+
+    def sweep(self, now: float | None = None) -> int:
+        """Drop sequences idle for longer than ``idle_seconds`` (callers that never sent END)."""
+        now = time.monotonic() if now is None else now
+        stale = [cid for cid, state in self.states.items() if now - state.last_active > self.idle_seconds]
+        for cid in stale:
+            self._finish(cid)
+        self.swept += len(stale)
+        return len(stale)

@@ -1,0 +1,115 @@
+"""The txt2img flow: text_encoder -> denoise_step x N (one sequence) -> vae_decode.
+
+The flow is transport-agnostic: ``StageCaller`` is implemented with BLS inside Triton
+(``model_repository/txt2img``) and with tritonclient over gRPC in ``client/stepwise.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from .adapters.base import GenerationParams
+
+ProgressCallback = Callable[[int, int], Awaitable[None]]
+
+
+class StageCaller(Protocol):
+    """Runs one inference on another model; values are numpy arrays or transport-native tensors."""
+
+    async def __call__(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        outputs: list[str],
+        correlation_id: int = 0,
+        start: bool = False,
+        end: bool = False,
+    ) -> dict[str, Any]: ...
+
+
+ENCODER_OUTPUTS = ["prompt_embeds", "negative_prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds_mask"]
+
+
+def batch_of_one(value: object, dtype: type) -> np.ndarray:
+    """A [1, 1] tensor: the stage models batch along dim 0 and take each input as shape [1]."""
+    return np.array([[value]], dtype=dtype)
+
+
+def params_as_inputs(params: GenerationParams) -> dict[str, np.ndarray]:
+    """The generation parameters as the inputs every stage model accepts."""
+    inputs = {
+        "prompt": batch_of_one(params.prompt.encode(), np.object_),
+        "seed": batch_of_one(params.seed, np.int64),
+        "num_inference_steps": batch_of_one(params.num_inference_steps, np.int32),
+        "guidance_scale": batch_of_one(params.guidance_scale, np.float32),
+        "true_cfg_scale": batch_of_one(params.true_cfg_scale, np.float32),
+        "height": batch_of_one(params.height, np.int32),
+        "width": batch_of_one(params.width, np.int32),
+        "scheduler": batch_of_one(params.scheduler.encode(), np.object_),
+    }
+    if params.negative_prompt is not None:
+        inputs["negative_prompt"] = batch_of_one(params.negative_prompt.encode(), np.object_)
+    return inputs
+
+
+def host_scalar(value: Any) -> int:
+    """An integer output of a stage (a Triton tensor or a numpy array)."""
+    array = value.as_numpy() if hasattr(value, "as_numpy") else np.asarray(value)
+    return int(array.reshape(-1)[0])
+
+
+def new_correlation_id() -> int:
+    """A fresh non-zero uint64 sequence id (random, so several orchestrator instances never collide)."""
+    return secrets.randbits(63) + 1
+
+
+@dataclass
+class GenerationResult:
+    image: Any
+    seed: int
+
+
+async def generate(
+    call: StageCaller,
+    params: GenerationParams,
+    on_step: ProgressCallback | None = None,
+    is_cancelled: Callable[[], bool] = lambda: False,
+) -> GenerationResult | None:
+    """Run one request through the three stages; returns None when cancelled between steps.
+
+    The denoise sequence always ends: normally with END on the last step, otherwise (error or cancel)
+    with an END carrying ``abort`` so denoise_step frees the state at once.
+    """
+    inputs = params_as_inputs(params)
+    conditioning = await call("text_encoder", inputs, ENCODER_OUTPUTS)
+    correlation_id = new_correlation_id()
+    finished = False
+    try:
+        first = await call("denoise_step", {**inputs, **conditioning}, ["num_steps"], correlation_id, start=True)
+        num_steps = host_scalar(first["num_steps"])
+        latents = None
+        for index in range(num_steps):
+            if is_cancelled():
+                return None
+            last = index == num_steps - 1
+            step_input = {"step": batch_of_one(index, np.int32)}
+            wanted = ["latents"] if last else ["step_index"]
+            result = await call("denoise_step", step_input, wanted, correlation_id, end=last)
+            if on_step is not None:
+                await on_step(index + 1, num_steps)
+            latents = result.get("latents")
+        finished = True
+    finally:
+        if not finished:
+            with contextlib.suppress(Exception):  # the original error (or the cancel) is what matters
+                await call("denoise_step", {"abort": batch_of_one(True, np.bool_)}, [], correlation_id, end=True)
+    if latents is None:
+        raise RuntimeError("denoise_step finished the sequence without returning latents")
+    decoded = await call("vae_decode", {"latents": latents}, ["image"])
+    return GenerationResult(image=decoded["image"], seed=params.seed)

@@ -1,0 +1,109 @@
+"""Validation of the public generation inputs; every error names the field, the value and what is allowed."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Mapping
+
+import numpy as np
+
+from .adapters.base import GenerationParams, InvalidInput, PipelineInfo
+from .settings import Settings
+
+SEED_LIMIT = 2**63
+PARAM_NAMES = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "num_inference_steps",
+    "guidance_scale",
+    "true_cfg_scale",
+    "height",
+    "width",
+    "scheduler",
+)
+
+
+def scalar(raw: Mapping[str, np.ndarray], name: str) -> object | None:
+    """The single element of input ``name``, or None when the input is absent."""
+    array = raw.get(name)
+    if array is None:
+        return None
+    if array.size != 1:
+        raise InvalidInput(f"{name}: expected exactly one value (shape [1]), got shape {list(array.shape)}")
+    return array.reshape(-1)[0]
+
+
+def text(raw: Mapping[str, np.ndarray], name: str, max_bytes: int) -> str | None:
+    """A UTF-8 string input of at most ``max_bytes`` bytes."""
+    value = scalar(raw, name)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.encode()
+    if not isinstance(value, bytes):
+        raise InvalidInput(f"{name}: expected BYTES (a UTF-8 string), got {type(value).__name__}")
+    if len(value) > max_bytes:
+        raise InvalidInput(f"{name}: {len(value)} bytes is over the limit of {max_bytes} bytes")
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidInput(f"{name}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
+
+
+def integer(raw: Mapping[str, np.ndarray], name: str, default: int, low: int, high: int) -> int:
+    """An integer input within [low, high]."""
+    value = scalar(raw, name)
+    if value is None:
+        return default
+    if not isinstance(value, (int, np.integer)):
+        raise InvalidInput(f"{name}: expected an integer, got {value!r}")
+    if not low <= int(value) <= high:
+        raise InvalidInput(f"{name}={int(value)} is out of range: allowed {low}..{high}")
+    return int(value)
+
+
+def real(raw: Mapping[str, np.ndarray], name: str, default: float, low: float, high: float) -> float:
+    """A finite float input within [low, high]."""
+    value = scalar(raw, name)
+    if value is None:
+        return default
+    value = float(value)
+    if not math.isfinite(value) or not low <= value <= high:
+        raise InvalidInput(f"{name}={value} is out of range: allowed a finite number in [{low}, {high}]")
+    return value
+
+
+def image_side(raw: Mapping[str, np.ndarray], name: str, default: int, info: PipelineInfo, settings: Settings) -> int:
+    """``height`` or ``width``: a positive multiple of the pipeline's size multiple."""
+    value = integer(raw, name, default, 1, settings.max_pixels)
+    if value % info.size_multiple:
+        raise InvalidInput(f"{name}={value} is not a multiple of {info.size_multiple}, which {info.pipeline_class} requires")
+    return value
+
+
+def parse_generation_params(raw: Mapping[str, np.ndarray], info: PipelineInfo, settings: Settings) -> GenerationParams:
+    """Validate the ``txt2img`` inputs (absent optional inputs take the pipeline's defaults)."""
+    prompt = text(raw, "prompt", settings.max_prompt_bytes)
+    if prompt is None:
+        raise InvalidInput("prompt: required input is missing (an empty string is allowed)")
+    height = image_side(raw, "height", info.default_height, info, settings)
+    width = image_side(raw, "width", info.default_width, info, settings)
+    if height * width > settings.max_pixels:
+        raise InvalidInput(f"height x width = {height}x{width} = {height * width} pixels is over the limit of {settings.max_pixels}")
+    scheduler = text(raw, "scheduler", 256) or info.default_scheduler
+    if scheduler not in info.schedulers:
+        raise InvalidInput(f"scheduler={scheduler!r} is not supported by {info.pipeline_class}: allowed {', '.join(info.schedulers)}")
+    seed = integer(raw, "seed", -1, 0, SEED_LIMIT - 1)
+    return GenerationParams(
+        prompt=prompt,
+        negative_prompt=text(raw, "negative_prompt", settings.max_prompt_bytes),
+        seed=seed if seed >= 0 else secrets.randbelow(SEED_LIMIT),
+        num_inference_steps=integer(raw, "num_inference_steps", info.default_steps, 1, settings.max_steps),
+        guidance_scale=real(raw, "guidance_scale", info.default_guidance_scale, 0.0, 100.0),
+        height=height,
+        width=width,
+        scheduler=scheduler,
+        true_cfg_scale=real(raw, "true_cfg_scale", 1.0, 0.0, 100.0),
+    )

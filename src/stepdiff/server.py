@@ -1,0 +1,209 @@
+"""Find and start a real ``tritonserver`` with the stepdiff model repository.
+
+The server binary comes from ``$TRITONSERVER``, ``PATH`` (as in the NGC container) or the
+``nvidia-pytriton`` wheel.  The Python backend stub must match the running interpreter, ignores
+``PYTHONPATH`` and runs the first ``python3`` on ``PATH``; :func:`server_environment` takes care of
+all three.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TRITON_VERSION = "2.51.0"
+MODELS = ("text_encoder", "denoise_step", "vae_decode", "txt2img")
+PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+class LaunchError(RuntimeError):
+    """The server could not be found, started, or a model failed to load."""
+
+
+@dataclass(frozen=True)
+class TritonInstallation:
+    """Where the server binary, its backends and its shared libraries live."""
+
+    binary: Path
+    backend_directory: Path
+    library_directories: tuple[Path, ...] = ()
+
+
+def _pytriton_root() -> Path | None:
+    try:
+        import pytriton
+    except ImportError:
+        return None
+    return Path(pytriton.__file__).resolve().parent
+
+
+def _prepare_wheel_backends(pytriton_root: Path) -> Path:
+    """Copy the wheel's Python backend with the stub of the running Python into a cache folder."""
+    source = pytriton_root / "tritonserver"
+    stub = source / "python_backend_stubs" / PYTHON_VERSION / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise LaunchError(f"nvidia-pytriton ships no Python backend stub for Python {PYTHON_VERSION}")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    backends = cache / "stepdiff" / f"triton-{TRITON_VERSION}-py{PYTHON_VERSION}" / "backends"
+    python_backend = backends / "python"
+    marker = python_backend / ".complete"
+    if not marker.exists():
+        python_backend.mkdir(parents=True, exist_ok=True)
+        for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+            shutil.copy2(source / "backends" / "python" / name, python_backend / name)
+        shutil.copy2(stub, python_backend / "triton_python_backend_stub")
+        marker.touch()
+    return backends
+
+
+def locate_triton() -> TritonInstallation:
+    """Return the ``tritonserver`` to run: ``$TRITONSERVER``, then ``PATH``, then the pytriton wheel."""
+    explicit = os.environ.get("TRITONSERVER") or shutil.which("tritonserver")
+    if explicit:
+        binary = Path(explicit).resolve()
+        if not binary.is_file():
+            raise LaunchError(f"TRITONSERVER={explicit} is not a file")
+        # NGC layout: /opt/tritonserver/bin/tritonserver and /opt/tritonserver/backends.
+        return TritonInstallation(binary, binary.parent.parent / "backends")
+    root = _pytriton_root()
+    if root is None:
+        raise LaunchError(
+            "no tritonserver found: set $TRITONSERVER, put tritonserver on PATH, "
+            "or `pip install nvidia-pytriton==0.7.0`"
+        )
+    return TritonInstallation(
+        binary=root / "tritonserver" / "bin" / "tritonserver",
+        backend_directory=_prepare_wheel_backends(root),
+        library_directories=(root.parent / "nvidia_pytriton.libs",),
+    )
+
+
+def server_environment(installation: TritonInstallation, settings: dict[str, str]) -> dict[str, str]:
+    """Environment for tritonserver: our libpython first, our interpreter's bin first, settings."""
+    env = dict(os.environ)
+    libdirs = [sysconfig.get_config_var("LIBDIR") or "", *map(str, installation.library_directories)]
+    if env.get("LD_LIBRARY_PATH"):
+        libdirs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(d for d in libdirs if d)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(settings)
+    return env
+
+
+@dataclass
+class ServerOptions:
+    """Command-line level choices for one server run."""
+
+    model_repository: Path
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    log_verbose: int = 0
+    extra_args: Sequence[str] = field(default_factory=tuple)
+
+
+def server_command(installation: TritonInstallation, options: ServerOptions) -> list[str]:
+    """The tritonserver argument list (model control mode none: the repository is served as is)."""
+    return [
+        str(installation.binary),
+        f"--model-repository={options.model_repository}",
+        f"--backend-directory={installation.backend_directory}",
+        f"--http-port={options.http_port}",
+        f"--grpc-port={options.grpc_port}",
+        f"--metrics-port={options.metrics_port}",
+        "--model-control-mode=none",
+        "--exit-on-error=true",
+        "--strict-readiness=true",
+        "--disable-auto-complete-config",
+        f"--log-verbose={options.log_verbose}",
+        *options.extra_args,
+    ]
+
+
+_LOAD_FAILURE = re.compile(r"failed to load '([^']+)'.*?: (.*)$")
+
+
+def load_failures(log_text: str) -> list[str]:
+    """Triton's one-line reasons for models that failed to load, from its log."""
+    reasons = []
+    for line in log_text.splitlines():
+        match = _LOAD_FAILURE.search(line)
+        if match:
+            reason = match.group(2).split("\\n")[0].strip().rstrip('"')
+            reasons.append(f"{match.group(1)}: {reason}")
+    return list(dict.fromkeys(reasons))
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+class TritonProcess:
+    """A running tritonserver whose log goes to a file; readiness and failures read from it."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log_path: Path, http_port: int):
+        self.log_path = log_path
+        self.http_url = f"http://127.0.0.1:{http_port}"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(
+            command, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, models: Sequence[str] = MODELS, timeout: float = 600.0) -> None:
+        """Block until the server and every model are ready; raise LaunchError with Triton's reason."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                reasons = load_failures(self.log_text())
+                detail = "\n  ".join(reasons) or self._log_tail()
+                raise LaunchError(
+                    f"tritonserver exited with code {self.process.returncode}:\n  {detail}\n"
+                    f"(full log: {self.log_path})"
+                )
+            if _http_ok(f"{self.http_url}/v2/health/ready") and all(
+                _http_ok(f"{self.http_url}/v2/models/{name}/ready") for name in models
+            ):
+                return
+            time.sleep(0.5)
+        raise LaunchError(f"models not ready after {timeout:.0f} s (log: {self.log_path})")
+
+    def _log_tail(self, lines: int = 15) -> str:
+        return "\n  ".join(self.log_text().splitlines()[-lines:])
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (Triton unloads models and exits), SIGKILL after ``timeout``; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+def start_triton(options: ServerOptions, settings: dict[str, str], log_path: Path) -> TritonProcess:
+    """Start tritonserver with ``settings`` (STEPDIFF_* variables) in the models' environment."""
+    installation = locate_triton()
+    command = server_command(installation, options)
+    return TritonProcess(command, server_environment(installation, settings), log_path, options.http_port)

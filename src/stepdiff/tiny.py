@@ -1,0 +1,128 @@
+"""Tiny random diffusers pipelines, built offline and byte-for-byte reproducibly from configs.
+
+They have the real layouts (model_index.json, one folder per component, safetensors weights) so the
+serving code loads them through the same ``from_pretrained`` path as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+# A fixed word list: each word becomes one BPE token, anything else falls back to byte-level pieces.
+TINY_WORDS = (
+    "a photo of the an in on with and at by cat dog red blue green yellow panda horse astronaut "
+    "mountain forest city sea sky sunset night morning light cup coffee table cabin snow neon "
+    "painting oil watercolor portrait landscape futuristic cinematic lighting soft focus style "
+    "sitting riding tree branch bamboo mars surface warm glow windows flying cars cyberpunk "
+    "wooden photorealistic background cozy snowy lights detailed blurry ugly low quality"
+).split()
+
+SD15_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+}
+
+
+def clip_vocabulary(words: tuple[str, ...] = TINY_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP-style byte-level BPE vocabulary and merge list in which every word is one token."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    pieces = [*alphabet, *(c + "</w>" for c in alphabet)]
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        for i in range(1, len(word)):
+            right = word[i] + ("</w>" if i == len(word) - 1 else "")
+            merge = (word[:i], right)
+            if merge not in merges:
+                merges.append(merge)
+                pieces.append(merge[0] + merge[1])
+    pieces += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {piece: index for index, piece in enumerate(dict.fromkeys(pieces))}
+    return vocab, merges
+
+
+def build_tiny_stable_diffusion(seed: int = 0):
+    """A StableDiffusionPipeline with SD-1.5 structure (VAE factor 8, CLIP, PNDM) and tiny widths."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab, merges = clip_vocabulary()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            vocab_size=len(vocab),
+        )
+    ).eval()
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+    )
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+BUILDERS = {"sd": build_tiny_stable_diffusion}
+
+
+def make_tiny(family: str, out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Write the tiny pipeline of ``family`` to ``out_dir`` (safetensors, world-readable files)."""
+    if family not in BUILDERS:
+        raise ValueError(f"unknown tiny pipeline family {family!r}; choose one of {sorted(BUILDERS)}")
+    out = Path(out_dir)
+    pipeline = BUILDERS[family](seed)
+    pipeline.save_pretrained(out, safe_serialization=True)
+    for path in out.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return out

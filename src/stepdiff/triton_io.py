@@ -1,0 +1,99 @@
+"""Glue between Triton's Python backend and the core; importable only inside a Triton model.
+
+Tensors cross between models through DLPack, so GPU tensors stay on the GPU end to end.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+from torch.utils import dlpack
+
+from .adapters.base import InvalidInput
+from .engine import ServerBusy
+from .settings import Settings
+
+
+def load_settings(args: dict[str, Any]) -> Settings:
+    """Settings from the model's config parameters and STEPDIFF_* variables; threads pinned."""
+    settings = Settings.load(json.loads(args["model_config"]))
+    settings.apply_threads()
+    return settings
+
+
+def numpy_inputs(request: Any, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """The named inputs the request carries, as host numpy arrays (absent optional inputs are absent)."""
+    present = (pb_utils.get_input_tensor_by_name(request, name) for name in names)
+    return {tensor.name(): tensor.as_numpy() for tensor in present if tensor is not None}
+
+
+def torch_input(request: Any, name: str) -> torch.Tensor | None:
+    """One input as a torch tensor on its own device, copied (request tensors die with execute)."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    return dlpack.from_dlpack(tensor.to_dlpack()).clone()
+
+
+def output_tensor(name: str, value: torch.Tensor | np.ndarray) -> Any:
+    """A Triton output tensor; torch tensors go through DLPack (no copy to host on GPU)."""
+    if isinstance(value, torch.Tensor):
+        return pb_utils.Tensor.from_dlpack(name, dlpack.to_dlpack(value.contiguous()))
+    return pb_utils.Tensor(name, value)
+
+
+def triton_error(error: BaseException) -> Any:
+    """The TritonError for an exception: bad input -> INVALID_ARG, overload -> UNAVAILABLE, else INTERNAL."""
+    if isinstance(error, InvalidInput):
+        return pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)
+    if isinstance(error, ServerBusy):
+        return pb_utils.TritonError(str(error), pb_utils.TritonError.UNAVAILABLE)
+    if isinstance(error, StageError):
+        return pb_utils.TritonError(str(error), error.code)
+    return pb_utils.TritonError(f"{type(error).__name__}: {error}", pb_utils.TritonError.INTERNAL)
+
+
+def error_response(error: BaseException) -> Any:
+    return pb_utils.InferenceResponse(error=triton_error(error))
+
+
+class StageError(RuntimeError):
+    """An error returned by another model, keeping its Triton status code."""
+
+    def __init__(self, model: str, message: str, code: int):
+        super().__init__(f"{model}: {message}")
+        self.code = code
+
+
+async def bls_call(
+    model: str,
+    inputs: Mapping[str, Any],
+    outputs: list[str],
+    correlation_id: int = 0,
+    start: bool = False,
+    end: bool = False,
+) -> dict[str, Any]:
+    """``StageCaller`` over BLS: one async inference on another model of this server."""
+    flags = 0
+    if start:
+        flags |= pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
+    if end:
+        flags |= pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
+    tensors = [value if isinstance(value, pb_utils.Tensor) else output_tensor(name, value) for name, value in inputs.items()]
+    request = pb_utils.InferenceRequest(
+        model_name=model,
+        inputs=tensors,
+        requested_output_names=outputs,
+        correlation_id=correlation_id,
+        flags=flags,
+    )
+    response = await request.async_exec()
+    if response.has_error():
+        error = response.error()
+        raise StageError(model, error.message(), error.code())
+    return {tensor.name(): tensor for tensor in response.output_tensors()}
