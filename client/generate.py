@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Generate images with stepdiff's ``txt2img`` model over HTTP or gRPC and save them as PNG.
+
+    python client/generate.py "a red panda on a tree branch" --seed 7 --num-inference-steps 30
+    python client/generate.py --prompts-file prompts.txt --protocol grpc --concurrency 4 --out outputs/
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+# txt2img's optional inputs: flag name -> (Triton dtype, numpy dtype)
+OPTIONAL_INPUTS = {
+    "negative_prompt": ("BYTES", np.object_),
+    "seed": ("INT64", np.int64),
+    "num_inference_steps": ("INT32", np.int32),
+    "guidance_scale": ("FP32", np.float32),
+    "true_cfg_scale": ("FP32", np.float32),
+    "height": ("INT32", np.int32),
+    "width": ("INT32", np.int32),
+    "scheduler": ("BYTES", np.object_),
+}
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
+
+
+def client_module(protocol: str):
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+    else:
+        import tritonclient.http as module
+    return module
+
+
+def build_inputs(module, prompt: str, options: dict[str, object]) -> list:
+    """tritonclient InferInput objects for one txt2img request (absent options are left out)."""
+    values = {"prompt": ("BYTES", np.object_, prompt)}
+    for name, (triton_type, numpy_type) in OPTIONAL_INPUTS.items():
+        if options.get(name) is not None:
+            values[name] = (triton_type, numpy_type, options[name])
+    inputs = []
+    for name, (triton_type, numpy_type, value) in values.items():
+        data = np.array([value.encode() if isinstance(value, str) else value], dtype=numpy_type)
+        tensor = module.InferInput(name, [1], triton_type)
+        tensor.set_data_from_numpy(data)
+        inputs.append(tensor)
+    return inputs
+
+
+def slug(text: str, limit: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "empty"
+
+
+def generate(client, module, prompt: str, options: dict[str, object], timeout: float | None = None) -> tuple[np.ndarray, int, float]:
+    """One txt2img call: (image [H, W, 3] uint8, seed used, seconds)."""
+    started = time.perf_counter()
+    kwargs = {"client_timeout": timeout} if timeout else {}
+    result = client.infer("txt2img", build_inputs(module, prompt, options), **kwargs)
+    return result.as_numpy("image"), int(result.as_numpy("seed")[0]), time.perf_counter() - started
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompts", nargs="*", help="prompt(s); an empty string is an unconditional generation")
+    parser.add_argument("--prompts-file", type=Path, help="one prompt per line")
+    parser.add_argument("--url", default=None, help="host:port (default localhost:8000 for http, :8001 for grpc)")
+    parser.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNG files")
+    parser.add_argument("--timeout", type=float, default=None, help="client-side timeout per request, seconds")
+    for name, (triton_type, _) in OPTIONAL_INPUTS.items():
+        kind = {"BYTES": str, "INT64": int, "INT32": int, "FP32": float}[triton_type]
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"txt2img input {name}")
+    args = parser.parse_args(argv)
+    if args.prompts_file:
+        args.prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    if not args.prompts:
+        parser.error("give at least one prompt (or --prompts-file)")
+    args.url = args.url or f"localhost:{DEFAULT_PORTS[args.protocol]}"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    module = client_module(args.protocol)
+    options = {name: getattr(args, name) for name in OPTIONAL_INPUTS}
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        with module.InferenceServerClient(args.url) as probe:
+            ready = probe.is_model_ready("txt2img")
+    except Exception as error:  # noqa: BLE001 - connection errors come in several types
+        print(f"error: cannot reach the server at {args.url} over {args.protocol}: {error}", file=sys.stderr)
+        return 1
+    if not ready:
+        print(f"error: txt2img is not ready on {args.url}", file=sys.stderr)
+        return 1
+    local = threading.local()  # tritonclient's HTTP client must stay on the thread that made it
+
+    def one(prompt: str) -> bool:
+        if not hasattr(local, "client"):
+            local.client = module.InferenceServerClient(args.url)
+        try:
+            image, seed, seconds = generate(local.client, module, prompt, options, args.timeout)
+        except InferenceServerException as error:
+            print(f"rejected: {prompt!r}: {error.message()} (status {error.status()})", file=sys.stderr)
+            return False
+        path = args.out / f"{slug(prompt)}-{seed}.png"
+        Image.fromarray(image).save(path)
+        print(f"{seconds:7.2f} s  {image.shape[1]}x{image.shape[0]}  seed {seed}  {path}", flush=True)
+        return True
+
+    with ThreadPoolExecutor(max(1, args.concurrency)) as pool:
+        ok = list(pool.map(one, args.prompts))
+    return 0 if all(ok) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Session fixtures: a tiny SD pipeline built offline and one real tritonserver serving it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "client"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import generate as txt2img_client  # noqa: E402  (client/generate.py)
+
+CPU_THREADS = 1  # the server's models and the reference pipeline must use the same thread count
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    from stepdiff.tiny import make_tiny
+
+    return make_tiny("sd", tmp_path_factory.mktemp("pipelines") / "tiny-sd")
+
+
+@dataclass
+class Server:
+    http_url: str
+    grpc_url: str
+    metrics_url: str
+    log_file: Path
+
+    def metric(self, name: str) -> float:
+        """Current value of a stepdiff metric (summed over label sets)."""
+        text = urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
+        assert values, f"metric {name} not exported"
+        return sum(values)
+
+    def client(self, protocol: str = "grpc"):
+        module = txt2img_client.client_module(protocol)
+        return module, module.InferenceServerClient(self.grpc_url if protocol == "grpc" else self.http_url)
+
+    def txt2img(self, prompt: str, protocol: str = "grpc", **options) -> tuple[np.ndarray, int]:
+        module, client = self.client(protocol)
+        with client:
+            image, seed, _ = txt2img_client.generate(client, module, prompt, options)
+        return image, seed
+
+
+def start_launcher(pipeline: Path, log_file: Path, *extra: str) -> tuple[subprocess.Popen, list[int]]:
+    ports = free_ports(3)
+    command = [
+        sys.executable, "-m", "stepdiff", "serve", "--pipeline", str(pipeline),
+        "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+        "--cpu-threads", str(CPU_THREADS), "--log-file", str(log_file), *extra,
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return process, ports
+
+
+def wait_for_line(process: subprocess.Popen, marker: str, timeout: float = 300) -> list[str]:
+    """Read the launcher's output until ``marker`` appears; fail with everything it printed."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        lines.append(line.rstrip())
+        if marker in line:
+            return lines
+    raise AssertionError(f"launcher never printed {marker!r}; output:\n" + "\n".join(lines))
+
+
+@pytest.fixture(scope="session")
+def server(tiny_sd, tmp_path_factory):
+    log_file = tmp_path_factory.mktemp("logs") / "tritonserver.log"
+    process, (http_port, grpc_port, metrics_port) = start_launcher(tiny_sd, log_file)
+    try:
+        wait_for_line(process, "stepdiff: ready")
+    except AssertionError:
+        process.kill()
+        raise
+    yield Server(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", log_file)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, f"launcher did not stop cleanly:\n{output}"
+    assert "stepdiff: stopped" in output
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_sd):
+    """The stock diffusers pipeline, for images to compare against (same thread count as the server)."""
+    from diffusers import StableDiffusionPipeline
+
+    torch.set_num_threads(CPU_THREADS)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference_image(pipe, prompt: str, seed: int, scheduler: str | None = None, **kwargs) -> np.ndarray:
+    """diffusers' image for these inputs, converted to uint8 exactly as txt2img's ``image`` output."""
+    import diffusers
+
+    original = pipe.scheduler
+    if scheduler:
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(original.config)
+    try:
+        images = pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images
+    finally:
+        pipe.scheduler = original
+    return (images[0] * 255).round().astype(np.uint8)

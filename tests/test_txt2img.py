@@ -1,0 +1,68 @@
+"""txt2img against the real server reproduces StableDiffusionPipeline byte for byte (CPU, fp32, 1 thread)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from conftest import reference_image
+
+PROMPTS = [
+    "a cup of coffee on a wooden table, morning light, photorealistic",
+    "a red panda sitting on a tree branch in a bamboo forest, soft focus background",
+    "an astronaut riding a horse on the surface of Mars, cinematic lighting",
+    "a cozy cabin in the snowy mountains at sunset, warm glow from windows",
+    "",  # unconditional generation
+]
+RESOLUTIONS = [(64, 64), (48, 80), (96, 56)]
+SCHEDULERS = ["PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"]
+GUIDANCE = [7.5, 1.0]
+MATRIX = list(itertools.product(range(len(PROMPTS)), RESOLUTIONS, SCHEDULERS, GUIDANCE))
+
+
+@pytest.mark.parametrize(("prompt_index", "size", "scheduler", "guidance_scale"), MATRIX)
+def test_image_is_byte_identical_to_diffusers(server, reference, prompt_index, size, scheduler, guidance_scale):
+    prompt = PROMPTS[prompt_index]
+    height, width = size
+    seed = 1000 + prompt_index
+    negative = "blurry, low quality" if prompt_index % 2 == 0 else None
+    protocol = "http" if prompt_index % 2 else "grpc"
+    options = dict(seed=seed, num_inference_steps=7, guidance_scale=guidance_scale, height=height, width=width, scheduler=scheduler)
+    image, used_seed = server.txt2img(prompt, protocol, negative_prompt=negative, **options)
+    expected = reference_image(
+        reference, prompt, seed, scheduler, negative_prompt=negative, num_inference_steps=7,
+        guidance_scale=guidance_scale, height=height, width=width,
+    )  # fmt: skip
+    assert used_seed == seed
+    assert image.dtype == np.uint8 and image.shape == (height, width, 3)
+    assert np.array_equal(image, expected), f"max abs diff {np.abs(image.astype(int) - expected).max()}"
+
+
+def test_defaults_come_from_the_pipeline(server, reference):
+    """Only the prompt: the pipeline's default size (sample_size x 8), scheduler (PNDM), steps and guidance."""
+    image, seed = server.txt2img("a photo of a cat", seed=5)
+    assert np.array_equal(image, reference_image(reference, "a photo of a cat", 5))
+
+
+def test_absent_seed_is_random_and_returned(server):
+    first, seed_a = server.txt2img("a dog", num_inference_steps=3)
+    second, seed_b = server.txt2img("a dog", num_inference_steps=3)
+    assert seed_a != seed_b and 0 <= seed_a < 2**63
+    again, seed = server.txt2img("a dog", num_inference_steps=3, seed=seed_a)
+    assert seed == seed_a and np.array_equal(again, first)
+    assert not np.array_equal(first, second)
+
+
+def test_same_seed_same_image_over_both_protocols(server):
+    options = dict(seed=77, num_inference_steps=5, scheduler="EulerAncestralDiscreteScheduler")
+    over_http, _ = server.txt2img("a blue horse", "http", **options)
+    over_grpc, _ = server.txt2img("a blue horse", "grpc", **options)
+    assert np.array_equal(over_http, over_grpc)
+
+
+def test_state_is_freed_after_each_request(server):
+    steps_before = server.metric("stepdiff_denoise_steps_total")
+    server.txt2img("a red cat", seed=1, num_inference_steps=6, scheduler="DDIMScheduler")
+    assert server.metric("stepdiff_active_sequences") == 0
+    assert server.metric("stepdiff_denoise_steps_total") - steps_before == 6
