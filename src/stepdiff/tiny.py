@@ -35,23 +35,38 @@ SD15_SCHEDULER_CONFIG = {
 }
 
 
+def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: merge the best-ranked adjacent pair until none applies."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), index) for index, pair in enumerate(zip(pieces, pieces[1:]))]
+        rank, index = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces = [*pieces[:index], pieces[index] + pieces[index + 1], *pieces[index + 2 :]]
+    return pieces
+
+
 def clip_vocabulary(words: tuple[str, ...] = TINY_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A CLIP-style byte-level BPE vocabulary and merge list in which every word is one token."""
+    """A CLIP-style byte-level BPE vocabulary and merge list in which every word is one token.
+
+    Each word is first encoded with the merges learned so far; the pieces left are then joined left to
+    right by new (lower-priority) merges, so earlier words keep encoding to a single token.
+    """
     from tokenizers import pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     pieces = [*alphabet, *(c + "</w>" for c in alphabet)]
-    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        for i in range(1, len(word)):
-            right = word[i] + ("</w>" if i == len(word) - 1 else "")
-            merge = (word[:i], right)
-            if merge not in merges:
-                merges.append(merge)
-                pieces.append(merge[0] + merge[1])
+        encoded = _apply_merges([*word[:-1], word[-1] + "</w>"], ranks)
+        while len(encoded) > 1:
+            merge = (encoded[0], encoded[1])
+            ranks[merge] = len(ranks)
+            pieces.append(merge[0] + merge[1])
+            encoded = [merge[0] + merge[1], *encoded[2:]]
     pieces += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {piece: index for index, piece in enumerate(dict.fromkeys(pieces))}
-    return vocab, merges
+    return vocab, list(ranks)
 
 
 def build_tiny_stable_diffusion(seed: int = 0):

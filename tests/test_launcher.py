@@ -1,0 +1,64 @@
+"""The launcher: clear errors for bad pipelines, Triton's own reason when a model fails to load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+from conftest import start_launcher
+
+from stepdiff.server import load_failures
+
+
+def run_serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stepdiff", "serve", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_missing_pipeline_is_a_clear_error(tmp_path):
+    result = run_serve("--pipeline", str(tmp_path / "nowhere"), "--http-port", "1")
+    assert result.returncode == 2
+    assert "stepdiff: error: pipeline" in result.stderr and "nowhere" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_directory_without_model_index_is_rejected(tmp_path):
+    result = run_serve("--pipeline", str(tmp_path))
+    assert result.returncode == 2
+    assert "not a diffusers pipeline directory (no model_index.json)" in result.stderr
+
+
+def test_unsupported_pipeline_class_names_the_step_methods(tiny_sd, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_sd, other)
+    index = json.loads((other / "model_index.json").read_text())
+    index["_class_name"] = "KandinskyPipeline"
+    (other / "model_index.json").write_text(json.dumps(index))
+    result = run_serve("--pipeline", str(other))
+    assert result.returncode == 2
+    assert "KandinskyPipeline has no step-wise adapter" in result.stderr
+    for method in ("encode_prompt()", "prepare()", "denoise()", "step()", "decode()"):
+        assert method in result.stderr
+
+
+def test_model_load_failure_exits_with_tritons_reason(tiny_sd, tmp_path):
+    """Corrupt UNet weights: tritonserver starts, denoise_step fails to load, the launcher says why."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sd, broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    process, _ = start_launcher(broken, tmp_path / "triton.log")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 2, output
+    assert "tritonserver exited with code" in output
+    assert "denoise_step:" in output  # the failing model, with Triton's one-line reason
+    assert len(output.splitlines()) < 15, "expected a short reason, not the whole log"
+
+
+def test_load_failures_parses_tritons_log_lines():
+    log = (
+        'E1121 06:21:06.301768 3095 model_lifecycle.cc:642] "failed to load \'denoise_step\' version 1: '
+        "Internal: TypeError: boom\\n\\nAt:\\n  model.py(25): initialize\\n\"\n"
+        "I1121 06:21:06 other line\n"
+    )
+    assert load_failures(log) == ["denoise_step: Internal: TypeError: boom"]
