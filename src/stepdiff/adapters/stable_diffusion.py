@@ -16,7 +16,15 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
-from .base import GenerationParams, PipelineInfo, RequestState, check_latents, scheduler_step_kwargs, to_uint8
+from .base import (
+    GenerationParams,
+    PipelineInfo,
+    RequestState,
+    check_latents,
+    require_conditioning,
+    scheduler_step_kwargs,
+    to_uint8,
+)
 from .loading import Stage, compatible_schedulers, load_component_config, new_scheduler, vae_scale_factor
 
 STAGE_COMPONENTS = {
@@ -40,7 +48,7 @@ class StableDiffusionAdapter:
         skipped = {name: None for name in ALL_COMPONENTS if name not in STAGE_COMPONENTS[stage]}
         self.pipe = StableDiffusionPipeline.from_pretrained(
             path,
-            torch_dtype=dtype,
+            dtype=dtype,
             use_safetensors=True,
             safety_checker=None,
             feature_extractor=None,
@@ -85,8 +93,7 @@ class StableDiffusionAdapter:
 
     def prepare(self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]) -> RequestState:
         do_cfg = self.uses_cfg(params)
-        if do_cfg and "negative_prompt_embeds" not in conditioning:
-            raise ValueError("guidance_scale > 1 needs negative_prompt_embeds")
+        require_conditioning(conditioning, ["prompt_embeds", "negative_prompt_embeds"] if do_cfg else ["prompt_embeds"])
         prompt_embeds = conditioning["prompt_embeds"].to(self.device, self.dtype)
         if do_cfg:
             negative = conditioning["negative_prompt_embeds"].to(self.device, self.dtype)

@@ -1,0 +1,102 @@
+"""StepEngine (denoise_step's core) in-process with the real tiny SD adapter: lifecycle, batching, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stepdiff.adapters import GenerationParams, InvalidInput, Stage, load_adapter
+from stepdiff.engine import ServerBusy, StepCall, StepEngine
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_sd):
+    cpu = torch.device("cpu")
+    return (
+        load_adapter(str(tiny_sd), Stage.TEXT_ENCODER, cpu, torch.float32),
+        load_adapter(str(tiny_sd), Stage.DENOISE, cpu, torch.float32),
+    )
+
+
+def params(seed=0, steps=3, scheduler="DDIMScheduler", guidance=7.5, size=64) -> GenerationParams:
+    return GenerationParams("a cat", None, seed, steps, guidance, size, size, scheduler)
+
+
+def start(engine, encoder, cid, p):
+    with torch.inference_mode():
+        conditioning = encoder.encode_prompt(p)
+    [result] = engine.run([StepCall(cid, start=True, params=p, conditioning=conditioning)])
+    assert result.error is None
+    return result.num_steps
+
+
+def test_sequence_lifecycle_returns_latents_and_frees_state(adapters):
+    encoder, denoiser = adapters
+    engine = StepEngine(denoiser, 8, 4, 60)
+    assert start(engine, encoder, 7, params(steps=3)) == 3
+    for index in range(3):
+        [result] = engine.run([StepCall(7, step=index, end=index == 2)])
+        assert result.error is None and result.step_index == index + 1
+    assert result.latents is not None and result.latents.shape == (1, 4, 8, 8)
+    assert engine.states == {}
+
+
+def test_compatible_requests_share_one_forward_and_batches_are_capped(adapters):
+    encoder, denoiser = adapters
+    engine = StepEngine(denoiser, 2, 8, 60)
+    schedulers = ["DDIMScheduler", "EulerAncestralDiscreteScheduler", "PNDMScheduler"]
+    for cid, scheduler in enumerate(schedulers, start=1):
+        start(engine, encoder, cid, params(seed=cid, scheduler=scheduler, guidance=1.0 if cid == 2 else 7.5))
+    start(engine, encoder, 9, params(size=48))  # another latent shape: its own group
+    results = engine.run([StepCall(cid, step=0) for cid in (1, 2, 3, 9)])
+    assert all(result.error is None for result in results)
+    assert sorted(engine.forward_batch_sizes) == [1, 1, 2]
+    assert engine.steps_done == 4
+
+
+def test_bad_calls_fail_alone_and_leave_no_state(adapters):
+    encoder, denoiser = adapters
+    engine = StepEngine(denoiser, 8, 8, 60)
+    start(engine, encoder, 1, params())
+    start(engine, encoder, 2, params())
+    unknown, wrong_step, good = engine.run([StepCall(99, step=0), StepCall(1, step=2), StepCall(2, step=0)])
+    assert isinstance(unknown.error, InvalidInput) and "unknown" in str(unknown.error)
+    assert isinstance(wrong_step.error, InvalidInput) and "step=2" in str(wrong_step.error)
+    assert good.error is None and good.step_index == 1
+    assert set(engine.states) == {2}
+    [missing] = engine.run([StepCall(3, start=True)])
+    assert isinstance(missing.error, InvalidInput) and set(engine.states) == {2}
+
+
+def test_scheduler_failure_fails_only_its_request(adapters):
+    encoder, denoiser = adapters
+    engine = StepEngine(denoiser, 8, 8, 60)
+    start(engine, encoder, 1, params())
+    start(engine, encoder, 2, params(seed=5))
+
+    def broken_step(*args, **kwargs):
+        raise RuntimeError("scheduler exploded")
+
+    engine.states[1].scheduler.step = broken_step
+    failed, fine = engine.run([StepCall(1, step=0), StepCall(2, step=0)])
+    assert "scheduler exploded" in str(failed.error)
+    assert fine.error is None
+    assert set(engine.states) == {2}
+
+
+def test_abort_restart_busy_and_sweep(adapters):
+    encoder, denoiser = adapters
+    engine = StepEngine(denoiser, 8, 2, idle_seconds=10)
+    start(engine, encoder, 1, params())
+    engine.run([StepCall(1, step=0)])
+    start(engine, encoder, 1, params())  # a START for an id in use restarts it
+    assert engine.states[1].step_index == 0
+    start(engine, encoder, 2, params())
+    p = params()
+    [busy] = engine.run([StepCall(3, start=True, params=p, conditioning=encoder.encode_prompt(p))])
+    assert isinstance(busy.error, ServerBusy) and "server busy" in str(busy.error)
+    [aborted] = engine.run([StepCall(1, end=True, abort=True)])
+    assert aborted.error is None and set(engine.states) == {2}
+    assert engine.sweep(now=engine.states[2].last_active + 5) == 0
+    assert engine.sweep(now=engine.states[2].last_active + 11) == 1
+    assert engine.states == {}
