@@ -8,6 +8,7 @@ all three.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -48,45 +49,57 @@ def _pytriton_root() -> Path | None:
     return Path(pytriton.__file__).resolve().parent
 
 
-def _prepare_wheel_backends(pytriton_root: Path) -> Path:
-    """Copy the wheel's Python backend with the stub of the running Python into a cache folder."""
-    source = pytriton_root / "tritonserver"
-    stub = source / "python_backend_stubs" / PYTHON_VERSION / "triton_python_backend_stub"
-    if not stub.is_file():
-        raise LaunchError(f"nvidia-pytriton ships no Python backend stub for Python {PYTHON_VERSION}")
+def _wheel_stub(pytriton_root: Path | None) -> Path | None:
+    if pytriton_root is None:
+        return None
+    stub = pytriton_root / "tritonserver" / "python_backend_stubs" / PYTHON_VERSION / "triton_python_backend_stub"
+    return stub if stub.is_file() else None
+
+
+def prepare_backend_directory(python_backend: Path, stub: Path) -> Path:
+    """A backends folder holding ``python_backend`` with ``stub`` (built for the running Python).
+
+    The stub runs the model code, so its Python version must be ours; Triton looks for it next to
+    ``libtriton_python.so``. The folder is cached per server build and Python version.
+    """
+    key = hashlib.sha256(f"{python_backend.resolve()}|{stub.resolve()}".encode()).hexdigest()[:12]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    backends = cache / "stepdiff" / f"triton-{TRITON_VERSION}-py{PYTHON_VERSION}" / "backends"
-    python_backend = backends / "python"
-    marker = python_backend / ".complete"
-    if not marker.exists():
-        python_backend.mkdir(parents=True, exist_ok=True)
+    backends = cache / "stepdiff" / f"backends-py{PYTHON_VERSION}-{key}"
+    prepared = backends / "python"
+    if not (prepared / ".complete").exists():
+        prepared.mkdir(parents=True, exist_ok=True)
         for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
-            shutil.copy2(source / "backends" / "python" / name, python_backend / name)
-        shutil.copy2(stub, python_backend / "triton_python_backend_stub")
-        marker.touch()
+            shutil.copy2(python_backend / name, prepared / name)
+        shutil.copy2(stub, prepared / "triton_python_backend_stub")
+        (prepared / ".complete").touch()
     return backends
 
 
 def locate_triton() -> TritonInstallation:
-    """Return the ``tritonserver`` to run: ``$TRITONSERVER``, then ``PATH``, then the pytriton wheel."""
+    """The ``tritonserver`` to run: ``$TRITONSERVER``, then ``PATH`` (NGC layout), then the pytriton wheel.
+
+    The Python backend comes with the server; its stub is the pytriton wheel's build for the running
+    Python when there is one (the NGC image's own stub is built for its system Python).
+    """
+    wheel = _pytriton_root()
     explicit = os.environ.get("TRITONSERVER") or shutil.which("tritonserver")
     if explicit:
         binary = Path(explicit).resolve()
         if not binary.is_file():
             raise LaunchError(f"TRITONSERVER={explicit} is not a file")
-        # NGC layout: /opt/tritonserver/bin/tritonserver and /opt/tritonserver/backends.
-        return TritonInstallation(binary, binary.parent.parent / "backends")
-    root = _pytriton_root()
-    if root is None:
+        python_backend, libraries = binary.parent.parent / "backends" / "python", ()
+    elif wheel is not None:
+        binary = wheel / "tritonserver" / "bin" / "tritonserver"
+        python_backend = wheel / "tritonserver" / "backends" / "python"
+        libraries = (wheel.parent / "nvidia_pytriton.libs",)
+    else:
         raise LaunchError(
-            "no tritonserver found: set $TRITONSERVER, put tritonserver on PATH, "
-            "or `pip install nvidia-pytriton==0.7.0`"
+            "no tritonserver found: set $TRITONSERVER, put tritonserver on PATH, or `pip install nvidia-pytriton==0.7.0`"
         )
-    return TritonInstallation(
-        binary=root / "tritonserver" / "bin" / "tritonserver",
-        backend_directory=_prepare_wheel_backends(root),
-        library_directories=(root.parent / "nvidia_pytriton.libs",),
-    )
+    stub = _wheel_stub(wheel) or python_backend / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise LaunchError(f"no Python backend stub for Python {PYTHON_VERSION} (looked in {stub.parent})")
+    return TritonInstallation(binary, prepare_backend_directory(python_backend, stub), libraries)
 
 
 def server_environment(installation: TritonInstallation, settings: dict[str, str]) -> dict[str, str]:
