@@ -9,6 +9,7 @@ all three.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -42,11 +43,11 @@ class TritonInstallation:
 
 
 def _pytriton_root() -> Path | None:
-    try:
-        import pytriton
-    except ImportError:
+    """The installed ``pytriton`` folder (a namespace package when only its server was unpacked)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(pytriton.__file__).resolve().parent
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
 def _wheel_stub(pytriton_root: Path | None) -> Path | None:
