@@ -23,6 +23,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import generate as txt2img_client  # noqa: E402  (client/generate.py)
 
 CPU_THREADS = 1  # the server's models and the reference pipeline must use the same thread count
+# CI runs on CPU in float32; on a GPU machine the same tests run with e.g. STEPDIFF_TEST_DEVICE=cuda
+# STEPDIFF_TEST_DTYPE=float16, comparing against diffusers on the same device and dtype.
+DEVICE = os.environ.get("STEPDIFF_TEST_DEVICE", "cpu")
+DTYPE = os.environ.get("STEPDIFF_TEST_DTYPE", "float32")
 
 
 def free_ports(count: int) -> list[int]:
@@ -72,7 +76,7 @@ def start_launcher(pipeline: Path, log_file: Path, *extra: str) -> tuple[subproc
     command = [
         sys.executable, "-m", "stepdiff", "serve", "--pipeline", str(pipeline),
         "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
-        "--cpu-threads", str(CPU_THREADS), "--log-file", str(log_file), *extra,
+        "--cpu-threads", str(CPU_THREADS), "--device", DEVICE, "--dtype", DTYPE, "--log-file", str(log_file), *extra,
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return process, ports
@@ -114,7 +118,11 @@ def reference(tiny_sd):
     from diffusers import StableDiffusionPipeline
 
     torch.set_num_threads(CPU_THREADS)
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    from stepdiff.settings import DTYPES
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_sd, safety_checker=None, requires_safety_checker=False, dtype=DTYPES[DTYPE]
+    ).to(DEVICE)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -102,8 +102,10 @@ def serve(args: argparse.Namespace) -> int:
 def make_tiny_command(args: argparse.Namespace) -> int:
     from .tiny import make_tiny
 
-    out = make_tiny(args.family, args.out_dir, seed=args.seed)
-    print(f"stepdiff: wrote tiny {args.family} pipeline to {out}")
+    from .settings import DTYPES
+
+    out = make_tiny(args.family, args.out_dir, seed=args.seed, dtype=DTYPES[args.dtype])
+    print(f"stepdiff: wrote {args.family} pipeline with random weights to {out}")
     return 0
 
 
@@ -127,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser = commands.add_parser("serve", help="serve a pipeline with tritonserver (foreground)")
     add_server_arguments(serve_parser)
     serve_parser.set_defaults(run=serve)
-    tiny_parser = commands.add_parser("make-tiny", help="write a tiny random pipeline (offline, reproducible)")
-    tiny_parser.add_argument("family", choices=["sd"])
+    tiny_parser = commands.add_parser(
+        "make-tiny", help="write a random pipeline offline, reproducibly: sd (tiny), sd15-size (SD 1.5 shapes, for benchmarks)"
+    )
+    tiny_parser.add_argument("family", choices=["sd", "sd15-size"])
+    tiny_parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="weights' dtype on disk")
     tiny_parser.add_argument("out_dir", type=Path)
     tiny_parser.add_argument("--seed", type=int, default=0)
     tiny_parser.set_defaults(run=make_tiny_command)

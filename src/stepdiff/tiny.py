@@ -128,15 +128,60 @@ def build_tiny_stable_diffusion(seed: int = 0):
     )
 
 
-BUILDERS = {"sd": build_tiny_stable_diffusion}
+def build_sd15_size(seed: int = 0):
+    """Stable Diffusion 1.5's real architecture (UNet 860M, CLIP ViT-L/14 text encoder, SD VAE) with
+    random weights and the tiny tokenizer: for benchmarks, where only shapes and FLOPs matter."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab, merges = clip_vocabulary()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            max_position_embeddings=77,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+            vocab_size=len(vocab),
+        )
+    ).eval()
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
-def make_tiny(family: str, out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Write the tiny pipeline of ``family`` to ``out_dir`` (safetensors, world-readable files)."""
+BUILDERS = {"sd": build_tiny_stable_diffusion, "sd15-size": build_sd15_size}
+
+
+def make_tiny(family: str, out_dir: str | os.PathLike[str], seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Write the random pipeline of ``family`` to ``out_dir`` (safetensors, world-readable files)."""
     if family not in BUILDERS:
         raise ValueError(f"unknown tiny pipeline family {family!r}; choose one of {sorted(BUILDERS)}")
     out = Path(out_dir)
-    pipeline = BUILDERS[family](seed)
+    pipeline = BUILDERS[family](seed).to(dtype=dtype)
     pipeline.save_pretrained(out, safe_serialization=True)
     for path in out.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
