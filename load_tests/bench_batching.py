@@ -172,9 +172,8 @@ def open_loop(load: Load, metrics_url: str, rate: float, duration: float) -> dic
 
 def through_triton(args, baseline: dict) -> dict:
     ports = [args.port, args.port + 1, args.port + 2]
-    settings = Settings(pipeline=str(args.pipeline), device=args.device, dtype=args.dtype,
-                        step_gather_microseconds=args.gather_us)  # fmt: skip
-    options = triton.ServerOptions(REPO / "model_repository", *ports)
+    settings = Settings(pipeline=str(args.pipeline), device=args.device, dtype=args.dtype)
+    options = triton.ServerOptions(REPO / "model_repository", *ports, log_verbose=args.log_verbose)
     process = triton.start_triton(options, settings.environment(), args.out / "tritonserver.log")
     metrics_url = f"http://127.0.0.1:{ports[2]}/metrics"
     try:
@@ -278,8 +277,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--check-seeds", type=lambda s: [int(c) for c in s.split(",")], default=[0, 1, 2])
     parser.add_argument("--open-loop-fraction", type=float, default=0.8)
-    parser.add_argument("--gather-us", type=int, default=Settings.step_gather_microseconds)
     parser.add_argument("--port", type=int, default=18100)
+    parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -288,7 +287,7 @@ def main() -> int:
         "config": {
             "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "pipeline_kind": args.pipeline_kind, "dtype": args.dtype, "size": args.size, "steps": args.steps,
-            "guidance": args.guidance, "scheduler": args.scheduler, "gather_us": args.gather_us,
+            "guidance": args.guidance, "scheduler": args.scheduler,
             "open_loop_fraction": args.open_loop_fraction, "command": " ".join(sys.argv),
         },
         "triton": through_triton(args, baseline),

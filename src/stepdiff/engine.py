@@ -130,17 +130,6 @@ class StepEngine:
                     except Exception as error:  # noqa: BLE001 - one request's scheduler failed
                         results[index].error = error
 
-    def should_gather(self, served: Sequence[int]) -> bool:
-        """True when sequences just served will step again while other active sequences are waiting.
-
-        Then a short pause before taking the next batch merges both into one forward; with no one
-        else waiting (e.g. a single request) there is nothing to merge and no reason to pause.
-        """
-        served_set = set(served)
-        still_running = any(cid in self.states for cid in served_set)
-        others = any(cid not in served_set for cid in self.states)
-        return still_running and others
-
     def _finish(self, correlation_id: int) -> None:
         self.states.pop(correlation_id, None)
 

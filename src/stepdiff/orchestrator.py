@@ -6,6 +6,7 @@ The flow is transport-agnostic: ``StageCaller`` is implemented with BLS inside T
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
@@ -69,6 +70,42 @@ def new_correlation_id() -> int:
     return secrets.randbits(63) + 1
 
 
+class StepWaves:
+    """Lines up the step calls of concurrent generations so they reach denoise_step together.
+
+    Without it, requests split into groups that alternate on the GPU: while one group's forward runs,
+    the other group's next steps queue up and form the following batch, and so on, each forward only
+    partly full. Here a step goes out at once when no step is in flight; otherwise it waits until the
+    wave in flight has come back (it would have queued behind that forward anyway) and then goes out
+    with everyone released at the same moment. A request alone never waits; ``max_wait`` bounds the
+    wait should a step hang.
+    """
+
+    def __init__(self, max_wait: float = 2.0):
+        self.max_wait = max_wait
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def send(self, call: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """Run ``call`` (one denoise_step request) in the next wave."""
+        if self._in_flight:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), self.max_wait)
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await call()
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+
+async def _direct(call: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    return await call()
+
+
 @dataclass
 class GenerationResult:
     image: Any
@@ -80,11 +117,13 @@ async def generate(
     params: GenerationParams,
     on_step: ProgressCallback | None = None,
     is_cancelled: Callable[[], bool] = lambda: False,
+    waves: StepWaves | None = None,
 ) -> GenerationResult | None:
     """Run one request through the three stages; returns None when cancelled between steps.
 
     The denoise sequence always ends: normally with END on the last step, otherwise (error or cancel)
-    with an END carrying ``abort`` so denoise_step frees the state at once.
+    with an END carrying ``abort`` so denoise_step frees the state at once. Concurrent generations that
+    share ``waves`` send their steps in step with each other (see ``StepWaves``).
     """
     inputs = params_as_inputs(params)
     conditioning = await call("text_encoder", inputs, ENCODER_OUTPUTS)
@@ -100,7 +139,8 @@ async def generate(
             last = index == num_steps - 1
             step_input = {"step": batch_of_one(index, np.int32)}
             wanted = ["latents"] if last else ["step_index"]
-            result = await call("denoise_step", step_input, wanted, correlation_id, end=last)
+            send = waves.send if waves is not None else _direct
+            result = await send(lambda: call("denoise_step", step_input, wanted, correlation_id, end=last))
             if on_step is not None:
                 await on_step(index + 1, num_steps)
             latents = result.get("latents")

@@ -26,7 +26,6 @@ class Settings:
     cpu_threads: int = 0
     max_batch_size: int = 0
     max_active_sequences: int = 256
-    step_gather_microseconds: int = 3000
     max_steps: int = 200
     max_pixels: int = 1024 * 1024
     max_prompt_bytes: int = 4096
@@ -59,7 +58,7 @@ class Settings:
         for name in ("max_active_sequences", "max_steps", "max_pixels", "max_prompt_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        for name in ("max_batch_size", "step_gather_microseconds"):
+        for name in ("max_batch_size",):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
         if self.cpu_threads < 0:

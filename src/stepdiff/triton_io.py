@@ -5,6 +5,7 @@ Tensors cross between models through DLPack, so GPU tensors stay on the GPU end 
 
 from __future__ import annotations
 
+import faulthandler
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -20,7 +21,12 @@ from .settings import Settings
 
 
 def load_settings(args: dict[str, Any]) -> Settings:
-    """Settings from the model's config parameters and STEPDIFF_* variables; threads pinned."""
+    """Settings from the model's config parameters and STEPDIFF_* variables; threads pinned.
+
+    Also turns on faulthandler, so a crash of the model's process leaves a Python traceback in
+    Triton's log instead of only "stub process is not healthy".
+    """
+    faulthandler.enable()
     settings = Settings.load(json.loads(args["model_config"]))
     settings.apply_threads()
     return settings
@@ -33,11 +39,18 @@ def numpy_inputs(request: Any, names: Iterable[str]) -> dict[str, np.ndarray]:
 
 
 def torch_input(request: Any, name: str) -> torch.Tensor | None:
-    """One input as a torch tensor on its own device, copied (request tensors die with execute)."""
+    """One input as a torch tensor on its own device, copied (request tensors die with execute).
+
+    A GPU input lives in Triton's memory pool, which reuses it once execute returns: the copy is
+    waited for here, not left queued on the stream.
+    """
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         return None
-    return dlpack.from_dlpack(tensor.to_dlpack()).clone()
+    copy = dlpack.from_dlpack(tensor.to_dlpack()).clone()
+    if copy.is_cuda:
+        torch.cuda.current_stream(copy.device).synchronize()
+    return copy
 
 
 def output_tensor(name: str, value: torch.Tensor | np.ndarray) -> Any:

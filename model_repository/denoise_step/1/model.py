@@ -5,7 +5,6 @@ StepEngine runs one denoiser forward per compatible group and each request's own
 """
 
 import json
-import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -30,7 +29,6 @@ class TritonPythonModel:
         self.settings = settings
         self.adapter = load_adapter(settings.pipeline, Stage.DENOISE, settings.torch_device(), settings.torch_dtype())
         max_batch_size = json.loads(args["model_config"])["max_batch_size"]
-        self.gather_seconds = settings.step_gather_microseconds / 1e6
         forward_cap = min(settings.max_batch_size or max_batch_size, max_batch_size)
         self.engine = StepEngine(self.adapter, forward_cap, settings.max_active_sequences, settings.sequence_idle_seconds)
         # Keep the families alive as long as their metrics (Triton deletes metrics with their family).
@@ -80,16 +78,10 @@ class TritonPythonModel:
                 output_tensor("num_steps", np.array([[result.num_steps]], dtype=np.int32)),
             ]
             if result.latents is not None:
-                outputs.append(output_tensor("latents", result.latents.float()))
+                outputs.append(output_tensor("latents", result.latents.float().cpu().numpy()))
             responses[index] = pb_utils.InferenceResponse(output_tensors=outputs)
-        for request, response in zip(requests, responses):
-            request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         for size in self.engine.forward_batch_sizes:
             self.batch_histogram.observe(size)
         self.steps_counter.increment(self.engine.steps_done)
         self.active_gauge.set(len(self.engine.states))
-        if self.engine.should_gather([call.correlation_id for _, call in calls]):
-            # Responses are out; holding the instance briefly lets the sequences just served send their
-            # next step and meet the ones queued meanwhile in ONE batch (instead of alternating halves).
-            time.sleep(self.gather_seconds)
-        return None
+        return responses

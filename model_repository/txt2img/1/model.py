@@ -11,7 +11,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepdiff.adapters import Stage, load_adapter
-from stepdiff.orchestrator import generate
+from stepdiff.orchestrator import StepWaves, generate
 from stepdiff.params import PARAM_NAMES, parse_generation_params
 from stepdiff.triton_io import bls_call, error_response, load_settings, numpy_inputs
 
@@ -21,6 +21,7 @@ class TritonPythonModel:
         self.settings = load_settings(args)
         self.info = load_adapter(self.settings.pipeline, Stage.INFO, self.settings.torch_device(), self.settings.torch_dtype()).info
         self.tasks = set()
+        self.waves = StepWaves()
 
     async def execute(self, requests):
         for request in requests:
@@ -33,7 +34,7 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         try:
             params = parse_generation_params(numpy_inputs(request, PARAM_NAMES), self.info, self.settings)
-            result = await generate(bls_call, params)
+            result = await generate(bls_call, params, waves=self.waves)
             outputs = [
                 pb_utils.Tensor("image", result.image.as_numpy()[0]),
                 pb_utils.Tensor("seed", np.array([result.seed], dtype=np.int64)),
