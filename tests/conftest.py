@@ -139,3 +139,20 @@ def reference_image(pipe, prompt: str, seed: int, scheduler: str | None = None, 
     finally:
         pipe.scheduler = original
     return (images[0] * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def limited_server(tiny_sd, tmp_path_factory):
+    """A second server with tight limits: 2 active sequences, 1 request per denoiser forward."""
+    log_file = tmp_path_factory.mktemp("limited") / "tritonserver.log"
+    process, (http_port, grpc_port, metrics_port) = start_launcher(
+        tiny_sd, log_file, "--max-active-sequences", "2", "--max-batch-size", "1"
+    )
+    try:
+        wait_for_line(process, "stepdiff: ready")
+    except AssertionError:
+        process.kill()
+        raise
+    yield Server(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", log_file)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)

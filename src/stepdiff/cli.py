@@ -30,6 +30,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="auto: float16 on CUDA, float32 on CPU")
     parser.add_argument("--cpu-threads", type=int, default=0, help="torch intra-op threads in every model (0: torch default)")
+    parser.add_argument("--max-batch-size", type=int, default=0, help="most requests in one denoiser forward (0: denoise_step's max_batch_size, 32)")
     parser.add_argument("--max-active-sequences", type=int, default=Settings.max_active_sequences, help="concurrent generations before 'server busy'")
     parser.add_argument("--max-steps", type=int, default=Settings.max_steps, help="largest num_inference_steps accepted")
     parser.add_argument("--max-pixels", type=int, default=Settings.max_pixels, help="largest height x width accepted")
@@ -49,6 +50,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         device=args.device,
         dtype=args.dtype,
         cpu_threads=args.cpu_threads,
+        max_batch_size=args.max_batch_size,
         max_active_sequences=args.max_active_sequences,
         max_steps=args.max_steps,
         max_pixels=args.max_pixels,
