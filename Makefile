@@ -6,7 +6,11 @@ PY := $(VENV)/bin/python
 PIP_OPTIONS ?=
 TINY_SD := build/tiny-sd
 
-.PHONY: install demo test serve-tiny lint clean
+.PHONY: install demo test serve-tiny load-test perf clean
+# Against a running server (e.g. `make serve-tiny` in another terminal):
+HOST ?= localhost
+DURATION ?= 60s
+USERS ?= 8
 
 install: $(VENV)/.installed
 
@@ -24,6 +28,14 @@ demo: $(TINY_SD)/model_index.json
 
 serve-tiny: $(TINY_SD)/model_index.json
 	HF_HUB_OFFLINE=1 $(PY) -m stepdiff serve --pipeline $(TINY_SD)
+
+load-test: $(VENV)/.installed
+	mkdir -p results/locust
+	$(VENV)/bin/locust -f load_tests/locustfile.py --headless -u $(USERS) -r $(USERS) -t $(DURATION) \
+		--host http://$(HOST):8000 --grpc-url $(HOST):8001 --csv results/locust/locust --html results/locust/report.html
+
+perf: $(VENV)/.installed
+	$(PY) load_tests/perf_analyzer.py --url $(HOST):8001 --out results/perf_analyzer
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest

@@ -1,0 +1,53 @@
+"""client/generate.py and client/stepwise.py end to end against the real server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+from conftest import REPO, free_ports
+from PIL import Image
+
+OPTIONS = ["--seed", "21", "--num-inference-steps", "6", "--height", "48", "--width", "64", "--scheduler", "EulerAncestralDiscreteScheduler"]
+
+
+def client(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "client" / script), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_stepwise_loop_gives_the_txt2img_image(server, tmp_path):
+    for guidance in ("7.5", "1.0"):
+        out = tmp_path / f"stepwise-{guidance}.png"
+        result = client("stepwise.py", "a red panda", "--url", server.grpc_url, "--negative-prompt", "blurry",
+                        "--guidance-scale", guidance, *OPTIONS, "--out", str(out))  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "step 7/7" not in result.stderr and "step 6/6" in result.stderr
+        expected, _ = server.txt2img("a red panda", negative_prompt="blurry", guidance_scale=float(guidance),
+                                     seed=21, num_inference_steps=6, height=48, width=64,
+                                     scheduler="EulerAncestralDiscreteScheduler")  # fmt: skip
+        assert np.array_equal(np.asarray(Image.open(out)), expected)
+    assert server.metric("stepdiff_active_sequences") == 0
+
+
+def test_generate_saves_pngs_named_by_prompt_and_seed(server, tmp_path):
+    for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+        out = tmp_path / protocol
+        result = client("generate.py", "a photo of a cat", "", "--url", url, "--protocol", protocol,
+                        "--concurrency", "2", "--out", str(out), *OPTIONS)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        saved = sorted(path.name for path in out.iterdir())
+        assert saved == ["a-photo-of-a-cat-21.png", "empty-21.png"]
+        image = np.asarray(Image.open(out / "a-photo-of-a-cat-21.png"))
+        expected, _ = server.txt2img("a photo of a cat", seed=21, num_inference_steps=6, height=48, width=64,
+                                     scheduler="EulerAncestralDiscreteScheduler")  # fmt: skip
+        assert np.array_equal(image, expected)
+        assert result.stdout.count(" s  64x48  seed 21  ") == 2
+
+
+def test_generate_reports_rejections_and_a_server_that_is_down(server, tmp_path):
+    rejected = client("generate.py", "a cat", "--url", server.http_url, "--height", "50", "--out", str(tmp_path))
+    assert rejected.returncode == 1
+    assert "height=50 is not a multiple of 8" in rejected.stderr and "400" in rejected.stderr
+    down = client("generate.py", "a cat", "--url", f"127.0.0.1:{free_ports(1)[0]}", "--out", str(tmp_path))
+    assert down.returncode == 1 and "cannot reach the server" in down.stderr

@@ -1,0 +1,43 @@
+"""locust and perf_analyzer run against the real server and write their reports."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+
+def test_locust_headless_run_has_requests_and_no_failures(server, tmp_path):
+    command = [
+        str(Path(sys.executable).parent / "locust"), "-f", str(REPO / "load_tests" / "locustfile.py"),
+        "--headless", "-u", "4", "-r", "4", "-t", "15s", "--host", f"http://{server.http_url}",
+        "--grpc-url", server.grpc_url, "--csv", str(tmp_path / "locust"), "--html", str(tmp_path / "report.html"),
+        "--only-summary",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "locust_stats.csv") as handle:
+        rows = {row["Name"]: row for row in csv.DictReader(handle)}
+    total = rows["Aggregated"]
+    assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
+    assert any(name.startswith("txt2img grpc") for name in rows) and any(name.startswith("txt2img http") for name in rows)
+    assert (tmp_path / "report.html").stat().st_size > 1000
+
+
+def test_perf_analyzer_on_txt2img_and_denoise_step_sequences(server, tmp_path):
+    command = [
+        sys.executable, str(REPO / "load_tests" / "perf_analyzer.py"), "--url", server.grpc_url, "--out", str(tmp_path),
+        "--concurrency", "1:2:1", "--sequences", "1:2:1", "--measurement-interval", "1500",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    for model in ("txt2img", "denoise_step"):
+        with open(tmp_path / f"{model}.csv") as handle:
+            rows = list(csv.DictReader(handle))
+        assert [row["Concurrency"] for row in rows] == ["1", "2"]
+        assert all(float(row["Inferences/Second"]) > 0 for row in rows)
+    assert "had error" not in (tmp_path / "denoise_step.log").read_text()
+    assert server.metric("stepdiff_active_sequences") == 0
