@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP_OPTIONS ?=
 TINY_SD := build/tiny-sd
 
-.PHONY: install demo test serve-tiny load-test perf clean
+.PHONY: install demo test serve-tiny load-test perf load-report clean
 # Against a running server (e.g. `make serve-tiny` in another terminal):
 HOST ?= localhost
 DURATION ?= 60s
@@ -36,6 +36,9 @@ load-test: $(VENV)/.installed
 
 perf: $(VENV)/.installed
 	$(PY) load_tests/perf_analyzer.py --url $(HOST):8001 --out results/perf_analyzer
+
+load-report: $(VENV)/.installed
+	$(PY) load_tests/report.py --perf results/perf_analyzer --locust results/locust/locust --out results/load
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest

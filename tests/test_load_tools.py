@@ -25,6 +25,8 @@ def test_locust_headless_run_has_requests_and_no_failures(server, tmp_path):
     assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
     assert any(name.startswith("txt2img grpc") for name in rows) and any(name.startswith("txt2img http") for name in rows)
     assert (tmp_path / "report.html").stat().st_size > 1000
+    summary = report(tmp_path, "--locust", str(tmp_path / "locust"), "--perf", str(tmp_path / "none"))
+    assert "## locust" in summary and "| Aggregated |" in summary and "perf_analyzer" not in summary
 
 
 def test_perf_analyzer_on_txt2img_and_denoise_step_sequences(server, tmp_path):
@@ -41,3 +43,14 @@ def test_perf_analyzer_on_txt2img_and_denoise_step_sequences(server, tmp_path):
         assert all(float(row["Inferences/Second"]) > 0 for row in rows)
     assert "had error" not in (tmp_path / "denoise_step.log").read_text()
     assert server.metric("stepdiff_active_sequences") == 0
+    summary = report(tmp_path, "--perf", str(tmp_path), "--locust", str(tmp_path / "none"))
+    assert "## perf_analyzer: txt2img" in summary and "## perf_analyzer: denoise_step" in summary
+    assert (tmp_path / "report" / "txt2img.png").stat().st_size > 5000
+
+
+def report(tmp_path: Path, *args: str) -> str:
+    """Run load_tests/report.py; return the markdown it wrote."""
+    command = [sys.executable, str(REPO / "load_tests" / "report.py"), *args, "--out", str(tmp_path / "report")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return (tmp_path / "report" / "summary.md").read_text()
