@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import generate as txt2img_client  # noqa: E402  (client/generate.py)
 
+ADMIN_KEY = "test-admin-key"
 CPU_THREADS = 1  # the server's models and the reference pipeline must use the same thread count
 # CI runs on CPU in float32; on a GPU machine the same tests run with e.g. STEPDIFF_TEST_DEVICE=cuda
 # STEPDIFF_TEST_DTYPE=float16, comparing against diffusers on the same device and dtype.
@@ -78,7 +79,8 @@ def start_launcher(pipeline: Path, log_file: Path, *extra: str) -> tuple[subproc
         "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
         "--cpu-threads", str(CPU_THREADS), "--device", DEVICE, "--dtype", DTYPE, "--log-file", str(log_file), *extra,
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "STEPDIFF_ADMIN_KEY": ADMIN_KEY}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     return process, ports
 
 

@@ -62,3 +62,25 @@ def test_load_failures_parses_tritons_log_lines():
         "I1121 06:21:06 other line\n"
     )
     assert load_failures(log) == ["denoise_step: Internal: TypeError: boom"]
+
+
+def test_admin_endpoints_need_the_admin_key(server):
+    """Model control mode none plus restricted repository/shared-memory endpoints; inference stays open."""
+    import urllib.error
+    import urllib.request
+
+    from conftest import ADMIN_KEY
+
+    def post(path: str, headers: dict[str, str]) -> int:
+        request = urllib.request.Request(f"http://{server.http_url}{path}", data=b"{}", headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert post("/v2/repository/index", {}) == 403
+    assert post("/v2/repository/index", {"stepdiff-admin-key": "wrong"}) == 403
+    assert post("/v2/repository/index", {"stepdiff-admin-key": ADMIN_KEY}) == 200
+    assert post("/v2/repository/models/txt2img/unload", {"stepdiff-admin-key": ADMIN_KEY}) != 200  # mode none
+    assert post("/v2/systemsharedmemory/status", {}) == 403

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -69,9 +70,18 @@ def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         log_verbose=args.log_verbose,
+        admin_key=os.environ.get("STEPDIFF_ADMIN_KEY", ""),
     )
     log_file = args.log_file or Path.home() / ".cache" / "stepdiff" / "logs" / f"tritonserver-{args.http_port}.log"
     print(f"stepdiff: starting tritonserver {server.TRITON_VERSION} for {settings.pipeline} (log: {log_file})", flush=True)
+    print(
+        f"stepdiff: device {settings.device}, dtype {settings.dtype}; limits: max_steps {settings.max_steps}, "
+        f"max_pixels {settings.max_pixels}, max_prompt_bytes {settings.max_prompt_bytes}, "
+        f"max_active_sequences {settings.max_active_sequences}, max_batch_size {settings.max_batch_size or 'model config'}; "
+        f"admin endpoints ({server.RESTRICTED_APIS}) "
+        + (f"need header {server.ADMIN_HEADER}: $STEPDIFF_ADMIN_KEY" if options.admin_key else "are closed (set STEPDIFF_ADMIN_KEY to use them)"),
+        flush=True,
+    )
     process = server.start_triton(options, settings.environment(), log_file)
     try:
         process.wait_ready()

@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TRITON_VERSION = "2.51.0"
+# Endpoints that change the server (load/unload models, register shared memory, logging, tracing)
+# need this header with the admin key; inference, health, metadata and statistics stay open.
+ADMIN_HEADER = "stepdiff-admin-key"
+RESTRICTED_APIS = "model-repository,shared-memory,logging,trace"
 MODELS = ("text_encoder", "denoise_step", "vae_decode", "txt2img")
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 
@@ -124,11 +129,15 @@ class ServerOptions:
     grpc_port: int = 8001
     metrics_port: int = 8002
     log_verbose: int = 0
+    admin_key: str = ""
     extra_args: Sequence[str] = field(default_factory=tuple)
 
 
 def server_command(installation: TritonInstallation, options: ServerOptions) -> list[str]:
-    """The tritonserver argument list (model control mode none: the repository is served as is)."""
+    """The tritonserver argument list: model control mode none (the repository is served as is) and
+    the admin endpoints restricted to callers that send ``ADMIN_HEADER`` with the admin key."""
+    admin_key = options.admin_key or secrets.token_urlsafe(24)  # no key given: nobody gets in
+    restricted = f"{RESTRICTED_APIS}:{ADMIN_HEADER}={admin_key}"
     return [
         str(installation.binary),
         f"--model-repository={options.model_repository}",
@@ -141,6 +150,8 @@ def server_command(installation: TritonInstallation, options: ServerOptions) -> 
         "--strict-readiness=true",
         "--disable-auto-complete-config",
         f"--log-verbose={options.log_verbose}",
+        f"--http-restricted-api={restricted}",
+        f"--grpc-restricted-protocol={restricted}",
         *options.extra_args,
     ]
 
