@@ -68,6 +68,46 @@ def generate(client, module, prompt: str, options: dict[str, object], timeout: f
     return result.as_numpy("image"), int(result.as_numpy("seed")[0]), time.perf_counter() - started
 
 
+def generate_streaming(url: str, prompt: str, options: dict[str, object], preview_every: int = 0,
+                       preview_dir: Path | None = None) -> tuple[np.ndarray | None, int, float]:
+    """One txt2img_stream call over gRPC with a tqdm bar per step; saves previews when asked.
+
+    Returns (image or None when the stream ended without one, seed, seconds).
+    """
+    import queue
+
+    import tritonclient.grpc as grpcclient
+    from tqdm import tqdm
+
+    inputs = build_inputs(grpcclient, prompt, options)
+    if preview_every:
+        tensor = grpcclient.InferInput("preview_every", [1], "INT32")
+        tensor.set_data_from_numpy(np.array([preview_every], dtype=np.int32))
+        inputs.append(tensor)
+    responses: queue.Queue = queue.Queue()
+    started = time.perf_counter()
+    with grpcclient.InferenceServerClient(url) as client, tqdm(desc=slug(prompt), unit="step") as bar:
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        client.async_stream_infer("txt2img_stream", inputs, enable_empty_final_response=True)
+        try:
+            while True:
+                result, error = responses.get()
+                if error is not None:
+                    raise error
+                step = result.as_numpy("step")
+                if step is not None:
+                    bar.total = int(result.as_numpy("num_steps")[0])
+                    bar.update(int(step[0]) - bar.n)
+                    preview = result.as_numpy("preview")
+                    if preview is not None and preview_dir is not None:
+                        Image.fromarray(preview).save(preview_dir / f"{slug(prompt)}-step{int(step[0]):03d}.png")
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    image, seed = result.as_numpy("image"), result.as_numpy("seed")
+                    return image, int(seed[0]) if seed is not None else -1, time.perf_counter() - started
+        finally:
+            client.stop_stream()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompts", nargs="*", help="prompt(s); an empty string is an unconditional generation")
@@ -77,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNG files")
     parser.add_argument("--timeout", type=float, default=None, help="client-side timeout per request, seconds")
+    parser.add_argument("--stream", action="store_true", help="use txt2img_stream over gRPC: a progress bar per image")
+    parser.add_argument("--preview-every", type=int, default=0, help="with --stream: save a latent preview every K steps")
     for name, (triton_type, _) in OPTIONAL_INPUTS.items():
         kind = {"BYTES": str, "INT64": int, "INT32": int, "FP32": float}[triton_type]
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"txt2img input {name}")
@@ -85,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
     if not args.prompts:
         parser.error("give at least one prompt (or --prompts-file)")
+    if args.stream:
+        args.protocol = "grpc"
     args.url = args.url or f"localhost:{DEFAULT_PORTS[args.protocol]}"
     return args
 
@@ -109,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(local, "client"):
             local.client = module.InferenceServerClient(args.url)
         try:
-            image, seed, seconds = generate(local.client, module, prompt, options, args.timeout)
+            if args.stream:
+                image, seed, seconds = generate_streaming(args.url, prompt, options, args.preview_every, args.out)
+            else:
+                image, seed, seconds = generate(local.client, module, prompt, options, args.timeout)
         except InferenceServerException as error:
             print(f"rejected: {prompt!r}: {error.message()} (status {error.status()})", file=sys.stderr)
             return False

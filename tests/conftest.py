@@ -72,14 +72,14 @@ class Server:
         return image, seed
 
 
-def start_launcher(pipeline: Path, log_file: Path, *extra: str) -> tuple[subprocess.Popen, list[int]]:
+def start_launcher(pipeline: Path, log_file: Path, *extra: str, environ: dict[str, str] | None = None) -> tuple[subprocess.Popen, list[int]]:
     ports = free_ports(3)
     command = [
         sys.executable, "-m", "stepdiff", "serve", "--pipeline", str(pipeline),
         "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
         "--cpu-threads", str(CPU_THREADS), "--device", DEVICE, "--dtype", DTYPE, "--log-file", str(log_file), *extra,
     ]  # fmt: skip
-    env = {**os.environ, "STEPDIFF_ADMIN_KEY": ADMIN_KEY}
+    env = {**os.environ, "STEPDIFF_ADMIN_KEY": ADMIN_KEY, **(environ or {})}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     return process, ports
 
@@ -145,10 +145,11 @@ def reference_image(pipe, prompt: str, seed: int, scheduler: str | None = None, 
 
 @pytest.fixture(scope="session")
 def limited_server(tiny_sd, tmp_path_factory):
-    """A second server with tight limits: 2 active sequences, 1 request per denoiser forward."""
+    """A second server with tight limits: 2 active sequences, 1 request per forward, 2 s idle TTL."""
     log_file = tmp_path_factory.mktemp("limited") / "tritonserver.log"
     process, (http_port, grpc_port, metrics_port) = start_launcher(
-        tiny_sd, log_file, "--max-active-sequences", "2", "--max-batch-size", "1"
+        tiny_sd, log_file, "--max-active-sequences", "2", "--max-batch-size", "1",
+        environ={"STEPDIFF_SEQUENCE_IDLE_SECONDS": "2"},
     )
     try:
         wait_for_line(process, "stepdiff: ready")

@@ -51,3 +51,16 @@ def test_generate_reports_rejections_and_a_server_that_is_down(server, tmp_path)
     assert "height=50 is not a multiple of 8" in rejected.stderr and "400" in rejected.stderr
     down = client("generate.py", "a cat", "--url", f"127.0.0.1:{free_ports(1)[0]}", "--out", str(tmp_path))
     assert down.returncode == 1 and "cannot reach the server" in down.stderr
+
+
+def test_generate_streams_with_progress_and_previews(server, tmp_path):
+    result = client("generate.py", "a red panda", "--url", server.grpc_url, "--stream", "--preview-every", "2",
+                    "--out", str(tmp_path), *OPTIONS)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "a-red-panda-21.png", "a-red-panda-step002.png", "a-red-panda-step004.png"
+    ]
+    assert "6/6" in result.stderr  # tqdm's bar reached the last step
+    expected, _ = server.txt2img("a red panda", seed=21, num_inference_steps=6, height=48, width=64,
+                                 scheduler="EulerAncestralDiscreteScheduler")  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a-red-panda-21.png")), expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import subprocess
@@ -22,19 +23,23 @@ def default_model_repository() -> Path:
     return bundled if bundled.is_dir() else Path.cwd() / "model_repository"
 
 
+SERVE_FLAGS = ("device", "dtype", "cpu_threads", "max_batch_size", "max_active_sequences", "max_steps", "max_pixels")
+
+
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", required=True, help="diffusers directory or hub id, e.g. runwayml/stable-diffusion-v1-5")
     parser.add_argument("--model-repository", type=Path, default=None, help="Triton model repository (default: the bundled one)")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="auto: float16 on CUDA, float32 on CPU")
-    parser.add_argument("--cpu-threads", type=int, default=0, help="torch intra-op threads in every model (0: torch default)")
-    parser.add_argument("--max-batch-size", type=int, default=0, help="most requests in one denoiser forward (0: denoise_step's max_batch_size, 32)")
-    parser.add_argument("--max-active-sequences", type=int, default=Settings.max_active_sequences, help="concurrent generations before 'server busy'")
-    parser.add_argument("--max-steps", type=int, default=Settings.max_steps, help="largest num_inference_steps accepted")
-    parser.add_argument("--max-pixels", type=int, default=Settings.max_pixels, help="largest height x width accepted")
+    # Flags left out keep the STEPDIFF_* environment variable, else the default shown.
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto: CUDA when available)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="default auto: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--cpu-threads", type=int, help="torch intra-op threads in every model (default 0: torch's own)")
+    parser.add_argument("--max-batch-size", type=int, help="most requests in one denoiser forward (default 0: denoise_step's max_batch_size, 32)")
+    parser.add_argument("--max-active-sequences", type=int, help=f"concurrent generations before 'server busy' (default {Settings.max_active_sequences})")
+    parser.add_argument("--max-steps", type=int, help=f"largest num_inference_steps accepted (default {Settings.max_steps})")
+    parser.add_argument("--max-pixels", type=int, help=f"largest height x width accepted (default {Settings.max_pixels})")
     parser.add_argument("--log-file", type=Path, default=None, help="tritonserver log (default: ~/.cache/stepdiff/logs/)")
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
 
@@ -46,16 +51,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
     path = resolve_pipeline(args.pipeline)
     adapter_class(path)  # fail now, with the supported list, rather than in three model loads
-    settings = Settings(
-        pipeline=str(path),
-        device=args.device,
-        dtype=args.dtype,
-        cpu_threads=args.cpu_threads,
-        max_batch_size=args.max_batch_size,
-        max_active_sequences=args.max_active_sequences,
-        max_steps=args.max_steps,
-        max_pixels=args.max_pixels,
-    )
+    flags = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name) is not None}
+    settings = dataclasses.replace(Settings.load(), pipeline=str(path), **flags)
     settings.validate()
     settings.torch_device()
     return settings

@@ -2,7 +2,8 @@
 
 Triton's sequence batcher hands ``StepEngine.run`` one call per sequence. A START call creates the
 request's state; a step call advances it by one step (all compatible step calls of one ``run`` share
-one denoiser forward); the last step returns the final latents and frees the state; an abort frees it.
+one denoiser forward); every step call can hand out its latents (previews), the last one returns the
+final latents and frees the state; an abort frees it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class StepResult:
 
     step_index: int = 0
     num_steps: int = 0
-    latents: torch.Tensor | None = None
+    done: bool = False
+    latents: torch.Tensor | None = None  # the latents after this call's step (final once ``done``)
     error: Exception | None = None
 
 
@@ -78,10 +80,10 @@ class StepEngine:
             state = self.states.get(call.correlation_id)
             result = results[index]
             if state is not None and result.error is None:
-                result.step_index, result.num_steps = state.step_index, state.num_steps
-                if state.done:
+                result.step_index, result.num_steps, result.done = state.step_index, state.num_steps, state.done
+                if not call.start:
                     result.latents = state.latents
-            if result.error is not None or result.latents is not None or call.end:
+            if result.error is not None or result.done or call.end:
                 self._finish(call.correlation_id)
         return results
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from .adapters.base import GenerationParams
 
-ProgressCallback = Callable[[int, int], Awaitable[None]]
+# (steps done, number of steps, latents after that step when a preview was asked for, else None)
+ProgressCallback = Callable[[int, int, Any], Awaitable[None]]
 
 
 class StageCaller(Protocol):
@@ -118,8 +119,11 @@ async def generate(
     on_step: ProgressCallback | None = None,
     is_cancelled: Callable[[], bool] = lambda: False,
     waves: StepWaves | None = None,
+    preview_every: int = 0,
 ) -> GenerationResult | None:
     """Run one request through the three stages; returns None when cancelled between steps.
+
+    ``on_step`` is awaited after every step, with the current latents every ``preview_every`` steps.
 
     The denoise sequence always ends: normally with END on the last step, otherwise (error or cancel)
     with an END carrying ``abort`` so denoise_step frees the state at once. Concurrent generations that
@@ -137,13 +141,14 @@ async def generate(
             if is_cancelled():
                 return None
             last = index == num_steps - 1
+            preview = not last and preview_every > 0 and (index + 1) % preview_every == 0
             step_input = {"step": batch_of_one(index, np.int32)}
-            wanted = ["latents"] if last else ["step_index"]
+            wanted = ["latents"] if last else ["step_index", "latents"] if preview else ["step_index"]
             send = waves.send if waves is not None else _direct
             result = await send(lambda: call("denoise_step", step_input, wanted, correlation_id, end=last))
-            if on_step is not None:
-                await on_step(index + 1, num_steps)
             latents = result.get("latents")
+            if on_step is not None:
+                await on_step(index + 1, num_steps, latents if preview else None)
         finished = True
     finally:
         if not finished:

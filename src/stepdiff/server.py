@@ -30,7 +30,7 @@ TRITON_VERSION = "2.51.0"
 # need this header with the admin key; inference, health, metadata and statistics stay open.
 ADMIN_HEADER = "stepdiff-admin-key"
 RESTRICTED_APIS = "model-repository,shared-memory,logging,trace"
-MODELS = ("text_encoder", "denoise_step", "vae_decode", "txt2img")
+MODELS = ("text_encoder", "denoise_step", "vae_decode", "txt2img", "txt2img_stream")
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 

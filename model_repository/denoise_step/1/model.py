@@ -5,6 +5,7 @@ StepEngine runs one denoiser forward per compatible group and each request's own
 """
 
 import json
+import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -42,6 +43,10 @@ class TritonPythonModel:
         self.batch_histogram = self.metric_families["stepdiff_denoise_batch_size"].Metric(
             labels=labels, buckets=BATCH_SIZE_BUCKETS
         )
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.sweeper = threading.Thread(target=self._sweep_periodically, name="stepdiff-sweeper", daemon=True)
+        self.sweeper.start()
 
     def _step_call(self, request) -> StepCall:
         controls = numpy_inputs(request, ("START", "END", "CORRID", "step", "abort"))
@@ -60,7 +65,19 @@ class TritonPythonModel:
             call.conditioning = {name: value for name, value in zip(ENCODER_OUTPUTS, present) if value is not None}
         return call
 
+    def _sweep_periodically(self):
+        """Free sequences nobody ended (a caller that died, a sequence Triton reaped), also when idle."""
+        period = min(max(self.settings.sequence_idle_seconds / 4, 0.1), 5.0)
+        while not self.stopping.wait(period):
+            with self.lock:
+                if self.engine.sweep():
+                    self.active_gauge.set(len(self.engine.states))
+
     def execute(self, requests):
+        with self.lock:
+            return self._execute(requests)
+
+    def _execute(self, requests):
         self.engine.sweep()
         calls, responses = [], [None] * len(requests)
         for index, request in enumerate(requests):
@@ -70,6 +87,7 @@ class TritonPythonModel:
                 responses[index] = error_response(error)
         results = self.engine.run([call for _, call in calls])
         for (index, _), result in zip(calls, results):
+            request = requests[index]
             if result.error is not None:
                 responses[index] = error_response(result.error)
                 continue
@@ -77,7 +95,7 @@ class TritonPythonModel:
                 output_tensor("step_index", np.array([[result.step_index]], dtype=np.int32)),
                 output_tensor("num_steps", np.array([[result.num_steps]], dtype=np.int32)),
             ]
-            if result.latents is not None:
+            if result.done or (result.latents is not None and "latents" in request.requested_output_names()):
                 outputs.append(output_tensor("latents", result.latents.float().cpu().numpy()))
             responses[index] = pb_utils.InferenceResponse(output_tensors=outputs)
         for size in self.engine.forward_batch_sizes:
@@ -85,3 +103,7 @@ class TritonPythonModel:
         self.steps_counter.increment(self.engine.steps_done)
         self.active_gauge.set(len(self.engine.states))
         return responses
+
+    def finalize(self):
+        self.stopping.set()
+        self.sweeper.join(timeout=10)

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-STEP_METHODS = ("encode_prompt", "prepare", "batch_key", "denoise", "step", "check_latents", "decode")
+STEP_METHODS = ("encode_prompt", "prepare", "batch_key", "denoise", "step", "preview", "check_latents", "decode")
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,9 @@ class StepAdapter(Protocol):
 
     def step(self, state: RequestState, model_output: torch.Tensor) -> None:
         """The request's own scheduler step; advances ``state.step_index``."""
+
+    def preview(self, latents: np.ndarray) -> np.ndarray:
+        """A cheap uint8 RGB preview [h, w, 3] of intermediate latents (no VAE)."""
 
     def check_latents(self, latents: torch.Tensor | None) -> torch.Tensor:
         """Raise InvalidInput unless ``latents`` can be decoded by this pipeline."""

@@ -34,6 +34,11 @@ STAGE_COMPONENTS = {
     Stage.INFO: (),
 }
 ALL_COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+# Linear map from SD 1.x/2.x latent channels to RGB: a cheap preview without running the VAE.
+LATENT_RGB_FACTORS = np.array(
+    [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]],
+    dtype=np.float32,
+)
 
 
 class StableDiffusionAdapter:
@@ -149,6 +154,11 @@ class StableDiffusionAdapter:
         kwargs = scheduler_step_kwargs(state.scheduler, state.generator)
         state.latents = state.scheduler.step(model_output, state.timestep, state.latents, **kwargs, return_dict=False)[0]
         state.step_index += 1
+
+    def preview(self, latents: np.ndarray) -> np.ndarray:
+        """A small RGB preview [h/8, w/8, 3] uint8 of latents [1, 4, h/8, w/8], without the VAE."""
+        rgb = np.einsum("chw,cr->hwr", latents[0].astype(np.float32), LATENT_RGB_FACTORS)
+        return ((rgb + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
 
     def check_latents(self, latents: torch.Tensor | None) -> torch.Tensor:
         channels = self.pipe.vae.config.latent_channels
