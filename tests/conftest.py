@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -98,10 +99,10 @@ def wait_for_line(process: subprocess.Popen, marker: str, timeout: float = 300) 
     raise AssertionError(f"launcher never printed {marker!r}; output:\n" + "\n".join(lines))
 
 
-@pytest.fixture(scope="session")
-def server(tiny_sd, tmp_path_factory):
-    log_file = tmp_path_factory.mktemp("logs") / "tritonserver.log"
-    process, (http_port, grpc_port, metrics_port) = start_launcher(tiny_sd, log_file)
+@contextlib.contextmanager
+def running_server(pipeline: Path, log_file: Path, *extra: str, environ: dict[str, str] | None = None):
+    """``stepdiff serve`` until the block ends; then SIGINT, which must stop it cleanly."""
+    process, (http_port, grpc_port, metrics_port) = start_launcher(pipeline, log_file, *extra, environ=environ)
     try:
         wait_for_line(process, "stepdiff: ready")
     except AssertionError:
@@ -112,6 +113,12 @@ def server(tiny_sd, tmp_path_factory):
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, f"launcher did not stop cleanly:\n{output}"
     assert "stepdiff: stopped" in output
+
+
+@pytest.fixture(scope="session")
+def server(tiny_sd, tmp_path_factory):
+    with running_server(tiny_sd, tmp_path_factory.mktemp("logs") / "tritonserver.log") as running:
+        yield running
 
 
 @pytest.fixture(scope="session")
@@ -147,15 +154,6 @@ def reference_image(pipe, prompt: str, seed: int, scheduler: str | None = None, 
 def limited_server(tiny_sd, tmp_path_factory):
     """A second server with tight limits: 2 active sequences, 1 request per forward, 2 s idle TTL."""
     log_file = tmp_path_factory.mktemp("limited") / "tritonserver.log"
-    process, (http_port, grpc_port, metrics_port) = start_launcher(
-        tiny_sd, log_file, "--max-active-sequences", "2", "--max-batch-size", "1",
-        environ={"STEPDIFF_SEQUENCE_IDLE_SECONDS": "2"},
-    )
-    try:
-        wait_for_line(process, "stepdiff: ready")
-    except AssertionError:
-        process.kill()
-        raise
-    yield Server(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", log_file)
-    process.send_signal(signal.SIGINT)
-    process.communicate(timeout=120)
+    limits = ("--max-active-sequences", "2", "--max-batch-size", "1")
+    with running_server(tiny_sd, log_file, *limits, environ={"STEPDIFF_SEQUENCE_IDLE_SECONDS": "2"}) as running:
+        yield running

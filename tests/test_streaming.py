@@ -87,12 +87,23 @@ def test_sequence_never_ended_is_swept_after_the_idle_ttl(limited_server):
     encoded = raw_infer(limited_server, {"prompt": prompt}, model="text_encoder")
     inputs = {"prompt": prompt, "prompt_embeds": (encoded.as_numpy("prompt_embeds"), "FP32"),
               "negative_prompt_embeds": (encoded.as_numpy("negative_prompt_embeds"), "FP32")}  # fmt: skip
-    tensors = []
-    for name, (value, triton_type) in inputs.items():
-        tensor = grpcclient.InferInput(name, list(value.shape), triton_type)
-        tensor.set_data_from_numpy(value)
-        tensors.append(tensor)
-    with grpcclient.InferenceServerClient(limited_server.grpc_url) as client:
-        client.infer("denoise_step", tensors, sequence_id=777, sequence_start=True)
+    raw_infer(limited_server, inputs, model="denoise_step", sequence_id=777, sequence_start=True)
     assert limited_server.metric("stepdiff_active_sequences") == 1
     assert wait_for_metric(limited_server, "stepdiff_active_sequences", 0, timeout=10) == 0
+
+
+def test_client_timeout_behaves_like_a_cancel(server):
+    """A unary gRPC request whose deadline passes is stopped at the next step and its state freed."""
+    from tritonclient.utils import InferenceServerException
+
+    cancelled_before = server.metric("stepdiff_cancelled_requests_total")
+    module, client = server.client("grpc")
+    with client:
+        try:
+            txt2img_client.generate(client, module, "a slow cat", dict(seed=1, num_inference_steps=200, height=128, width=128),
+                                    timeout=0.5)  # fmt: skip
+            raise AssertionError("a 200-step request finished within 0.5 s")
+        except InferenceServerException as error:
+            assert "Deadline" in error.message() or "DEADLINE" in str(error.status())
+    assert wait_for_metric(server, "stepdiff_cancelled_requests_total", cancelled_before + 1) == cancelled_before + 1
+    assert wait_for_metric(server, "stepdiff_active_sequences", 0) == 0

@@ -9,14 +9,15 @@ from conftest import reference_image
 from tritonclient.utils import InferenceServerException
 
 
-def raw_infer(server, inputs: dict[str, tuple[np.ndarray, str]], model: str = "txt2img"):
+def raw_infer(server, inputs: dict[str, tuple[np.ndarray, str]], model: str = "txt2img", **sequence):
+    """One gRPC request from (array, Triton type) pairs; ``sequence`` goes to ``client.infer``."""
     tensors = []
     for name, (value, triton_type) in inputs.items():
         tensor = grpcclient.InferInput(name, list(value.shape), triton_type)
         tensor.set_data_from_numpy(value)
         tensors.append(tensor)
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        return client.infer(model, tensors)
+        return client.infer(model, tensors, **sequence)
 
 
 def text(value: bytes) -> tuple[np.ndarray, str]:
