@@ -61,9 +61,13 @@ def slug(text: str, limit: int = 48) -> str:
 
 
 def generate(client, module, prompt: str, options: dict[str, object], timeout: float | None = None) -> tuple[np.ndarray, int, float]:
-    """One txt2img call: (image [H, W, 3] uint8, seed used, seconds)."""
+    """One txt2img call: (image [H, W, 3] uint8, seed used, seconds).
+
+    ``timeout`` is a gRPC deadline (the server stops the generation when it passes); an HTTP client
+    takes its timeout at construction (``network_timeout``).
+    """
     started = time.perf_counter()
-    kwargs = {"client_timeout": timeout} if timeout else {}
+    kwargs = {"client_timeout": timeout} if timeout and module.__name__.endswith("grpc") else {}
     result = client.infer("txt2img", build_inputs(module, prompt, options), **kwargs)
     return result.as_numpy("image"), int(result.as_numpy("seed")[0]), time.perf_counter() - started
 
@@ -151,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def one(prompt: str) -> bool:
         if not hasattr(local, "client"):
-            local.client = module.InferenceServerClient(args.url)
+            http_timeout = {"network_timeout": args.timeout} if args.timeout and args.protocol == "http" else {}
+            local.client = module.InferenceServerClient(args.url, **http_timeout)
         try:
             if args.stream:
                 image, seed, seconds = generate_streaming(args.url, prompt, options, args.preview_every, args.out)

@@ -4,7 +4,9 @@
         --host http://localhost:8000 --grpc-url localhost:8001 --csv results/locust --html results/locust.html
 
 Each request draws a prompt, size, step count, scheduler and seed from a small weighted mix
-(tune it with --steps / --sizes for the pipeline you serve). Requests show up in locust's statistics
+(tune it with --steps / --sizes for the pipeline you serve). With --cancel-fraction, that share of
+gRPC requests is given a client deadline (--cancel-after) that ends it mid-way: the server stops the
+generation at the next step; such requests count as successes when the deadline cut them off. Requests show up in locust's statistics
 as "txt2img <protocol> <height>x<width>", with the latency as response time and the image size in
 bytes as response length; errors count as failures, named by their Triton status.
 """
@@ -38,6 +40,9 @@ def _add_arguments(parser) -> None:
     parser.add_argument("--grpc-url", default="localhost:8001", help="Triton gRPC endpoint for the gRPC user")
     parser.add_argument("--steps", default="4,8,12", help="num_inference_steps values to draw from")
     parser.add_argument("--sizes", default="64x64,64x48", help="HEIGHTxWIDTH values to draw from")
+    parser.add_argument("--cancel-fraction", type=float, default=0.0,
+                        help="share of requests cancelled mid-way (a client deadline of --cancel-after seconds)")
+    parser.add_argument("--cancel-after", type=float, default=0.03, help="seconds before a cancelled request gives up")
 
 
 def weighted(choices: list[tuple[str, int]]) -> str:
@@ -73,13 +78,19 @@ class Txt2ImgUser(User):
             "width": width,
             "scheduler": weighted(SCHEDULERS),
         }
-        name = f"txt2img {self.protocol} {height}x{width}"
+        parsed = self.environment.parsed_options
+        cancel = self.protocol == "grpc" and random.random() < parsed.cancel_fraction  # gRPC deadlines cancel
+        name = f"txt2img {self.protocol} {height}x{width}" + (" cancelled" if cancel else "")
         started = time.perf_counter()
         image, exception = None, None
         try:
-            image, _, _ = txt2img_client.generate(self.client, self.module, weighted(PROMPTS), options)
+            timeout = parsed.cancel_after if cancel else None
+            image, _, _ = txt2img_client.generate(self.client, self.module, weighted(PROMPTS), options, timeout)
+            if cancel:
+                exception = RuntimeError(f"finished within the {parsed.cancel_after} s deadline; nothing was cancelled")
         except Exception as error:  # noqa: BLE001 - every failure is reported to locust
-            exception = error
+            if not (cancel and "deadline" in str(error).lower() or cancel and "timed out" in str(error).lower()):
+                exception = error
         self.environment.events.request.fire(
             request_type=self.protocol,
             name=name,

@@ -64,3 +64,12 @@ def test_generate_streams_with_progress_and_previews(server, tmp_path):
     expected, _ = server.txt2img("a red panda", seed=21, num_inference_steps=6, height=48, width=64,
                                  scheduler="EulerAncestralDiscreteScheduler")  # fmt: skip
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a-red-panda-21.png")), expected)
+
+
+def test_generate_timeout_works_over_both_protocols(server, tmp_path):
+    for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+        ok = client("generate.py", "a cat", "--url", url, "--protocol", protocol, "--timeout", "60", "--out", str(tmp_path), *OPTIONS)
+        assert ok.returncode == 0, ok.stderr
+    cut = client("generate.py", "a cat", "--url", server.grpc_url, "--protocol", "grpc", "--timeout", "0.05",
+                 "--num-inference-steps", "150", "--out", str(tmp_path / "cut"))  # fmt: skip
+    assert cut.returncode == 1 and "Deadline" in cut.stderr

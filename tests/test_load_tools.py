@@ -11,11 +11,13 @@ from conftest import REPO
 
 
 def test_locust_headless_run_has_requests_and_no_failures(server, tmp_path):
+    """15 s, 4 users over HTTP and gRPC, 30% of gRPC requests cut off mid-way by a deadline."""
+    cancelled_before = server.metric("stepdiff_cancelled_requests_total")
     command = [
         str(Path(sys.executable).parent / "locust"), "-f", str(REPO / "load_tests" / "locustfile.py"),
         "--headless", "-u", "4", "-r", "4", "-t", "15s", "--host", f"http://{server.http_url}",
         "--grpc-url", server.grpc_url, "--csv", str(tmp_path / "locust"), "--html", str(tmp_path / "report.html"),
-        "--only-summary",
+        "--only-summary", "--cancel-fraction", "0.3", "--cancel-after", "0.03", "--steps", "8,12",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -25,6 +27,9 @@ def test_locust_headless_run_has_requests_and_no_failures(server, tmp_path):
     assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
     assert any(name.startswith("txt2img grpc") for name in rows) and any(name.startswith("txt2img http") for name in rows)
     assert (tmp_path / "report.html").stat().st_size > 1000
+    cancelled = [row for name, row in rows.items() if name.endswith("cancelled")]
+    assert cancelled and sum(int(row["Request Count"]) for row in cancelled) > 0
+    assert server.metric("stepdiff_cancelled_requests_total") > cancelled_before
     summary = report(tmp_path, "--locust", str(tmp_path / "locust"), "--perf", str(tmp_path / "none"))
     assert "## locust" in summary and "| Aggregated |" in summary and "perf_analyzer" not in summary
 
