@@ -72,7 +72,7 @@ def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
     log_file = args.log_file or Path.home() / ".cache" / "stepdiff" / "logs" / f"tritonserver-{args.http_port}.log"
     print(f"stepdiff: starting tritonserver {server.TRITON_VERSION} for {settings.pipeline} (log: {log_file})", flush=True)
     print(
-        f"stepdiff: device {settings.device}, dtype {settings.dtype}; limits: max_steps {settings.max_steps}, "
+        f"stepdiff: device {settings.torch_device()}, dtype {str(settings.torch_dtype()).removeprefix('torch.')}; limits: max_steps {settings.max_steps}, "
         f"max_pixels {settings.max_pixels}, max_prompt_bytes {settings.max_prompt_bytes}, "
         f"max_active_sequences {settings.max_active_sequences}, max_batch_size {settings.max_batch_size or 'model config'}; "
         f"admin endpoints ({server.RESTRICTED_APIS}) "
@@ -127,9 +127,12 @@ def demo(args: argparse.Namespace) -> int:
             "--url", f"localhost:{args.http_port}", "--out", str(args.out),
             "--num-inference-steps", str(args.steps), "--seed", "0", args.prompt,
         ]  # fmt: skip
-        return subprocess.call(command)
+        code = subprocess.call(command)
     finally:
         process.stop()
+    if code == 0:
+        print(f"stepdiff: demo done; the image is in {args.out.resolve()}")
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
