@@ -57,7 +57,6 @@ class StepEngine:
         self.states: dict[int, RequestState] = {}
         self.forward_batch_sizes: list[int] = []
         self.steps_done = 0
-        self.swept = 0
 
     @torch.inference_mode()
     def run(self, calls: Sequence[StepCall]) -> list[StepResult]:
@@ -141,5 +140,4 @@ class StepEngine:
         stale = [cid for cid, state in self.states.items() if now - state.last_active > self.idle_seconds]
         for cid in stale:
             self._finish(cid)
-        self.swept += len(stale)
         return len(stale)

@@ -76,7 +76,7 @@ def error_response(error: BaseException) -> Any:
 
 
 class StageError(RuntimeError):
-    """An error returned by another model, keeping its Triton status code."""
+    """An error returned by another model, with the status code BLS reports (INTERNAL for all in 2.51)."""
 
     def __init__(self, model: str, message: str, code: int):
         super().__init__(f"{model}: {message}")
