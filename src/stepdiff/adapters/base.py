@@ -132,13 +132,6 @@ def require_conditioning(conditioning: dict[str, torch.Tensor], names: list[str]
             raise InvalidInput(f"{name}: required on START (the text_encoder output for this request)")
 
 
-def require_conditioning(conditioning: dict[str, torch.Tensor], names: list[str]) -> None:
-    """InvalidInput unless every conditioning tensor in ``names`` came with the START call."""
-    for name in names:
-        if name not in conditioning:
-            raise InvalidInput(f"{name}: required on START (the text_encoder output for this request)")
-
-
 def check_latents(latents: torch.Tensor | None, channels: int) -> torch.Tensor:
     """Latents of shape [1, channels, h, w] with finite values, or InvalidInput naming the problem."""
     if latents is None:
