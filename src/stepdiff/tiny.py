@@ -69,13 +69,37 @@ def clip_vocabulary(words: tuple[str, ...] = TINY_WORDS) -> tuple[dict[str, int]
     return vocab, list(ranks)
 
 
-def build_tiny_stable_diffusion(seed: int = 0):
-    """A StableDiffusionPipeline with SD-1.5 structure (VAE factor 8, CLIP, PNDM) and tiny widths."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def clip_tokenizer():
+    """The offline CLIP tokenizer over ``clip_vocabulary`` (77 tokens, as SD's)."""
+    from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocabulary()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def sd15_pipeline(vae, text_encoder, tokenizer, unet):
+    """A StableDiffusionPipeline from these components with SD 1.5's scheduler and no safety checker."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_stable_diffusion(seed: int = 0):
+    """A StableDiffusionPipeline with SD-1.5 structure (VAE factor 8, CLIP, PNDM) and tiny widths."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = clip_tokenizer()
+    vocab = tokenizer.get_vocab()
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -115,27 +139,17 @@ def build_tiny_stable_diffusion(seed: int = 0):
         norm_num_groups=4,
         sample_size=64,
     )
-    scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return sd15_pipeline(vae, text_encoder, tokenizer, unet)
 
 
 def build_sd15_size(seed: int = 0):
     """Stable Diffusion 1.5's real architecture (UNet 860M, CLIP ViT-L/14 text encoder, SD VAE) with
     random weights and the tiny tokenizer: for benchmarks, where only shapes and FLOPs matter."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    vocab, merges = clip_vocabulary()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    tokenizer = clip_tokenizer()
+    vocab = tokenizer.get_vocab()
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -161,16 +175,7 @@ def build_sd15_size(seed: int = 0):
         latent_channels=4,
         sample_size=512,
     )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return sd15_pipeline(vae, text_encoder, tokenizer, unet)
 
 
 BUILDERS = {"sd": build_tiny_stable_diffusion, "sd15-size": build_sd15_size}
