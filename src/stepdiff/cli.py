@@ -141,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser = commands.add_parser("serve", help="serve a pipeline with tritonserver (foreground)")
     add_server_arguments(serve_parser)
     serve_parser.set_defaults(run=serve)
-    tiny_parser = commands.add_parser(
-        "make-tiny", help="write a random pipeline offline, reproducibly: sd (tiny), sd15-size (SD 1.5 shapes, for benchmarks)"
+    tiny_parser = commands.add_parser("make-tiny", help="write a random pipeline offline, reproducibly")
+    tiny_parser.add_argument(
+        "family", help="sd or qwenimage (tiny, for tests), sd15-size or qwenimage-size (real widths, for benchmarks)"
     )
-    tiny_parser.add_argument("family", choices=["sd", "sd15-size"])
     tiny_parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="weights' dtype on disk")
     tiny_parser.add_argument("out_dir", type=Path)
     tiny_parser.add_argument("--seed", type=int, default=0)

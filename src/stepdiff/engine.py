@@ -81,7 +81,7 @@ class StepEngine:
             if state is not None and result.error is None:
                 result.step_index, result.num_steps, result.done = state.step_index, state.num_steps, state.done
                 if not call.start:
-                    result.latents = state.latents
+                    result.latents = self.adapter.output_latents(state)
             if result.error is not None or result.done or call.end:
                 self._finish(call.correlation_id)
         return results

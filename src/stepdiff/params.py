@@ -96,14 +96,20 @@ def parse_generation_params(raw: Mapping[str, np.ndarray], info: PipelineInfo, s
     if scheduler not in info.schedulers:
         raise InvalidInput(f"scheduler={scheduler!r} is not supported by {info.pipeline_class}: allowed {', '.join(info.schedulers)}")
     seed = integer(raw, "seed", -1, 0, SEED_LIMIT - 1)
+    steps = integer(raw, "num_inference_steps", info.default_steps, 1, settings.max_steps)
+    if steps < info.min_steps:
+        raise InvalidInput(
+            f"num_inference_steps={steps} is out of range: {info.pipeline_class}'s schedule needs at least "
+            f"{info.min_steps} steps; allowed {info.min_steps}..{settings.max_steps}"
+        )
     return GenerationParams(
         prompt=prompt,
         negative_prompt=text(raw, "negative_prompt", settings.max_prompt_bytes),
         seed=seed if seed >= 0 else secrets.randbelow(SEED_LIMIT),
-        num_inference_steps=integer(raw, "num_inference_steps", info.default_steps, 1, settings.max_steps),
+        num_inference_steps=steps,
         guidance_scale=real(raw, "guidance_scale", info.default_guidance_scale, 0.0, 100.0),
         height=height,
         width=width,
         scheduler=scheduler,
-        true_cfg_scale=real(raw, "true_cfg_scale", 1.0, 0.0, 100.0),
+        true_cfg_scale=real(raw, "true_cfg_scale", info.default_true_cfg_scale, 0.0, 100.0),
     )

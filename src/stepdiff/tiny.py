@@ -46,27 +46,38 @@ def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[
     return pieces
 
 
-def clip_vocabulary(words: tuple[str, ...] = TINY_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A CLIP-style byte-level BPE vocabulary and merge list in which every word is one token.
+def bpe_vocabulary(words: list[list[str]], alphabet: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Vocabulary pieces and a merge list in which every word (a list of alphabet symbols) is one token.
 
     Each word is first encoded with the merges learned so far; the pieces left are then joined left to
     right by new (lower-priority) merges, so earlier words keep encoding to a single token.
     """
-    from tokenizers import pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    pieces = [*alphabet, *(c + "</w>" for c in alphabet)]
+    pieces = list(alphabet)
     ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        encoded = _apply_merges([*word[:-1], word[-1] + "</w>"], ranks)
+        encoded = _apply_merges(word, ranks)
         while len(encoded) > 1:
             merge = (encoded[0], encoded[1])
             ranks[merge] = len(ranks)
             pieces.append(merge[0] + merge[1])
             encoded = [merge[0] + merge[1], *encoded[2:]]
+    return pieces, list(ranks)
+
+
+def _byte_level_alphabet() -> list[str]:
+    from tokenizers import pre_tokenizers
+
+    return sorted(pre_tokenizers.ByteLevel.alphabet())
+
+
+def clip_vocabulary(words: tuple[str, ...] = TINY_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP-style byte-level BPE vocabulary (words end in ``</w>``) in which every word is one token."""
+    alphabet = _byte_level_alphabet()
+    pieces, merges = bpe_vocabulary(
+        [[*word[:-1], word[-1] + "</w>"] for word in words], [*alphabet, *(c + "</w>" for c in alphabet)]
+    )
     pieces += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {piece: index for index, piece in enumerate(dict.fromkeys(pieces))}
-    return vocab, list(ranks)
+    return {piece: index for index, piece in enumerate(dict.fromkeys(pieces))}, merges
 
 
 def clip_tokenizer():
@@ -178,7 +189,127 @@ def build_sd15_size(seed: int = 0):
     return sd15_pipeline(vae, text_encoder, tokenizer, unet)
 
 
-BUILDERS = {"sd": build_tiny_stable_diffusion, "sd15-size": build_sd15_size}
+# Qwen-Image's scheduler_config.json: flow matching with resolution-dependent (exponential) shift.
+QWENIMAGE_SCHEDULER_CONFIG = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 8192,
+    "max_shift": 0.9,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "time_shift_type": "exponential",
+    "use_dynamic_shifting": True,
+}
+# The words of QwenImagePipeline's prompt template: with each one a token, the template's prefix
+# (system turn + "<|im_start|>user\n") is the 34 tokens the pipeline drops, as with Qwen's tokenizer.
+QWEN_TEMPLATE_WORDS = (
+    "system Describe the image by detailing color shape size texture quantity text spatial relationships "
+    "of objects and background user assistant"
+).split()
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+)  # fmt: skip
+
+
+def qwen_tokenizer():
+    """An offline Qwen2 byte-level BPE tokenizer: template and tiny words are one token each (with and
+    without a leading space), anything else falls back to byte-level pieces."""
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    def byte_level(text: str) -> list[str]:
+        return list(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(text)[0][0])
+
+    words = dict.fromkeys([*QWEN_TEMPLATE_WORDS, *TINY_WORDS])
+    pieces, merges = bpe_vocabulary([byte_level(prefix + word) for word in words for prefix in ("", " ")], _byte_level_alphabet())
+    vocab = {piece: index for index, piece in enumerate(dict.fromkeys([*pieces, *QWEN_SPECIAL_TOKENS]))}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    return tokenizer
+
+
+def qwen_text_encoder(tokenizer, hidden_size: int, intermediate_size: int, layers: int, heads: int):
+    """A Qwen2.5-VL text encoder of the given width (a one-block vision tower: QwenImage reads text only)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vocab = tokenizer.get_vocab()
+    head_dim = hidden_size // heads
+    section = [head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16]
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": hidden_size,
+            "intermediate_size": intermediate_size,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": section},
+            "bos_token_id": vocab["<|endoftext|>"],
+            "eos_token_id": vocab["<|im_end|>"],
+            "pad_token_id": vocab["<|endoftext|>"],
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": hidden_size, "fullatt_block_indexes": [0]},
+        image_token_id=vocab["<|image_pad|>"],
+        video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"],
+        vision_end_token_id=vocab["<|vision_end|>"],
+    )  # fmt: skip
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def qwenimage_pipeline(text_encoder, tokenizer, transformer, vae):
+    """A QwenImagePipeline from these components with Qwen-Image's scheduler configuration."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(QWENIMAGE_SCHEDULER_CONFIG)
+    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+
+
+def build_tiny_qwenimage(seed: int = 0):
+    """A QwenImagePipeline with Qwen-Image's structure (VAE factor 8, 2x2 patches, Qwen2.5-VL text
+    encoder, flow-match scheduler with dynamic exponential shift) and tiny widths."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    tokenizer = qwen_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = qwen_text_encoder(tokenizer, hidden_size=32, intermediate_size=64, layers=2, heads=2)
+    torch.manual_seed(seed + 1)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+    )  # fmt: skip
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.05, 0.3], latents_std=[1.5, 0.8, 1.2, 2.0],
+    )  # fmt: skip
+    return qwenimage_pipeline(text_encoder, tokenizer, transformer, vae)
+
+
+def build_qwenimage_size(seed: int = 0, transformer_layers: int = 4):
+    """Qwen-Image's transformer width (24 heads x 128, joint dim 3584) with ``transformer_layers`` of its
+    60 blocks, its VAE, and a 2-layer text encoder of its hidden size: random weights, for benchmarks."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    tokenizer = qwen_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = qwen_text_encoder(tokenizer, hidden_size=3584, intermediate_size=4096, layers=2, heads=28)
+    transformer = QwenImageTransformer2DModel(num_layers=transformer_layers)
+    vae = AutoencoderKLQwenImage(
+        base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True],
+    )  # fmt: skip
+    return qwenimage_pipeline(text_encoder, tokenizer, transformer, vae)
+
+
+BUILDERS = {
+    "sd": build_tiny_stable_diffusion,
+    "sd15-size": build_sd15_size,
+    "qwenimage": build_tiny_qwenimage,
+    "qwenimage-size": build_qwenimage_size,
+}
 
 
 def make_tiny(family: str, out_dir: str | os.PathLike[str], seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
@@ -186,7 +317,9 @@ def make_tiny(family: str, out_dir: str | os.PathLike[str], seed: int = 0, dtype
     if family not in BUILDERS:
         raise ValueError(f"unknown tiny pipeline family {family!r}; choose one of {sorted(BUILDERS)}")
     out = Path(out_dir)
-    pipeline = BUILDERS[family](seed).to(dtype=dtype)
+    pipeline = BUILDERS[family](seed)
+    if dtype != torch.float32:
+        pipeline.to(dtype=dtype)
     pipeline.save_pretrained(out, safe_serialization=True)
     for path in out.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)

@@ -21,7 +21,10 @@ class TritonPythonModel:
                 params = parse_generation_params(numpy_inputs(request, PARAM_NAMES), self.adapter.info, self.settings)
                 with torch.inference_mode():
                     conditioning = self.adapter.encode_prompt(params)
-                outputs = [output_tensor(name, value.float()) for name, value in conditioning.items()]
+                outputs = [
+                    output_tensor(name, value.float() if value.is_floating_point() else value)
+                    for name, value in conditioning.items()
+                ]
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
             except Exception as error:  # noqa: BLE001 - every error goes back to its own request
                 responses.append(error_response(error))

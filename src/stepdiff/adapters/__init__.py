@@ -8,9 +8,10 @@ import torch
 
 from .base import STEP_METHODS, GenerationParams, InvalidInput, PipelineInfo, RequestState, StepAdapter
 from .loading import Stage, pipeline_class_name, resolve_pipeline
+from .qwenimage import QwenImageAdapter
 from .stable_diffusion import StableDiffusionAdapter
 
-ADAPTERS: tuple[type, ...] = (StableDiffusionAdapter,)
+ADAPTERS: tuple[type, ...] = (StableDiffusionAdapter, QwenImageAdapter)
 
 
 class UnsupportedPipeline(ValueError):

@@ -16,7 +16,9 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-STEP_METHODS = ("encode_prompt", "prepare", "batch_key", "denoise", "step", "preview", "check_latents", "decode")
+STEP_METHODS = (
+    "encode_prompt", "prepare", "batch_key", "denoise", "step", "output_latents", "preview", "check_latents", "decode",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class PipelineInfo:
     default_scheduler: str
     schedulers: tuple[str, ...]
     max_prompt_tokens: int
+    min_steps: int = 1
+    default_true_cfg_scale: float = 1.0
 
 
 @dataclass
@@ -100,8 +104,11 @@ class StepAdapter(Protocol):
     def step(self, state: RequestState, model_output: torch.Tensor) -> None:
         """The request's own scheduler step; advances ``state.step_index``."""
 
+    def output_latents(self, state: RequestState) -> torch.Tensor:
+        """The request's current latents as ``decode`` and ``preview`` take them: [1, channels, h, w]."""
+
     def preview(self, latents: np.ndarray) -> np.ndarray:
-        """A cheap uint8 RGB preview [h, w, 3] of intermediate latents (no VAE)."""
+        """A cheap uint8 RGB preview [h, w, 3] of ``output_latents`` (no VAE)."""
 
     def check_latents(self, latents: torch.Tensor | None) -> torch.Tensor:
         """Raise InvalidInput unless ``latents`` can be decoded by this pipeline."""

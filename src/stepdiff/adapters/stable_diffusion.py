@@ -155,6 +155,9 @@ class StableDiffusionAdapter:
         state.latents = state.scheduler.step(model_output, state.timestep, state.latents, **kwargs, return_dict=False)[0]
         state.step_index += 1
 
+    def output_latents(self, state: RequestState) -> torch.Tensor:
+        return state.latents
+
     def preview(self, latents: np.ndarray) -> np.ndarray:
         """A small RGB preview [h/8, w/8, 3] uint8 of latents [1, 4, h/8, w/8], without the VAE."""
         rgb = np.einsum("chw,cr->hwr", latents[0].astype(np.float32), LATENT_RGB_FACTORS)

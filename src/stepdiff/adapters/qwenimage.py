@@ -1,0 +1,223 @@
+"""QwenImage (``QwenImagePipeline``: Qwen-Image, Qwen-Image-2512) in the step protocol.
+
+Each method is the matching slice of ``QwenImagePipeline.__call__`` (diffusers 0.42), so a request
+run alone reproduces the stock pipeline bit for bit. Latents live packed (2x2 patches, [1, seq, 4c])
+between steps, as in the pipeline; ``output_latents`` unpacks them to [1, c, h, w] for the VAE.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from diffusers import QwenImagePipeline
+from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
+from diffusers.utils.torch_utils import randn_tensor
+
+from .base import GenerationParams, PipelineInfo, RequestState, check_latents, require_conditioning, to_uint8
+from .loading import Stage, compatible_schedulers, load_component_config, new_scheduler
+
+STAGE_COMPONENTS = {
+    Stage.TEXT_ENCODER: ("text_encoder", "tokenizer"),
+    Stage.DENOISE: ("transformer", "scheduler"),
+    Stage.DECODE: ("vae",),
+    Stage.INFO: (),
+}
+ALL_COMPONENTS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
+MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline's default max_sequence_length
+# Latent channel -> RGB for the 16-channel Wan 2.1 latent space Qwen-Image's VAE shares (the factors
+# ComfyUI's previews use); other channel counts (tiny test pipelines) preview their first 3 channels.
+WAN_LATENT_RGB_FACTORS = np.array(
+    [
+        [-0.1299, -0.1692, 0.2932], [0.0671, 0.0406, 0.0442], [0.3568, 0.2548, 0.1747], [0.0372, 0.2344, 0.1420],
+        [0.0313, 0.0189, -0.0328], [0.0296, -0.0956, -0.0665], [-0.3477, -0.4059, -0.2925], [0.0166, 0.1902, 0.1975],
+        [-0.0412, 0.0267, -0.1364], [-0.1293, 0.0740, 0.1636], [0.0680, 0.3019, 0.1128], [0.0032, 0.0581, 0.0639],
+        [-0.1251, 0.0927, 0.1699], [0.0060, -0.0633, 0.0005], [0.3477, 0.2275, 0.2950], [0.1984, 0.0913, 0.1861],
+    ],
+    dtype=np.float32,
+)  # fmt: skip
+WAN_LATENT_RGB_BIAS = np.array([-0.1835, -0.0868, -0.3360], dtype=np.float32)
+
+
+class QwenImageAdapter:
+    """Step-wise ``QwenImagePipeline``; loads only the components its stage needs."""
+
+    family: ClassVar[str] = "qwenimage"
+    pipeline_classes: ClassVar[tuple[str, ...]] = ("QwenImagePipeline",)
+
+    def __init__(self, path: Path, stage: Stage, device: torch.device, dtype: torch.dtype):
+        self.device = device
+        self.dtype = dtype
+        skipped = {name: None for name in ALL_COMPONENTS if name not in STAGE_COMPONENTS[stage]}
+        self.pipe = QwenImagePipeline.from_pretrained(path, dtype=dtype, use_safetensors=True, **skipped)
+        self.pipe.to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        vae_config = load_component_config(path, "vae")
+        transformer_config = load_component_config(path, "transformer")
+        self.vae_scale_factor = 2 ** len(vae_config["temperal_downsample"])  # as QwenImagePipeline computes it
+        self.latent_channels = transformer_config["in_channels"] // 4
+        self.guidance_embeds = transformer_config.get("guidance_embeds", False)
+        self.scheduler_config = load_component_config(path, "scheduler")
+        default_size = self.pipe.default_sample_size * self.vae_scale_factor
+        self.info = PipelineInfo(
+            family=self.family,
+            pipeline_class="QwenImagePipeline",
+            default_height=default_size,
+            default_width=default_size,
+            size_multiple=self.vae_scale_factor * 2,  # VAE factor x the 2x2 patch
+            default_steps=50,
+            default_guidance_scale=1.0,  # only used by guidance-distilled transformers
+            default_scheduler=self.scheduler_config["_class_name"],
+            schedulers=compatible_schedulers(self.scheduler_config),
+            max_prompt_tokens=MAX_SEQUENCE_LENGTH,
+            min_steps=2,  # one step gives NaN sigmas with the shift_terminal schedule
+            default_true_cfg_scale=4.0,
+        )
+
+    @staticmethod
+    def uses_cfg(params: GenerationParams) -> bool:
+        """diffusers' ``do_true_cfg``: true CFG needs a scale above 1 and a negative prompt."""
+        return params.true_cfg_scale > 1 and params.negative_prompt is not None
+
+    def encode_prompt(self, params: GenerationParams) -> dict[str, torch.Tensor]:
+        conditioning = {}
+        prompts = {"prompt": params.prompt}
+        if self.uses_cfg(params):
+            prompts["negative_prompt"] = params.negative_prompt
+        for name, prompt in prompts.items():
+            embeds, mask = self.pipe.encode_prompt(prompt, self.device, 1, max_sequence_length=MAX_SEQUENCE_LENGTH)
+            conditioning[f"{name}_embeds"] = embeds
+            # diffusers drops an all-ones mask (a single prompt has no padding); the stages pass it explicitly
+            conditioning[f"{name}_embeds_mask"] = torch.ones(embeds.shape[:2], dtype=torch.long) if mask is None else mask
+        return conditioning
+
+    def prepare(self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]) -> RequestState:
+        do_cfg = self.uses_cfg(params)
+        texts = ["prompt", "negative_prompt"] if do_cfg else ["prompt"]
+        require_conditioning(conditioning, [f"{text}_embeds" for text in texts])
+        kept = {}
+        for text in texts:
+            embeds = conditioning[f"{text}_embeds"].to(self.device, self.dtype)
+            mask = conditioning.get(f"{text}_embeds_mask")
+            kept[f"{text}_embeds"] = embeds[:, :MAX_SEQUENCE_LENGTH]
+            if mask is not None and not mask.all():
+                kept[f"{text}_embeds_mask"] = mask[:, :MAX_SEQUENCE_LENGTH].to(self.device)
+        generator = torch.Generator().manual_seed(params.seed)
+        height = 2 * (params.height // (self.vae_scale_factor * 2))
+        width = 2 * (params.width // (self.vae_scale_factor * 2))
+        noise = randn_tensor((1, 1, self.latent_channels, height, width), generator=generator, device=self.device, dtype=self.dtype)
+        latents = QwenImagePipeline._pack_latents(noise, 1, self.latent_channels, height, width)
+        scheduler = new_scheduler(params.scheduler, self.scheduler_config)
+        n = params.num_inference_steps
+        mu = calculate_shift(
+            latents.shape[1],
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        timesteps, _ = retrieve_timesteps(scheduler, n, self.device, sigmas=np.linspace(1.0, 1 / n, n), mu=mu)
+        scheduler.set_begin_index(0)
+        return RequestState(
+            correlation_id=correlation_id,
+            params=params,
+            scheduler=scheduler,
+            generator=generator,
+            timesteps=timesteps,
+            latents=latents,
+            conditioning=kept,
+            do_cfg=do_cfg,
+        )
+
+    def batch_key(self, state: RequestState) -> Hashable:
+        return tuple(state.latents.shape)
+
+    def _image_shape(self, state: RequestState) -> list[tuple[int, int, int]]:
+        patch = self.vae_scale_factor * 2
+        return [(1, state.params.height // patch, state.params.width // patch)]
+
+    def _forward(self, rows: list[tuple[RequestState, str]]) -> torch.Tensor:
+        """One transformer forward over (request, "prompt" | "negative_prompt") rows with equal ``_text_key``."""
+        states = [state for state, _ in rows]
+        masks = [state.conditioning.get(f"{text}_embeds_mask") for state, text in rows]
+        latents = torch.cat([state.latents for state in states])
+        timestep = torch.cat([state.timestep.expand(1) for state in states]).to(latents.dtype)
+        guidance = None
+        if self.guidance_embeds:
+            guidance = torch.tensor([state.params.guidance_scale for state in states], device=self.device, dtype=torch.float32)
+        return self.pipe.transformer(
+            hidden_states=latents,
+            timestep=timestep / 1000,
+            guidance=guidance,
+            encoder_hidden_states_mask=None if masks[0] is None else torch.cat(masks),
+            encoder_hidden_states=torch.cat([state.conditioning[f"{text}_embeds"] for state, text in rows]),
+            img_shapes=[self._image_shape(state) for state in states],
+            attention_kwargs={},
+            return_dict=False,
+        )[0]
+
+    def denoise(self, states: Sequence[RequestState]) -> list[torch.Tensor]:
+        rows = [(state, text) for state in states for text in (["prompt", "negative_prompt"] if state.do_cfg else ["prompt"])]
+        if len(states) == 1:  # exactly the stock calls: one forward per text, cond then uncond
+            groups = [[row] for row in rows]
+        else:  # rows of equal text length share a forward (padding would change the result)
+            by_length: dict[tuple[int, bool], list[tuple[RequestState, str]]] = defaultdict(list)
+            for state, text in rows:
+                by_length[self._text_key(state, text)].append((state, text))
+            groups = list(by_length.values())
+        predictions: dict[tuple[int, str], torch.Tensor] = {}
+        for group in groups:
+            output = self._forward(group)
+            for index, (state, text) in enumerate(group):
+                predictions[(id(state), text)] = output[index : index + 1]
+        return [self._guide(state, predictions) for state in states]
+
+    @staticmethod
+    def _text_key(state: RequestState, text: str) -> tuple[int, bool]:
+        return state.conditioning[f"{text}_embeds"].shape[1], f"{text}_embeds_mask" in state.conditioning
+
+    @staticmethod
+    def _guide(state: RequestState, predictions: dict[tuple[int, str], torch.Tensor]) -> torch.Tensor:
+        """True CFG with the pipeline's norm rescale (the combined prediction keeps the conditional norm)."""
+        noise_pred = predictions[(id(state), "prompt")]
+        if not state.do_cfg:
+            return noise_pred
+        neg_noise_pred = predictions[(id(state), "negative_prompt")]
+        comb_pred = neg_noise_pred + state.params.true_cfg_scale * (noise_pred - neg_noise_pred)
+        cond_norm = torch.norm(noise_pred, dim=-1, keepdim=True)
+        noise_norm = torch.norm(comb_pred, dim=-1, keepdim=True)
+        return comb_pred * (cond_norm / noise_norm)
+
+    def step(self, state: RequestState, model_output: torch.Tensor) -> None:
+        state.latents = state.scheduler.step(model_output, state.timestep, state.latents, return_dict=False)[0]
+        state.step_index += 1
+
+    def output_latents(self, state: RequestState) -> torch.Tensor:
+        unpacked = QwenImagePipeline._unpack_latents(state.latents, state.params.height, state.params.width, self.vae_scale_factor)
+        return unpacked[:, :, 0]
+
+    def preview(self, latents: np.ndarray) -> np.ndarray:
+        """A small RGB preview [h/8, w/8, 3] uint8 of latents [1, c, h/8, w/8], without the VAE."""
+        latents = latents[0].astype(np.float32)
+        if latents.shape[0] == len(WAN_LATENT_RGB_FACTORS):
+            rgb = np.einsum("chw,cr->hwr", latents, WAN_LATENT_RGB_FACTORS) + WAN_LATENT_RGB_BIAS
+        else:
+            rgb = np.moveaxis(latents[:3], 0, -1)
+        return ((rgb + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
+
+    def check_latents(self, latents: torch.Tensor | None) -> torch.Tensor:
+        return check_latents(latents, self.pipe.vae.config.z_dim)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        vae = self.pipe.vae
+        latents = latents.unsqueeze(2).to(self.device, vae.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        latents_mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        latents_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        latents = latents / latents_std + latents_mean
+        image = vae.decode(latents, return_dict=False)[0][:, :, 0]
+        return to_uint8(self.pipe.image_processor.postprocess(image, output_type="np"))
