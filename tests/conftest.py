@@ -157,3 +157,29 @@ def limited_server(tiny_sd, tmp_path_factory):
     limits = ("--max-active-sequences", "2", "--max-batch-size", "1")
     with running_server(tiny_sd, log_file, *limits, environ={"STEPDIFF_SEQUENCE_IDLE_SECONDS": "2"}) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> Path:
+    from stepdiff.tiny import make_tiny
+
+    return make_tiny("qwenimage", tmp_path_factory.mktemp("pipelines") / "tiny-qwenimage")
+
+
+@pytest.fixture(scope="session")
+def qwen_server(tiny_qwen, tmp_path_factory):
+    with running_server(tiny_qwen, tmp_path_factory.mktemp("qwen-logs") / "tritonserver.log") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def qwen_reference(tiny_qwen):
+    """The stock QwenImagePipeline (same thread count, device and dtype as the server)."""
+    from diffusers import QwenImagePipeline
+
+    from stepdiff.settings import DTYPES
+
+    torch.set_num_threads(CPU_THREADS)
+    pipe = QwenImagePipeline.from_pretrained(tiny_qwen, dtype=DTYPES[DTYPE]).to(DEVICE)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -45,3 +46,24 @@ def test_loads_offline_with_sd15_structure(tiny_sd, monkeypatch):
     image = pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert image.shape == (1, 64, 64, 3)
     assert all(oct(path.stat().st_mode)[-3:] == "644" for path in Path(tiny_sd).rglob("*") if path.is_file())
+
+
+def test_qwenimage_is_reproducible_and_loads_offline_like_qwen_image(tiny_qwen, tmp_path, monkeypatch):
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    make_tiny("qwenimage", str(tmp_path / "again"))
+    assert digests(tmp_path / "again") == digests(tiny_qwen)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = QwenImagePipeline.from_pretrained(tiny_qwen)
+    template = pipe.prompt_template_encode
+    prefix = pipe.tokenizer(template[: template.index("{}")]).input_ids
+    assert len(prefix) == pipe.prompt_template_encode_start_idx == 34
+    prompt_ids = pipe.tokenizer(template.format("a photo of a cat")).input_ids
+    assert len(prompt_ids) == 34 + 5 + 5  # five one-token words, then "<|im_end|>\n<|im_start|>assistant\n"
+    scheduler = pipe.scheduler
+    assert isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+    assert scheduler.config.use_dynamic_shifting and scheduler.config.time_shift_type == "exponential"
+    assert scheduler.config.shift_terminal == 0.02
+    assert pipe.vae_scale_factor == 8 and pipe.transformer.config.patch_size == 2
+    image = pipe("a cat", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all() and image.std() > 0

@@ -66,3 +66,11 @@ def test_state_is_freed_after_each_request(server):
     server.txt2img("a red cat", seed=1, num_inference_steps=6, scheduler="DDIMScheduler")
     assert server.metric("stepdiff_active_sequences") == 0
     assert server.metric("stepdiff_denoise_steps_total") - steps_before == 6
+
+
+def test_true_cfg_scale_is_ignored_by_stable_diffusion(server):
+    """true_cfg_scale belongs to QwenImage; Stable Diffusion accepts and ignores it (guidance_scale rules)."""
+    options = dict(seed=21, num_inference_steps=4, negative_prompt="blurry")
+    plain, _ = server.txt2img("a green cup", **options)
+    with_true_cfg, _ = server.txt2img("a green cup", true_cfg_scale=9.0, **options)
+    assert np.array_equal(plain, with_true_cfg)

@@ -1,0 +1,120 @@
+"""QwenImage through the real server: byte-identical to QwenImagePipeline alone, batched, validated."""
+
+from __future__ import annotations
+
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from test_batching import denoise_counts, psnr
+from test_streaming import stream
+from test_validation import raw_infer, text
+from tritonclient.utils import InferenceServerException
+
+PROMPTS = [
+    "a cup of coffee on a wooden table, morning light, photorealistic",
+    "a red panda sitting on a tree branch in a bamboo forest, soft focus background",
+    "an astronaut riding a horse on the surface of Mars, cinematic lighting",
+    "a cozy cabin in the snowy mountains at sunset, warm glow from windows",
+    "",  # unconditional generation
+]
+RESOLUTIONS = [(64, 64), (48, 80), (96, 32)]
+NEGATIVE_PROMPT = "blurry, low quality"
+STEPS = 5
+
+
+def reference_image(pipe, prompt: str, seed: int, **kwargs) -> np.ndarray:
+    """QwenImagePipeline's image for these inputs, as uint8 exactly like txt2img's ``image`` output."""
+    images = pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images
+    return (images[0] * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize(("prompt_index", "size", "true_cfg"), list(itertools.product(range(5), RESOLUTIONS, [True, False])))
+def test_image_is_byte_identical_to_diffusers(qwen_server, qwen_reference, prompt_index, size, true_cfg):
+    prompt, (height, width), seed = PROMPTS[prompt_index], size, 2000 + prompt_index
+    options = dict(seed=seed, num_inference_steps=STEPS, height=height, width=width, true_cfg_scale=4.0)
+    if true_cfg:
+        options["negative_prompt"] = NEGATIVE_PROMPT
+    protocol = "http" if prompt_index % 2 else "grpc"
+    image, used_seed = qwen_server.txt2img(prompt, protocol, **options)
+    expected = reference_image(qwen_reference, prompt, **options)
+    assert used_seed == seed
+    assert image.shape == (height, width, 3) and image.dtype == np.uint8
+    assert np.array_equal(image, expected), f"max abs diff {np.abs(image.astype(int) - expected).max()}"
+
+
+def test_true_cfg_scale_and_seed_change_the_image(qwen_server, qwen_reference):
+    """The matrix above compares against images that really depend on the guidance inputs and the seed."""
+    options = dict(num_inference_steps=STEPS, height=64, width=64, negative_prompt=NEGATIVE_PROMPT)
+    guided, _ = qwen_server.txt2img("a photo of a cat", seed=1, true_cfg_scale=4.0, **options)
+    weaker, _ = qwen_server.txt2img("a photo of a cat", seed=1, true_cfg_scale=2.0, **options)
+    off, _ = qwen_server.txt2img("a photo of a cat", seed=1, true_cfg_scale=1.0, **options)
+    other_seed, _ = qwen_server.txt2img("a photo of a cat", seed=2, true_cfg_scale=4.0, **options)
+    assert len({image.tobytes() for image in (guided, weaker, off, other_seed)}) == 4
+    # true_cfg_scale <= 1 turns true CFG off even with a negative prompt, as in diffusers.
+    assert np.array_equal(off, reference_image(qwen_reference, "a photo of a cat", 1, num_inference_steps=STEPS, height=64, width=64))
+
+
+def test_defaults_follow_the_pipeline(qwen_server, qwen_reference):
+    """Only prompt, seed and a small size: 50 steps, true_cfg_scale 4.0, the pipeline's own scheduler."""
+    options = dict(seed=9, height=32, width=32, negative_prompt=NEGATIVE_PROMPT)
+    image, _ = qwen_server.txt2img("a red panda", **options)
+    assert np.array_equal(image, reference_image(qwen_reference, "a red panda", **options))
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"height": (np.array([40], np.int32), "INT32")}, "height=40 is not a multiple of 16"),
+        ({"width": (np.array([72], np.int32), "INT32")}, "width=72 is not a multiple of 16"),
+        ({"num_inference_steps": (np.array([1], np.int32), "INT32")}, "num_inference_steps=1 is out of range"),
+        ({"scheduler": text(b"DDIMScheduler")}, "allowed FlowMatchEulerDiscreteScheduler"),
+        ({"true_cfg_scale": (np.array([np.nan], np.float32), "FP32")}, "true_cfg_scale=nan is out of range"),
+    ],
+)
+def test_bad_inputs_are_rejected_and_service_continues(qwen_server, qwen_reference, inputs, message):
+    with pytest.raises(InferenceServerException) as raised:
+        raw_infer(qwen_server, {"prompt": text(b"a cat"), **inputs})
+    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert message in raised.value.message()
+    image, _ = qwen_server.txt2img("a cat", seed=3, num_inference_steps=2, height=32, width=32)
+    assert np.array_equal(image, reference_image(qwen_reference, "a cat", 3, num_inference_steps=2, height=32, width=32))
+    assert qwen_server.metric("stepdiff_active_sequences") == 0
+
+
+def test_concurrent_cfg_and_plain_requests_batch_and_match_solo_runs(qwen_server):
+    """Requests of one size share forwards (rows grouped by text length); true-CFG and plain requests
+    in the same step never corrupt each other."""
+    prompts = ["a photo of a cat", "a photo of a dog", "a red panda sitting on a tree branch", "a photo of a cat"]
+    jobs = [
+        dict(prompt=prompts[i % 4], seed=300 + i, num_inference_steps=4 + i % 3, height=64, width=48,
+             negative_prompt=NEGATIVE_PROMPT if i % 2 else None, true_cfg_scale=2.0 + i)
+        for i in range(8)
+    ]  # fmt: skip
+
+    def run(job):
+        return qwen_server.txt2img(**job)[0]
+
+    solo = [run(job) for job in jobs]
+    inferences_before, executions_before = denoise_counts(qwen_server)
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(run, jobs))
+    inferences, executions = denoise_counts(qwen_server)
+    mean_batch = (inferences - inferences_before) / (executions - executions_before)
+    print(f"mean denoise_step batch {mean_batch:.2f}")
+    assert mean_batch >= 2.0
+    for job, alone, batched in zip(jobs, solo, together):
+        assert psnr(alone, batched) >= 40, job
+    assert qwen_server.metric("stepdiff_active_sequences") == 0
+
+
+def test_stream_sends_progress_previews_and_the_same_image(qwen_server):
+    options = dict(seed=11, num_inference_steps=4, height=64, width=48)
+    progress, final = stream(qwen_server, "a photo of a dog", preview_every=2, **options)
+    assert [step for step, _, _ in progress] == [1, 2, 3, 4]
+    previews = {step: preview for step, _, preview in progress if preview is not None}
+    assert sorted(previews) == [2] and previews[2].shape == (8, 6, 3)  # latents are 1/8 of the image
+    image, _ = qwen_server.txt2img("a photo of a dog", **options)
+    assert np.array_equal(final["image"], image)
