@@ -10,16 +10,10 @@ import pytest
 import torch
 from test_batching import denoise_counts, psnr
 from test_streaming import stream
+from test_txt2img import PROMPTS
 from test_validation import raw_infer, text
 from tritonclient.utils import InferenceServerException
 
-PROMPTS = [
-    "a cup of coffee on a wooden table, morning light, photorealistic",
-    "a red panda sitting on a tree branch in a bamboo forest, soft focus background",
-    "an astronaut riding a horse on the surface of Mars, cinematic lighting",
-    "a cozy cabin in the snowy mountains at sunset, warm glow from windows",
-    "",  # unconditional generation
-]
 RESOLUTIONS = [(64, 64), (48, 80), (96, 32)]
 NEGATIVE_PROMPT = "blurry, low quality"
 STEPS = 5

@@ -150,6 +150,11 @@ def check_latents(latents: torch.Tensor | None, channels: int) -> torch.Tensor:
     return latents
 
 
+def rgb_preview(rgb: np.ndarray) -> np.ndarray:
+    """Approximate RGB in [-1, 1] from a latent-to-RGB map -> uint8 [h, w, 3]."""
+    return ((rgb + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """diffusers ``output_type="np"`` floats in [0, 1] -> uint8, as the public ``image`` output defines."""
     return (images * 255).round().astype(np.uint8)

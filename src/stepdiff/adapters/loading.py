@@ -55,6 +55,17 @@ def load_component_config(path: Path, subfolder: str, component_class: Any = Non
     raise ValueError(f"{folder} has no config.json")
 
 
+def load_stage_pipeline(pipeline_class: Any, path: Path, components: tuple[str, ...], device: Any, dtype: Any, **kwargs: Any) -> Any:
+    """``pipeline_class`` from ``path`` with only ``components`` loaded (every other one None), on
+    ``device`` in ``dtype``, from safetensors, progress bars off."""
+    index = json.loads((path / "model_index.json").read_text())
+    skipped = {name: None for name, value in index.items() if isinstance(value, list) and name not in components}
+    pipe = pipeline_class.from_pretrained(path, dtype=dtype, use_safetensors=True, **skipped, **kwargs)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def vae_scale_factor(path: Path) -> int:
     """``2 ** (len(vae.block_out_channels) - 1)`` as diffusers computes it, from the VAE config."""
     config = load_component_config(path, "vae")

@@ -18,8 +18,8 @@ from diffusers import QwenImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
-from .base import GenerationParams, PipelineInfo, RequestState, check_latents, require_conditioning, to_uint8
-from .loading import Stage, compatible_schedulers, load_component_config, new_scheduler
+from .base import GenerationParams, PipelineInfo, RequestState, check_latents, require_conditioning, rgb_preview, to_uint8
+from .loading import Stage, compatible_schedulers, load_component_config, load_stage_pipeline, new_scheduler
 
 STAGE_COMPONENTS = {
     Stage.TEXT_ENCODER: ("text_encoder", "tokenizer"),
@@ -27,7 +27,6 @@ STAGE_COMPONENTS = {
     Stage.DECODE: ("vae",),
     Stage.INFO: (),
 }
-ALL_COMPONENTS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline's default max_sequence_length
 # Latent channel -> RGB for the 16-channel Wan 2.1 latent space Qwen-Image's VAE shares (the factors
 # ComfyUI's previews use); other channel counts (tiny test pipelines) preview their first 3 channels.
@@ -52,10 +51,7 @@ class QwenImageAdapter:
     def __init__(self, path: Path, stage: Stage, device: torch.device, dtype: torch.dtype):
         self.device = device
         self.dtype = dtype
-        skipped = {name: None for name in ALL_COMPONENTS if name not in STAGE_COMPONENTS[stage]}
-        self.pipe = QwenImagePipeline.from_pretrained(path, dtype=dtype, use_safetensors=True, **skipped)
-        self.pipe.to(device)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = load_stage_pipeline(QwenImagePipeline, path, STAGE_COMPONENTS[stage], device, dtype)
         vae_config = load_component_config(path, "vae")
         transformer_config = load_component_config(path, "transformer")
         self.vae_scale_factor = 2 ** len(vae_config["temperal_downsample"])  # as QwenImagePipeline computes it
@@ -207,7 +203,7 @@ class QwenImageAdapter:
             rgb = np.einsum("chw,cr->hwr", latents, WAN_LATENT_RGB_FACTORS) + WAN_LATENT_RGB_BIAS
         else:
             rgb = np.moveaxis(latents[:3], 0, -1)
-        return ((rgb + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
+        return rgb_preview(rgb)
 
     def check_latents(self, latents: torch.Tensor | None) -> torch.Tensor:
         return check_latents(latents, self.pipe.vae.config.z_dim)

@@ -22,10 +22,11 @@ from .base import (
     RequestState,
     check_latents,
     require_conditioning,
+    rgb_preview,
     scheduler_step_kwargs,
     to_uint8,
 )
-from .loading import Stage, compatible_schedulers, load_component_config, new_scheduler, vae_scale_factor
+from .loading import Stage, compatible_schedulers, load_component_config, load_stage_pipeline, new_scheduler, vae_scale_factor
 
 STAGE_COMPONENTS = {
     Stage.TEXT_ENCODER: ("text_encoder", "tokenizer"),
@@ -33,7 +34,6 @@ STAGE_COMPONENTS = {
     Stage.DECODE: ("vae",),
     Stage.INFO: (),
 }
-ALL_COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 # Linear map from SD 1.x/2.x latent channels to RGB: a cheap preview without running the VAE.
 LATENT_RGB_FACTORS = np.array(
     [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]],
@@ -50,18 +50,9 @@ class StableDiffusionAdapter:
     def __init__(self, path: Path, stage: Stage, device: torch.device, dtype: torch.dtype):
         self.device = device
         self.dtype = dtype
-        skipped = {name: None for name in ALL_COMPONENTS if name not in STAGE_COMPONENTS[stage]}
-        self.pipe = StableDiffusionPipeline.from_pretrained(
-            path,
-            dtype=dtype,
-            use_safetensors=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            **skipped,
+        self.pipe = load_stage_pipeline(
+            StableDiffusionPipeline, path, STAGE_COMPONENTS[stage], device, dtype, requires_safety_checker=False
         )
-        self.pipe.to(device)
-        self.pipe.set_progress_bar_config(disable=True)
         unet_config = load_component_config(path, "unet", UNet2DConditionModel)
         self.scale_factor = vae_scale_factor(path)
         self.in_channels = unet_config["in_channels"]
@@ -161,7 +152,7 @@ class StableDiffusionAdapter:
     def preview(self, latents: np.ndarray) -> np.ndarray:
         """A small RGB preview [h/8, w/8, 3] uint8 of latents [1, 4, h/8, w/8], without the VAE."""
         rgb = np.einsum("chw,cr->hwr", latents[0].astype(np.float32), LATENT_RGB_FACTORS)
-        return ((rgb + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
+        return rgb_preview(rgb)
 
     def check_latents(self, latents: torch.Tensor | None) -> torch.Tensor:
         channels = self.pipe.vae.config.latent_channels
