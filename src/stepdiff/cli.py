@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from collections import deque
 from pathlib import Path
 
 from . import server
@@ -88,21 +90,72 @@ def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
     return process
 
 
+GAVE_UP = 3  # exit code of `stepdiff serve` when model processes keep dying
+
+
+class RestartBudget:
+    """Allows at most ``limit`` restarts within any ``window`` seconds."""
+
+    def __init__(self, limit: int = 5, window: float = 600.0):
+        self.limit = limit
+        self.window = window
+        self.total = 0
+        self._recent: deque[float] = deque()
+
+    def take(self, now: float) -> bool:
+        """Count a restart at ``now`` (monotonic seconds); False when the budget is spent."""
+        while self._recent and now - self._recent[0] >= self.window:
+            self._recent.popleft()
+        if len(self._recent) >= self.limit:
+            return False
+        self._recent.append(now)
+        self.total += 1
+        return True
+
+
+def print_ready(args: argparse.Namespace, restarts: int = 0) -> None:
+    again = f" (after restart {restarts})" if restarts else ""
+    print(
+        f"stepdiff: ready{again}: txt2img on http://localhost:{args.http_port} and grpc localhost:{args.grpc_port}, "
+        f"metrics on http://localhost:{args.metrics_port}/metrics (Ctrl-C stops)",
+        flush=True,
+    )
+
+
 def serve(args: argparse.Namespace) -> int:
-    """Run Triton in the foreground until SIGINT/SIGTERM or until it exits by itself."""
+    """Run Triton in the foreground until SIGINT/SIGTERM or until it exits by itself.
+
+    Once a second a watchdog looks at the models' processes. When one has died, Triton 2.51 would go on
+    answering ready while that model fails every request, so the launcher restarts tritonserver in
+    place (same ports and settings); after 5 restarts within 10 minutes it stops and exits GAVE_UP.
+    """
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     process = start_from_args(args)
-    print(
-        f"stepdiff: ready: txt2img on http://localhost:{args.http_port} and grpc localhost:{args.grpc_port}, "
-        f"metrics on http://localhost:{args.metrics_port}/metrics (Ctrl-C stops)",
-        flush=True,
-    )
-    while not stop.wait(0.5):
+    print_ready(args)
+    budget = RestartBudget()
+    while not stop.wait(1.0):
         if process.process.poll() is not None:
             print(f"stepdiff: tritonserver exited with code {process.process.returncode} (log: {process.log_path})", file=sys.stderr)
             return process.process.returncode or 1
+        dead = process.dead_stubs()
+        if not dead:
+            continue
+        reason = "; ".join(f"model {stub.model}'s process died (pid {stub.pid}, instance {stub.instance})" for stub in dead)
+        if not budget.take(time.monotonic()):
+            print(
+                f"stepdiff: {reason}; giving up after {budget.limit} restarts within {budget.window / 60:.0f} minutes "
+                f"(log: {process.log_path})",
+                file=sys.stderr,
+                flush=True,
+            )
+            process.stop(timeout=server.DEAD_MODEL_GRACE)
+            return GAVE_UP
+        print(f"stepdiff: {reason}; restarting tritonserver", flush=True)
+        process.restart(reason, stop=stop)
+        if not stop.is_set():
+            print_ready(args, budget.total)
     code = process.stop()
     print(f"stepdiff: stopped (tritonserver exit code {code})", flush=True)
     return 0

@@ -1,13 +1,18 @@
-"""Find and start a real ``tritonserver`` with the stepdiff model repository.
+"""Find and start a real ``tritonserver`` with the stepdiff model repository, and watch its models.
 
 The server binary comes from ``$TRITONSERVER``, ``PATH`` (as in the NGC container) or the
 ``nvidia-pytriton`` wheel.  The Python backend stub must match the running interpreter, ignores
 ``PYTHONPATH`` and runs the first ``python3`` on ``PATH``; :func:`server_environment` takes care of
 all three.
+
+Every model instance runs in its own stub process. Triton 2.51 neither restarts a stub that died
+(python_backend removed that in r24.07) nor reports it on its health endpoints, so
+:class:`TritonProcess` finds the stubs in ``/proc`` and can tell which died and restart the server.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -18,12 +23,14 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 TRITON_VERSION = "2.51.0"
 # Endpoints that change the server (load/unload models, register shared memory, logging, tracing)
@@ -178,25 +185,85 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+STUB_NAME = "triton_python_backend_stub"
+SHARED_MEMORY = Path("/dev/shm")
+# Seconds a server with a dead model gets to answer the requests in flight before it is killed.
+DEAD_MODEL_GRACE = 5.0
+
+
+@dataclass(frozen=True)
+class StubProcess:
+    """The process of one model instance (a Python backend stub)."""
+
+    pid: int
+    model: str
+    instance: str  # e.g. denoise_step_0_0, as Triton's "Stub process '...' is not healthy" names it
+    shm_region: str  # its shared-memory region in /dev/shm, which a killed server leaves behind
+
+
+def _process_stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from /proc, or None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])
+
+
+_ENDED = ("Z", "X", "x")  # zombie, dead
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a killed stub stays a zombie (state Z), as Triton does not reap it."""
+    stat = _process_stat(pid)
+    return stat is not None and stat[0] not in _ENDED
+
+
+def stub_processes(server_pid: int) -> list[StubProcess]:
+    """The running stub processes of a tritonserver: its children whose program is the stub."""
+    stubs = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        stat = _process_stat(int(entry.name))
+        if stat is None or stat[1] != server_pid or stat[0] in _ENDED:
+            continue
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            # stub_launcher.cc: stub <model.py> <shm region> <size> <growth> <parent pid> <lib dir> <ipc> <instance> ...
+            if Path(argv[0]).name == STUB_NAME and len(argv) > 8:
+                stubs.append(StubProcess(int(entry.name), Path(argv[1]).parent.parent.name, argv[8], argv[2]))
+    return sorted(stubs, key=lambda stub: stub.instance)
+
+
 class TritonProcess:
-    """A running tritonserver whose log goes to a file; readiness and failures read from it."""
+    """A running tritonserver whose log goes to a file; readiness, failures and its model processes."""
 
     def __init__(self, command: list[str], env: dict[str, str], log_path: Path, http_port: int):
+        self.command = command
+        self.env = env
         self.log_path = log_path
         self.http_url = f"http://127.0.0.1:{http_port}"
+        self.stubs: list[StubProcess] = []  # found when the server last became ready
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "wb")
+        self._launch(open(log_path, "wb"))
+
+    def _launch(self, log: BinaryIO) -> None:
+        self._log = log
         self.process = subprocess.Popen(
-            command, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            self.command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, models: Sequence[str] = MODELS, timeout: float = 600.0) -> None:
-        """Block until the server and every model are ready; raise LaunchError with Triton's reason."""
+    def wait_ready(
+        self, models: Sequence[str] = MODELS, timeout: float = 600.0, stop: threading.Event | None = None
+    ) -> None:
+        """Block until the server and every model are ready (or ``stop`` is set); then note the stub
+        processes. Raise LaunchError with Triton's reason when the server exits."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (stop and stop.is_set()):
             if self.process.poll() is not None:
                 reasons = load_failures(self.log_text())
                 detail = "\n  ".join(reasons) or self._log_tail()
@@ -207,15 +274,23 @@ class TritonProcess:
             if _http_ok(f"{self.http_url}/v2/health/ready") and all(
                 _http_ok(f"{self.http_url}/v2/models/{name}/ready") for name in models
             ):
+                self.stubs = stub_processes(self.process.pid)
                 return
             time.sleep(0.5)
+        if stop and stop.is_set():
+            return
         raise LaunchError(f"models not ready after {timeout:.0f} s (log: {self.log_path})")
 
     def _log_tail(self, lines: int = 15) -> str:
         return "\n  ".join(self.log_text().splitlines()[-lines:])
 
+    def dead_stubs(self) -> list[StubProcess]:
+        """The model processes that ran when the server became ready and have exited since."""
+        return [stub for stub in self.stubs if not process_alive(stub.pid)]
+
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM (Triton unloads models and exits), SIGKILL after ``timeout``; returns the exit code."""
+        """SIGTERM (Triton unloads models and exits), SIGKILL to the server and its stubs after
+        ``timeout``; returns the exit code. The stubs' shared memory is freed either way."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -224,7 +299,32 @@ class TritonProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self._log.close()
+        for stub in self.stubs:  # a model that never unloaded (a dead stub, a kill) leaves its region
+            with contextlib.suppress(FileNotFoundError):
+                (SHARED_MEMORY / stub.shm_region).unlink()
+        self.stubs = []
         return self.process.returncode
+
+    def restart(self, reason: str, stop: threading.Event | None = None) -> None:
+        """Stop the server (killed after DEAD_MODEL_GRACE s), start it again with the same command,
+        ports and settings, and wait until every model is ready (or ``stop`` is set).
+
+        During the grace Triton's HTTP endpoint already refuses new connections while requests in
+        flight get their answers, e.g. the "is not healthy" error of a dead model. A server with a
+        dead stub would not finish a graceful stop soon: it waits 30 s for that model to unload.
+        """
+        self.stop(timeout=DEAD_MODEL_GRACE)
+        if stop and stop.is_set():
+            return
+        log = open(self.log_path, "ab")  # one log across restarts
+        log.write(f"stepdiff: restarting tritonserver: {reason}\n".encode())
+        log.flush()
+        self._launch(log)
+        try:
+            self.wait_ready(stop=stop)
+        except BaseException:
+            self.stop()
+            raise
 
 
 def start_triton(options: ServerOptions, settings: dict[str, str], log_path: Path) -> TritonProcess:
