@@ -6,11 +6,14 @@ PY := $(VENV)/bin/python
 PIP_OPTIONS ?=
 TINY_SD := build/tiny-sd
 
-.PHONY: install demo test serve-tiny load-test perf load-report clean
+.PHONY: install demo test serve-tiny load-test perf load-report soak clean
 # Against a running server (e.g. `make serve-tiny` in another terminal):
 HOST ?= localhost
 DURATION ?= 60s
 USERS ?= 8
+# make soak serves the tiny pipeline itself, e.g. make soak SOAK_DURATION=2h
+SOAK_DURATION ?= 10m
+SOAK_USERS ?= 4
 
 install: $(VENV)/.installed
 
@@ -39,6 +42,9 @@ perf: $(VENV)/.installed
 
 load-report: $(VENV)/.installed
 	$(PY) load_tests/report.py --perf results/perf_analyzer --locust results/locust/locust --out results/load
+
+soak: $(TINY_SD)/model_index.json
+	HF_HUB_OFFLINE=1 $(PY) load_tests/soak.py --pipeline $(TINY_SD) --duration $(SOAK_DURATION) --users $(SOAK_USERS) --out results/soak
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
