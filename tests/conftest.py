@@ -108,9 +108,11 @@ def running_server(pipeline: Path, log_file: Path, *extra: str, environ: dict[st
     except AssertionError:
         process.kill()
         raise
-    yield Server(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", log_file)
-    process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=120)
+    try:
+        yield Server(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", log_file)
+    finally:  # also when the test failed: never leave a server behind
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, f"launcher did not stop cleanly:\n{output}"
     assert "stepdiff: stopped" in output
 

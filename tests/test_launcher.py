@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -21,6 +22,17 @@ def test_missing_pipeline_is_a_clear_error(tmp_path):
     assert result.returncode == 2
     assert "stepdiff: error: pipeline" in result.stderr and "nowhere" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_port_in_use_is_a_clear_error_before_anything_starts(tiny_sd):
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_serve("--pipeline", str(tiny_sd), "--grpc-port", str(port))
+    assert result.returncode == 2
+    assert f"port {port} is not free" in result.stderr
+    assert "stepdiff: ready" not in result.stdout
 
 
 def test_directory_without_model_index_is_rejected(tmp_path):

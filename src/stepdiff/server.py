@@ -20,6 +20,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -327,8 +328,23 @@ class TritonProcess:
             raise
 
 
+def check_ports_free(ports: Sequence[int]) -> None:
+    """LaunchError naming a port something already listens on (it would answer our readiness checks)."""
+    for port in ports:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError as error:
+                raise LaunchError(
+                    f"port {port} is not free ({error.strerror}): another server? "
+                    "Choose others with --http-port / --grpc-port / --metrics-port"
+                ) from None
+
+
 def start_triton(options: ServerOptions, settings: dict[str, str], log_path: Path) -> TritonProcess:
     """Start tritonserver with ``settings`` (STEPDIFF_* variables) in the models' environment."""
+    check_ports_free((options.http_port, options.grpc_port, options.metrics_port))
     installation = locate_triton()
     command = server_command(installation, options)
     return TritonProcess(command, server_environment(installation, settings), log_path, options.http_port)

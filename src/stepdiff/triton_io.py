@@ -75,6 +75,9 @@ def error_response(error: BaseException) -> Any:
     return pb_utils.InferenceResponse(error=triton_error(error))
 
 
+MODEL_PROCESS_DIED = "is not healthy"  # Triton 2.51: "Stub process '<instance>' is not healthy."
+
+
 class StageError(RuntimeError):
     """An error returned by another model, with the status code BLS reports (INTERNAL for all in 2.51)."""
 
@@ -108,5 +111,7 @@ async def bls_call(
     response = await request.async_exec()
     if response.has_error():
         error = response.error()
-        raise StageError(model, error.message(), error.code())
+        # A model whose process died: the launcher restarts the server, so the caller may retry.
+        code = pb_utils.TritonError.UNAVAILABLE if MODEL_PROCESS_DIED in error.message() else error.code()
+        raise StageError(model, error.message(), code)
     return {tensor.name(): tensor for tensor in response.output_tensors()}
