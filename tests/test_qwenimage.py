@@ -61,7 +61,7 @@ def test_defaults_follow_the_pipeline(qwen_server, qwen_reference):
 @pytest.mark.parametrize(
     ("inputs", "message"),
     [
-        ({"height": (np.array([40], np.int32), "INT32")}, "height=40 is not a multiple of 16"),
+        ({"height": (np.array([40], np.int32), "INT32")}, "height=40 is not a multiple of 16, which QwenImagePipeline requires (VAE factor 8 x 2x2 latent patches)"),
         ({"width": (np.array([72], np.int32), "INT32")}, "width=72 is not a multiple of 16"),
         ({"num_inference_steps": (np.array([1], np.int32), "INT32")}, "num_inference_steps=1 is out of range"),
         ({"scheduler": text(b"DDIMScheduler")}, "allowed FlowMatchEulerDiscreteScheduler"),

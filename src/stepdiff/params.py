@@ -79,7 +79,10 @@ def image_side(raw: Mapping[str, np.ndarray], name: str, default: int, info: Pip
     """``height`` or ``width``: a positive multiple of the pipeline's size multiple."""
     value = integer(raw, name, default, 1, settings.max_pixels)
     if value % info.size_multiple:
-        raise InvalidInput(f"{name}={value} is not a multiple of {info.size_multiple}, which {info.pipeline_class} requires")
+        raise InvalidInput(
+            f"{name}={value} is not a multiple of {info.size_multiple}, which {info.pipeline_class} requires "
+            f"({info.size_multiple_reason})"
+        )
     return value
 
 

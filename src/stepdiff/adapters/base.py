@@ -52,6 +52,7 @@ class PipelineInfo:
     max_prompt_tokens: int
     min_steps: int = 1
     default_true_cfg_scale: float = 1.0
+    size_multiple_reason: str = "the VAE factor"
 
 
 @dataclass

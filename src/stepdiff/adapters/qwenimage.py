@@ -64,7 +64,8 @@ class QwenImageAdapter:
             pipeline_class="QwenImagePipeline",
             default_height=default_size,
             default_width=default_size,
-            size_multiple=self.vae_scale_factor * 2,  # VAE factor x the 2x2 patch
+            size_multiple=self.vae_scale_factor * 2,
+            size_multiple_reason=f"VAE factor {self.vae_scale_factor} x 2x2 latent patches",
             default_steps=50,
             default_guidance_scale=1.0,  # only used by guidance-distilled transformers
             default_scheduler=self.scheduler_config["_class_name"],
