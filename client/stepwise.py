@@ -54,6 +54,7 @@ def generation_inputs(args: argparse.Namespace) -> dict[str, np.ndarray]:
         "seed": (args.seed, np.int64),
         "num_inference_steps": (args.num_inference_steps, np.int32),
         "guidance_scale": (args.guidance_scale, np.float32),
+        "true_cfg_scale": (args.true_cfg_scale, np.float32),
         "height": (args.height, np.int32),
         "width": (args.width, np.int32),
         "scheduler": (args.scheduler.encode() if args.scheduler else None, np.object_),
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="a stage needs the same seed as txt2img to match it")
     parser.add_argument("--num-inference-steps", type=int)
     parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--true-cfg-scale", type=float, help="QwenImage's true CFG (with --negative-prompt)")
     parser.add_argument("--height", type=int)
     parser.add_argument("--width", type=int)
     parser.add_argument("--scheduler")

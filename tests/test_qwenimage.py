@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_batching import denoise_counts, psnr
 from test_streaming import stream
 from test_txt2img import PROMPTS
@@ -112,3 +113,16 @@ def test_stream_sends_progress_previews_and_the_same_image(qwen_server):
     assert sorted(previews) == [2] and previews[2].shape == (8, 6, 3)  # latents are 1/8 of the image
     image, _ = qwen_server.txt2img("a photo of a dog", **options)
     assert np.array_equal(final["image"], image)
+
+
+def test_stepwise_client_gives_the_txt2img_image(qwen_server, tmp_path):
+    """client/stepwise.py carries the masks and true_cfg_scale through the three stages itself."""
+    from test_clients import client
+
+    out = tmp_path / "stepwise.png"
+    options = dict(seed=12, num_inference_steps=4, height=48, width=64, negative_prompt=NEGATIVE_PROMPT, true_cfg_scale=3.0)
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in options.items()]
+    result = client("stepwise.py", "a photo of a cat", "--url", qwen_server.grpc_url, *flags, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    expected, _ = qwen_server.txt2img("a photo of a cat", **options)
+    assert np.array_equal(np.asarray(Image.open(out)), expected)
