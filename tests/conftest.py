@@ -115,6 +115,7 @@ def running_server(pipeline: Path, log_file: Path, *extra: str, environ: dict[st
         output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, f"launcher did not stop cleanly:\n{output}"
     assert "stepdiff: stopped" in output
+    assert "Fatal Python error" not in log_file.read_text(errors="replace"), f"a model process crashed: {log_file}"
 
 
 @pytest.fixture(scope="session")

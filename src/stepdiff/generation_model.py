@@ -110,3 +110,5 @@ class GenerationModel:
     def finalize(self) -> None:
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
+        # Metrics must go while the stub still talks to Triton (else the process crashes on exit).
+        del self.cancelled, self.cancelled_family

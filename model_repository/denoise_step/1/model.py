@@ -107,3 +107,5 @@ class TritonPythonModel:
     def finalize(self):
         self.stopping.set()
         self.sweeper.join(timeout=10)
+        # Metrics must go while the stub still talks to Triton (else the process crashes on exit).
+        del self.active_gauge, self.steps_counter, self.batch_histogram, self.metric_families
