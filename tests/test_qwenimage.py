@@ -126,3 +126,104 @@ def test_stepwise_client_gives_the_txt2img_image(qwen_server, tmp_path):
     assert result.returncode == 0, result.stderr
     expected, _ = qwen_server.txt2img("a photo of a cat", **options)
     assert np.array_equal(np.asarray(Image.open(out)), expected)
+
+
+# In-process, on the adapter and the engine (what denoise_step runs), where forwards can be counted.
+
+
+@pytest.fixture(scope="module")
+def qwen_stages(tiny_qwen):
+    from stepdiff.adapters import Stage, load_adapter
+
+    cpu = torch.device("cpu")
+    return load_adapter(str(tiny_qwen), Stage.TEXT_ENCODER, cpu, torch.float32), load_adapter(str(tiny_qwen), Stage.DENOISE, cpu, torch.float32)
+
+
+def qwen_params(prompt: str, negative: str | None = None, height: int = 64, width: int = 48, seed: int = 0):
+    from stepdiff.adapters import GenerationParams
+
+    return GenerationParams(prompt, negative, seed, 3, 1.0, height, width, "FlowMatchEulerDiscreteScheduler", 4.0)
+
+
+def started_engine(encoder, denoiser, requests: dict[int, object]):
+    from stepdiff.engine import StepCall, StepEngine
+
+    engine = StepEngine(denoiser, 16, 16, 60)
+    with torch.inference_mode():
+        calls = [StepCall(cid, start=True, params=p, conditioning=encoder.encode_prompt(p)) for cid, p in requests.items()]
+    assert all(result.error is None for result in engine.run(calls))
+    return engine
+
+
+def test_rows_share_forwards_by_patch_grid_and_text_length(qwen_stages, monkeypatch):
+    from stepdiff.engine import StepCall
+
+    encoder, denoiser = qwen_stages
+    requests = {
+        1: qwen_params("a photo of a cat", negative="blurry"),  # cond + uncond rows
+        2: qwen_params("a photo of a dog", seed=1),  # as many tokens as request 1's prompt
+        3: qwen_params("a red panda sitting on a tree branch in a bamboo forest", seed=2),
+        4: qwen_params("a photo of a cat", height=48, width=64, seed=3),  # as many patches, transposed
+    }
+    solo = {}
+    for cid, params in requests.items():
+        engine = started_engine(encoder, denoiser, {cid: params})
+        [result] = engine.run([StepCall(cid, step=0)])
+        solo[cid] = result.latents.clone()
+    forwards: list[list[tuple[int, str]]] = []
+    original = type(denoiser)._forward
+
+    def counted(self, rows):
+        forwards.append(sorted((state.correlation_id, text) for state, text in rows))
+        return original(self, rows)
+
+    monkeypatch.setattr(type(denoiser), "_forward", counted)
+    engine = started_engine(encoder, denoiser, requests)
+    results = engine.run([StepCall(cid, step=0) for cid in requests])
+    assert sorted(forwards) == [
+        [(1, "negative_prompt")],
+        [(1, "prompt"), (2, "prompt")],
+        [(3, "prompt")],
+        [(4, "prompt")],
+    ]
+    for cid, result in zip(requests, results):
+        assert result.error is None
+        torch.testing.assert_close(result.latents, solo[cid], rtol=0, atol=1e-5)
+
+
+def test_a_partial_mask_is_kept_and_matches_diffusers(qwen_stages, qwen_reference):
+    """Embeddings passed in directly with padding: the mask reaches the transformer as in diffusers."""
+    from stepdiff.engine import StepCall, StepEngine
+
+    _, denoiser = qwen_stages
+    embeds = torch.randn(1, 9, 32, generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0, 0]])
+    params = qwen_params("", height=32, width=32, seed=6)
+    engine = StepEngine(denoiser, 16, 16, 60)
+    conditioning = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+    [started] = engine.run([StepCall(9, start=True, params=params, conditioning=conditioning)])
+    assert started.error is None and "prompt_embeds_mask" in engine.states[9].conditioning
+    for index in range(3):
+        [result] = engine.run([StepCall(9, step=index)])
+    expected = qwen_reference(
+        prompt_embeds=embeds, prompt_embeds_mask=mask, num_inference_steps=3, height=32, width=32,
+        generator=torch.Generator().manual_seed(6), output_type="latent",
+    ).images  # fmt: skip
+    assert result.error is None and result.done
+    torch.testing.assert_close(result.latents, qwen_reference._unpack_latents(expected, 32, 32, 8)[:, :, 0], rtol=0, atol=0)
+
+
+def test_malformed_embeddings_fail_at_start_naming_the_input(qwen_stages):
+    from stepdiff.engine import StepCall, StepEngine
+
+    _, denoiser = qwen_stages
+    engine = StepEngine(denoiser, 16, 16, 60)
+    params = qwen_params("a cat")
+    bad = {
+        "prompt_embeds: expected shape [1, tokens, 32]": {"prompt_embeds": torch.zeros(1, 5, 16)},
+        "prompt_embeds_mask: expected shape [1, 5]": {"prompt_embeds": torch.zeros(1, 5, 32), "prompt_embeds_mask": torch.ones(1, 7, dtype=torch.long)},
+    }
+    for message, conditioning in bad.items():
+        [result] = engine.run([StepCall(5, start=True, params=params, conditioning=conditioning)])
+        assert message in str(result.error)
+        assert engine.states == {}

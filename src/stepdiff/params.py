@@ -52,15 +52,15 @@ def text(raw: Mapping[str, np.ndarray], name: str, max_bytes: int) -> str | None
         raise InvalidInput(f"{name}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
 
 
-def integer(raw: Mapping[str, np.ndarray], name: str, default: int, low: int, high: int) -> int:
-    """An integer input within [low, high]."""
+def integer(raw: Mapping[str, np.ndarray], name: str, default: int, low: int, high: int, why: str = "") -> int:
+    """An integer input within [low, high]; ``why`` explains the range in the error."""
     value = scalar(raw, name)
     if value is None:
         return default
     if not isinstance(value, (int, np.integer)):
         raise InvalidInput(f"{name}: expected an integer, got {value!r}")
     if not low <= int(value) <= high:
-        raise InvalidInput(f"{name}={int(value)} is out of range: allowed {low}..{high}")
+        raise InvalidInput(f"{name}={int(value)} is out of range: allowed {low}..{high}" + (f" ({why})" if why else ""))
     return int(value)
 
 
@@ -99,12 +99,7 @@ def parse_generation_params(raw: Mapping[str, np.ndarray], info: PipelineInfo, s
     if scheduler not in info.schedulers:
         raise InvalidInput(f"scheduler={scheduler!r} is not supported by {info.pipeline_class}: allowed {', '.join(info.schedulers)}")
     seed = integer(raw, "seed", -1, 0, SEED_LIMIT - 1)
-    steps = integer(raw, "num_inference_steps", info.default_steps, 1, settings.max_steps)
-    if steps < info.min_steps:
-        raise InvalidInput(
-            f"num_inference_steps={steps} is out of range: {info.pipeline_class}'s schedule needs at least "
-            f"{info.min_steps} steps; allowed {info.min_steps}..{settings.max_steps}"
-        )
+    steps = integer(raw, "num_inference_steps", info.default_steps, info.min_steps, settings.max_steps, info.min_steps_reason)
     return GenerationParams(
         prompt=prompt,
         negative_prompt=text(raw, "negative_prompt", settings.max_prompt_bytes),

@@ -49,8 +49,8 @@ class PipelineInfo:
     default_guidance_scale: float
     default_scheduler: str
     schedulers: tuple[str, ...]
-    max_prompt_tokens: int
     min_steps: int = 1
+    min_steps_reason: str = ""
     default_true_cfg_scale: float = 1.0
     size_multiple_reason: str = "the VAE factor"
 

@@ -18,7 +18,16 @@ from diffusers import QwenImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
-from .base import GenerationParams, PipelineInfo, RequestState, check_latents, require_conditioning, rgb_preview, to_uint8
+from .base import (
+    GenerationParams,
+    InvalidInput,
+    PipelineInfo,
+    RequestState,
+    check_latents,
+    require_conditioning,
+    rgb_preview,
+    to_uint8,
+)
 from .loading import Stage, compatible_schedulers, load_component_config, load_stage_pipeline, new_scheduler
 
 STAGE_COMPONENTS = {
@@ -70,8 +79,8 @@ class QwenImageAdapter:
             default_guidance_scale=1.0,  # only used by guidance-distilled transformers
             default_scheduler=self.scheduler_config["_class_name"],
             schedulers=compatible_schedulers(self.scheduler_config),
-            max_prompt_tokens=MAX_SEQUENCE_LENGTH,
-            min_steps=2,  # one step gives NaN sigmas with the shift_terminal schedule
+            min_steps=2,
+            min_steps_reason="one step gives NaN sigmas with the shift_terminal schedule",
             default_true_cfg_scale=4.0,
         )
 
@@ -98,10 +107,9 @@ class QwenImageAdapter:
         require_conditioning(conditioning, [f"{text}_embeds" for text in texts])
         kept = {}
         for text in texts:
-            embeds = conditioning[f"{text}_embeds"].to(self.device, self.dtype)
-            mask = conditioning.get(f"{text}_embeds_mask")
-            kept[f"{text}_embeds"] = embeds[:, :MAX_SEQUENCE_LENGTH]
-            if mask is not None and not mask.all():
+            embeds, mask = self._checked_text(text, conditioning)
+            kept[f"{text}_embeds"] = embeds[:, :MAX_SEQUENCE_LENGTH].to(self.device, self.dtype)
+            if mask is not None and not mask[:, :MAX_SEQUENCE_LENGTH].all():  # as encode_prompt: cut, then drop all-ones
                 kept[f"{text}_embeds_mask"] = mask[:, :MAX_SEQUENCE_LENGTH].to(self.device)
         generator = torch.Generator().manual_seed(params.seed)
         height = 2 * (params.height // (self.vae_scale_factor * 2))
@@ -130,8 +138,19 @@ class QwenImageAdapter:
             do_cfg=do_cfg,
         )
 
+    def _checked_text(self, text: str, conditioning: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The embeddings [1, L, D] of ``text`` and their mask [1, L] (if given), or InvalidInput."""
+        embeds, mask = conditioning[f"{text}_embeds"], conditioning.get(f"{text}_embeds_mask")
+        width = self.pipe.transformer.config.joint_attention_dim
+        if embeds.dim() != 3 or embeds.shape[0] != 1 or embeds.shape[1] < 1 or embeds.shape[2] != width:
+            raise InvalidInput(f"{text}_embeds: expected shape [1, tokens, {width}], got {list(embeds.shape)}")
+        if mask is not None and tuple(mask.shape) != tuple(embeds.shape[:2]):
+            raise InvalidInput(f"{text}_embeds_mask: expected shape {list(embeds.shape[:2])} (one per token), got {list(mask.shape)}")
+        return embeds, mask
+
     def batch_key(self, state: RequestState) -> Hashable:
-        return tuple(state.latents.shape)
+        # The patch grid, not only the token count: 64x48 and 48x64 have as many patches but other RoPE.
+        return tuple(self._image_shape(state)[0])
 
     def _image_shape(self, state: RequestState) -> list[tuple[int, int, int]]:
         patch = self.vae_scale_factor * 2

@@ -70,7 +70,6 @@ class StableDiffusionAdapter:
             default_guidance_scale=7.5,
             default_scheduler=scheduler_config["_class_name"],
             schedulers=compatible_schedulers(scheduler_config),
-            max_prompt_tokens=self.pipe.tokenizer.model_max_length if self.pipe.tokenizer else 77,
         )
 
     def uses_cfg(self, params: GenerationParams) -> bool:
