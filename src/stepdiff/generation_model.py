@@ -18,7 +18,7 @@ from .adapters import Stage, load_adapter
 from .engine import ServerBusy
 from .orchestrator import StepWaves, generate
 from .params import PARAM_NAMES, integer, parse_generation_params
-from .triton_io import bls_call, error_response, load_settings, numpy_inputs
+from .triton_io import bls_call, error_response, load_settings, numpy_inputs, release_triton_objects
 
 FINAL = "TRITONSERVER_RESPONSE_COMPLETE_FINAL"
 
@@ -110,5 +110,5 @@ class GenerationModel:
     def finalize(self) -> None:
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
-        # Metrics must go while the stub still talks to Triton (else the process crashes on exit).
         del self.cancelled, self.cancelled_family
+        release_triton_objects()

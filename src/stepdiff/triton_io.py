@@ -6,6 +6,7 @@ Tensors cross between models through DLPack, so GPU tensors stay on the GPU end 
 from __future__ import annotations
 
 import faulthandler
+import gc
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -30,6 +31,13 @@ def load_settings(args: dict[str, Any]) -> Settings:
     settings = Settings.load(json.loads(args["model_config"]))
     settings.apply_threads()
     return settings
+
+
+def release_triton_objects() -> None:
+    """Free, from ``finalize``, what still refers to Triton objects (metrics the caller deleted, requests
+    and tensors kept alive by reference cycles such as stored exceptions' tracebacks). Freed later, at
+    interpreter exit, they crashed the model's process (segfault in the 2.51 stub)."""
+    gc.collect()
 
 
 def numpy_inputs(request: Any, names: Iterable[str]) -> dict[str, np.ndarray]:

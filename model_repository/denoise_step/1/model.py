@@ -14,7 +14,7 @@ from stepdiff.adapters import Stage, load_adapter
 from stepdiff.engine import StepCall, StepEngine
 from stepdiff.orchestrator import ENCODER_OUTPUTS
 from stepdiff.params import PARAM_NAMES, parse_generation_params, scalar
-from stepdiff.triton_io import error_response, load_settings, numpy_inputs, output_tensor, torch_input
+from stepdiff.triton_io import error_response, load_settings, numpy_inputs, output_tensor, release_triton_objects, torch_input
 
 BATCH_SIZE_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 METRICS = (
@@ -107,5 +107,5 @@ class TritonPythonModel:
     def finalize(self):
         self.stopping.set()
         self.sweeper.join(timeout=10)
-        # Metrics must go while the stub still talks to Triton (else the process crashes on exit).
         del self.active_gauge, self.steps_counter, self.batch_histogram, self.metric_families
+        release_triton_objects()

@@ -5,7 +5,7 @@ import triton_python_backend_utils as pb_utils
 
 from stepdiff.adapters import Stage, load_adapter
 from stepdiff.params import PARAM_NAMES, parse_generation_params
-from stepdiff.triton_io import error_response, load_settings, numpy_inputs, output_tensor
+from stepdiff.triton_io import error_response, load_settings, numpy_inputs, output_tensor, release_triton_objects
 
 
 class TritonPythonModel:
@@ -29,3 +29,6 @@ class TritonPythonModel:
             except Exception as error:  # noqa: BLE001 - every error goes back to its own request
                 responses.append(error_response(error))
         return responses
+
+    def finalize(self):
+        release_triton_objects()

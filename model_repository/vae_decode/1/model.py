@@ -4,7 +4,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from stepdiff.adapters import Stage, load_adapter
-from stepdiff.triton_io import error_response, load_settings, output_tensor, torch_input
+from stepdiff.triton_io import error_response, load_settings, output_tensor, release_triton_objects, torch_input
 
 
 class TritonPythonModel:
@@ -23,3 +23,6 @@ class TritonPythonModel:
             except Exception as error:  # noqa: BLE001 - every error goes back to its own request
                 responses.append(error_response(error))
         return responses
+
+    def finalize(self):
+        release_triton_objects()
