@@ -23,7 +23,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,7 +40,7 @@ from tritonclient.utils import InferenceServerException
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import locustfile  # noqa: E402  (load_tests/locustfile.py: the txt2img users; sets up gRPC for gevent)
 
-from stepdiff.server import stub_processes  # noqa: E402
+from stepdiff.server import free_ports, stub_processes, tritonserver_pid  # noqa: E402
 
 txt2img_client = locustfile.txt2img_client  # client/generate.py
 BAD_INPUTS = {  # type -> (txt2img options, what the error message must name)
@@ -118,16 +117,6 @@ def parse_duration(text: str) -> float:
     return float(sum(int(number) * {"h": 3600, "m": 60, "s": 1}[unit] for number, unit in parts))
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
 def start_server(args: argparse.Namespace) -> subprocess.Popen:
     """`stepdiff serve` on free ports (sets args.url, grpc_url, metrics_url); its output goes to serve.log."""
     http, grpc, metrics = free_ports(3)
@@ -142,7 +131,11 @@ def start_server(args: argparse.Namespace) -> subprocess.Popen:
     deadline = time.monotonic() + 600
     while "stepdiff: ready" not in log_path.read_text():
         if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
+            process.send_signal(signal.SIGINT)  # the launcher stops tritonserver (its own session) too
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
             sys.exit(f"soak: the server did not start:\n{log_path.read_text()[-3000:]}")
         time.sleep(1)
     return process
@@ -158,20 +151,6 @@ def metric(url: str, name: str) -> int | None:
     return round(sum(values)) if values else None
 
 
-def triton_pid(http_port: int) -> int | None:
-    """The local tritonserver listening on ``http_port``."""
-    flag = f"--http-port={http_port}".encode()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if argv[0].endswith(b"tritonserver") and flag in argv:
-                return int(entry.name)
-    return None
-
-
 def rss_mib(pid: int) -> float:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -183,7 +162,7 @@ def rss_mib(pid: int) -> float:
 
 def sample(args: argparse.Namespace, started: float) -> dict[str, Any]:
     """One measurement: RSS per process (MiB) and in total, active sequences, cancellations so far."""
-    pid = triton_pid(int(args.url.rsplit(":", 1)[1]))
+    pid = tritonserver_pid(int(args.url.rsplit(":", 1)[1]))
     processes = {}
     if pid is not None:
         processes["tritonserver"] = rss_mib(pid)

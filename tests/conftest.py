@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,22 +22,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import generate as txt2img_client  # noqa: E402  (client/generate.py)
 
+from stepdiff.server import free_ports  # noqa: E402
+
 ADMIN_KEY = "test-admin-key"
 CPU_THREADS = 1  # the server's models and the reference pipeline must use the same thread count
 # CI runs on CPU in float32; on a GPU machine the same tests run with e.g. STEPDIFF_TEST_DEVICE=cuda
 # STEPDIFF_TEST_DTYPE=float16, comparing against diffusers on the same device and dtype.
 DEVICE = os.environ.get("STEPDIFF_TEST_DEVICE", "cpu")
 DTYPE = os.environ.get("STEPDIFF_TEST_DTYPE", "float32")
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 @pytest.fixture(scope="session")

@@ -15,24 +15,15 @@ from conftest import Server, running_server
 from tritonclient.utils import InferenceServerException
 
 from stepdiff.cli import RestartBudget
-from stepdiff.server import MODELS, process_alive, stub_processes
+from stepdiff.server import MODELS, process_alive, stub_processes, tritonserver_pid
 
 IN_FLIGHT = {"num_inference_steps": 200, "height": 128, "width": 128}  # about 2 s each, 4 at once, 2 cores
 GOOD = {"seed": 11, "num_inference_steps": 8, "height": 64, "width": 64}
 
 
 def triton_pid(server: Server) -> int | None:
-    """The tritonserver serving ``server``, found by its port (other test servers run here too)."""
-    flag = f"--http-port={server.http_url.rsplit(':', 1)[1]}".encode()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if argv[0].endswith(b"/tritonserver") and flag in argv:
-                return int(entry.name)
-    return None
+    """The tritonserver serving ``server`` (other test servers run here too)."""
+    return tritonserver_pid(int(server.http_url.rsplit(":", 1)[1]))
 
 
 def all_ready(server: Server) -> bool:

@@ -113,7 +113,16 @@ class RestartBudget:
         return True
 
 
+def warn_unwatched(process: server.TritonProcess) -> None:
+    """Say so when the watchdog cannot see a model's process (e.g. $TRITONSERVER is a wrapper script)."""
+    missing = sorted(set(server.MODELS) - {stub.model for stub in process.stubs})
+    if missing:
+        print(f"stepdiff: warning: no process found for {', '.join(missing)}; the watchdog cannot restart after "
+              "their processes die", file=sys.stderr, flush=True)  # fmt: skip
+
+
 def print_ready(args: argparse.Namespace, restarts: int = 0) -> None:
+    """The one line that says the server is up and where."""
     again = f" (after restart {restarts})" if restarts else ""
     print(
         f"stepdiff: ready{again}: txt2img on http://localhost:{args.http_port} and grpc localhost:{args.grpc_port}, "
@@ -134,6 +143,7 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     process = start_from_args(args)
     print_ready(args)
+    warn_unwatched(process)
     budget = RestartBudget()
     while not stop.wait(1.0):
         if process.process.poll() is not None:
@@ -153,9 +163,14 @@ def serve(args: argparse.Namespace) -> int:
             process.stop(timeout=server.DEAD_MODEL_GRACE)
             return GAVE_UP
         print(f"stepdiff: {reason}; restarting tritonserver", flush=True)
-        process.restart(reason, stop=stop)
+        try:
+            process.restart(reason, stop=stop)
+        except server.LaunchError as error:
+            print(f"stepdiff: the restart failed, giving up: {error}", file=sys.stderr, flush=True)
+            return GAVE_UP
         if not stop.is_set():
             print_ready(args, budget.total)
+            warn_unwatched(process)
     code = process.stop()
     print(f"stepdiff: stopped (tritonserver exit code {code})", flush=True)
     return 0

@@ -237,6 +237,30 @@ def stub_processes(server_pid: int) -> list[StubProcess]:
     return sorted(stubs, key=lambda stub: stub.instance)
 
 
+def tritonserver_pid(http_port: int) -> int | None:
+    """The local tritonserver listening on ``http_port`` (found by its command line), if any."""
+    flag = f"--http-port={http_port}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if argv[0].endswith(b"/tritonserver") and flag in argv:
+                return int(entry.name)
+    return None
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` TCP ports that are free right now (for tests and benchmarks)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
 class TritonProcess:
     """A running tritonserver whose log goes to a file; readiness, failures and its model processes."""
 
@@ -293,6 +317,7 @@ class TritonProcess:
         """SIGTERM (Triton unloads models and exits), SIGKILL to the server and its stubs after
         ``timeout``; returns the exit code. The stubs' shared memory is freed either way."""
         if self.process.poll() is None:
+            self.stubs = list({stub.pid: stub for stub in [*self.stubs, *stub_processes(self.process.pid)]}.values())
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=timeout)
