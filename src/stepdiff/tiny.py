@@ -8,8 +8,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from diffusers import (
+        AutoencoderKL,
+        AutoencoderKLQwenImage,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 # A fixed word list: each word becomes one BPE token, anything else falls back to byte-level pieces.
 TINY_WORDS = (
@@ -80,7 +92,7 @@ def clip_vocabulary(words: tuple[str, ...] = TINY_WORDS) -> tuple[dict[str, int]
     return {piece: index for index, piece in enumerate(dict.fromkeys(pieces))}, merges
 
 
-def clip_tokenizer():
+def clip_tokenizer() -> CLIPTokenizer:
     """The offline CLIP tokenizer over ``clip_vocabulary`` (77 tokens, as SD's)."""
     from transformers import CLIPTokenizer
 
@@ -88,7 +100,9 @@ def clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def sd15_pipeline(vae, text_encoder, tokenizer, unet):
+def sd15_pipeline(
+    vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, unet: UNet2DConditionModel
+) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline from these components with SD 1.5's scheduler and no safety checker."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
@@ -104,7 +118,7 @@ def sd15_pipeline(vae, text_encoder, tokenizer, unet):
     )
 
 
-def build_tiny_stable_diffusion(seed: int = 0):
+def build_tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline with SD-1.5 structure (VAE factor 8, CLIP, PNDM) and tiny widths."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -153,7 +167,7 @@ def build_tiny_stable_diffusion(seed: int = 0):
     return sd15_pipeline(vae, text_encoder, tokenizer, unet)
 
 
-def build_sd15_size(seed: int = 0):
+def build_sd15_size(seed: int = 0) -> StableDiffusionPipeline:
     """Stable Diffusion 1.5's real architecture (UNet 860M, CLIP ViT-L/14 text encoder, SD VAE) with
     random weights and the tiny tokenizer: for benchmarks, where only shapes and FLOPs matter."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -212,7 +226,7 @@ QWEN_SPECIAL_TOKENS = (
 )  # fmt: skip
 
 
-def qwen_tokenizer():
+def qwen_tokenizer() -> Qwen2Tokenizer:
     """An offline Qwen2 byte-level BPE tokenizer: template and tiny words are one token each (with and
     without a leading space), anything else falls back to byte-level pieces."""
     from tokenizers import pre_tokenizers
@@ -229,7 +243,9 @@ def qwen_tokenizer():
     return tokenizer
 
 
-def qwen_text_encoder(tokenizer, hidden_size: int, intermediate_size: int, layers: int, heads: int):
+def qwen_text_encoder(
+    tokenizer: Qwen2Tokenizer, hidden_size: int, intermediate_size: int, layers: int, heads: int
+) -> Qwen2_5_VLForConditionalGeneration:
     """A Qwen2.5-VL text encoder of the given width (a one-block vision tower: QwenImage reads text only)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -260,7 +276,12 @@ def qwen_text_encoder(tokenizer, hidden_size: int, intermediate_size: int, layer
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def qwenimage_pipeline(text_encoder, tokenizer, transformer, vae):
+def qwenimage_pipeline(
+    text_encoder: Qwen2_5_VLForConditionalGeneration,
+    tokenizer: Qwen2Tokenizer,
+    transformer: QwenImageTransformer2DModel,
+    vae: AutoencoderKLQwenImage,
+) -> QwenImagePipeline:
     """A QwenImagePipeline from these components with Qwen-Image's scheduler configuration."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
@@ -268,7 +289,7 @@ def qwenimage_pipeline(text_encoder, tokenizer, transformer, vae):
     return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
 
 
-def build_tiny_qwenimage(seed: int = 0):
+def build_tiny_qwenimage(seed: int = 0) -> QwenImagePipeline:
     """A QwenImagePipeline with Qwen-Image's structure (VAE factor 8, 2x2 patches, Qwen2.5-VL text
     encoder, flow-match scheduler with dynamic exponential shift) and tiny widths."""
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
@@ -289,7 +310,7 @@ def build_tiny_qwenimage(seed: int = 0):
     return qwenimage_pipeline(text_encoder, tokenizer, transformer, vae)
 
 
-def build_qwenimage_size(seed: int = 0, transformer_layers: int = 4):
+def build_qwenimage_size(seed: int = 0, transformer_layers: int = 4) -> QwenImagePipeline:
     """Qwen-Image's transformer width (24 heads x 128, joint dim 3584) with ``transformer_layers`` of its
     60 blocks, its VAE, and a 2-layer text encoder of its hidden size: random weights, for benchmarks."""
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel

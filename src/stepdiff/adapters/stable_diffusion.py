@@ -146,6 +146,7 @@ class StableDiffusionAdapter:
         state.step_index += 1
 
     def output_latents(self, state: RequestState) -> torch.Tensor:
+        """SD keeps its latents as the VAE takes them."""
         return state.latents
 
     def preview(self, latents: np.ndarray) -> np.ndarray:
