@@ -35,8 +35,9 @@ def test_sequence_lifecycle_returns_latents_and_frees_state(adapters):
     engine = StepEngine(denoiser, 8, 4, 60)
     assert start(engine, encoder, 7, params(steps=3)) == 3
     for index in range(3):
-        [result] = engine.run([StepCall(7, step=index, end=index == 2)])
+        [result] = engine.run([StepCall(7, step=index, end=index == 2, wants_latents=index == 1)])
         assert result.error is None and result.step_index == index + 1
+        assert (result.latents is None) == (index == 0)  # asked for (a preview) or the last step
     assert result.latents is not None and result.latents.shape == (1, 4, 8, 8)
     assert engine.states == {}
 

@@ -168,7 +168,7 @@ def test_rows_share_forwards_by_patch_grid_and_text_length(qwen_stages, monkeypa
     solo = {}
     for cid, params in requests.items():
         engine = started_engine(encoder, denoiser, {cid: params})
-        [result] = engine.run([StepCall(cid, step=0)])
+        [result] = engine.run([StepCall(cid, step=0, wants_latents=True)])
         solo[cid] = result.latents.clone()
     forwards: list[list[tuple[int, str]]] = []
     original = type(denoiser)._forward
@@ -179,7 +179,7 @@ def test_rows_share_forwards_by_patch_grid_and_text_length(qwen_stages, monkeypa
 
     monkeypatch.setattr(type(denoiser), "_forward", counted)
     engine = started_engine(encoder, denoiser, requests)
-    results = engine.run([StepCall(cid, step=0) for cid in requests])
+    results = engine.run([StepCall(cid, step=0, wants_latents=True) for cid in requests])
     assert sorted(forwards) == [
         [(1, "negative_prompt")],
         [(1, "prompt"), (2, "prompt")],

@@ -2,7 +2,7 @@
 
 Triton's sequence batcher hands ``StepEngine.run`` one call per sequence. A START call creates the
 request's state; a step call advances it by one step (all compatible step calls of one ``run`` share
-one denoiser forward); every step call can hand out its latents (previews), the last one returns the
+one denoiser forward); a step call can ask for its latents (previews), the last one returns the
 final latents and frees the state; an abort frees it.
 """
 
@@ -31,6 +31,7 @@ class StepCall:
     end: bool = False
     abort: bool = False
     step: int | None = None
+    wants_latents: bool = False  # the latents after this step (they always come with the last step)
     params: GenerationParams | None = None
     conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -42,7 +43,7 @@ class StepResult:
     step_index: int = 0
     num_steps: int = 0
     done: bool = False
-    latents: torch.Tensor | None = None  # the latents after this call's step (final once ``done``)
+    latents: torch.Tensor | None = None  # after this call's step, when wanted (final once ``done``)
     error: Exception | None = None
 
 
@@ -80,7 +81,7 @@ class StepEngine:
             result = results[index]
             if state is not None and result.error is None:
                 result.step_index, result.num_steps, result.done = state.step_index, state.num_steps, state.done
-                if not call.start:
+                if not call.start and (call.wants_latents or state.done):
                     result.latents = self.adapter.output_latents(state)
             if result.error is not None or result.done or call.end:
                 self._finish(call.correlation_id)

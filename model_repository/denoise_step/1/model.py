@@ -55,6 +55,7 @@ class TritonPythonModel:
             start=bool(scalar(controls, "START")),
             end=bool(scalar(controls, "END")),
             abort=bool(scalar(controls, "abort") or False),
+            wants_latents="latents" in request.requested_output_names(),
         )
         step = scalar(controls, "step")
         call.step = None if step is None else int(step)
@@ -87,7 +88,6 @@ class TritonPythonModel:
                 responses[index] = error_response(error)
         results = self.engine.run([call for _, call in calls])
         for (index, _), result in zip(calls, results):
-            request = requests[index]
             if result.error is not None:
                 responses[index] = error_response(result.error)
                 continue
@@ -95,7 +95,7 @@ class TritonPythonModel:
                 output_tensor("step_index", np.array([[result.step_index]], dtype=np.int32)),
                 output_tensor("num_steps", np.array([[result.num_steps]], dtype=np.int32)),
             ]
-            if result.done or (result.latents is not None and "latents" in request.requested_output_names()):
+            if result.latents is not None:
                 outputs.append(output_tensor("latents", result.latents.float().cpu().numpy()))
             responses[index] = pb_utils.InferenceResponse(output_tensors=outputs)
         for size in self.engine.forward_batch_sizes:
