@@ -37,6 +37,7 @@ STAGE_COMPONENTS = {
     Stage.INFO: (),
 }
 MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline's default max_sequence_length
+TEXTS = ("prompt", "negative_prompt")  # conditioning keys: f"{text}_embeds", f"{text}_embeds_mask"
 # Latent channel -> RGB for the 16-channel Wan 2.1 latent space Qwen-Image's VAE shares (the factors
 # ComfyUI's previews use); other channel counts (tiny test pipelines) preview their first 3 channels.
 WAN_LATENT_RGB_FACTORS = np.array(
@@ -89,13 +90,16 @@ class QwenImageAdapter:
         """diffusers' ``do_true_cfg``: true CFG needs a scale above 1 and a negative prompt."""
         return params.true_cfg_scale > 1 and params.negative_prompt is not None
 
+    @staticmethod
+    def _texts(do_cfg: bool) -> tuple[str, ...]:
+        """The texts a request is conditioned on, in the pipeline's order: cond, then uncond."""
+        return TEXTS if do_cfg else TEXTS[:1]
+
     def encode_prompt(self, params: GenerationParams) -> dict[str, torch.Tensor]:
         conditioning = {}
-        prompts = {"prompt": params.prompt}
-        if self.uses_cfg(params):
-            prompts["negative_prompt"] = params.negative_prompt
-        for name, prompt in prompts.items():
-            embeds, mask = self.pipe.encode_prompt(prompt, self.device, 1, max_sequence_length=MAX_SEQUENCE_LENGTH)
+        prompts = {"prompt": params.prompt, "negative_prompt": params.negative_prompt}
+        for name in self._texts(self.uses_cfg(params)):
+            embeds, mask = self.pipe.encode_prompt(prompts[name], self.device, 1, max_sequence_length=MAX_SEQUENCE_LENGTH)
             conditioning[f"{name}_embeds"] = embeds
             # diffusers drops an all-ones mask (a single prompt has no padding); the stages pass it explicitly
             conditioning[f"{name}_embeds_mask"] = torch.ones(embeds.shape[:2], dtype=torch.long) if mask is None else mask
@@ -103,17 +107,18 @@ class QwenImageAdapter:
 
     def prepare(self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]) -> RequestState:
         do_cfg = self.uses_cfg(params)
-        texts = ["prompt", "negative_prompt"] if do_cfg else ["prompt"]
-        require_conditioning(conditioning, [f"{text}_embeds" for text in texts])
+        require_conditioning(conditioning, [f"{text}_embeds" for text in self._texts(do_cfg)])
         kept = {}
-        for text in texts:
+        for text in self._texts(do_cfg):
             embeds, mask = self._checked_text(text, conditioning)
             kept[f"{text}_embeds"] = embeds[:, :MAX_SEQUENCE_LENGTH].to(self.device, self.dtype)
-            if mask is not None and not mask[:, :MAX_SEQUENCE_LENGTH].all():  # as encode_prompt: cut, then drop all-ones
-                kept[f"{text}_embeds_mask"] = mask[:, :MAX_SEQUENCE_LENGTH].to(self.device)
+            if mask is not None:  # as encode_prompt: cut, then drop an all-ones mask
+                mask = mask[:, :MAX_SEQUENCE_LENGTH]
+                if not mask.all():
+                    kept[f"{text}_embeds_mask"] = mask.to(self.device)
         generator = torch.Generator().manual_seed(params.seed)
-        height = 2 * (params.height // (self.vae_scale_factor * 2))
-        width = 2 * (params.width // (self.vae_scale_factor * 2))
+        _, grid_height, grid_width = self._patch_grid(params)
+        height, width = 2 * grid_height, 2 * grid_width  # latent size: 2x2 latent pixels per patch
         noise = randn_tensor((1, 1, self.latent_channels, height, width), generator=generator, device=self.device, dtype=self.dtype)
         latents = QwenImagePipeline._pack_latents(noise, 1, self.latent_channels, height, width)
         scheduler = new_scheduler(params.scheduler, self.scheduler_config)
@@ -150,11 +155,12 @@ class QwenImageAdapter:
 
     def batch_key(self, state: RequestState) -> Hashable:
         # The patch grid, not only the token count: 64x48 and 48x64 have as many patches but other RoPE.
-        return tuple(self._image_shape(state)[0])
+        return self._patch_grid(state.params)
 
-    def _image_shape(self, state: RequestState) -> list[tuple[int, int, int]]:
+    def _patch_grid(self, params: GenerationParams) -> tuple[int, int, int]:
+        """(frames, rows, columns) of 2x2 latent patches: one entry of the transformer's ``img_shapes``."""
         patch = self.vae_scale_factor * 2
-        return [(1, state.params.height // patch, state.params.width // patch)]
+        return 1, params.height // patch, params.width // patch
 
     def _forward(self, rows: list[tuple[RequestState, str]]) -> torch.Tensor:
         """One transformer forward over (request, "prompt" | "negative_prompt") rows with equal ``_text_key``."""
@@ -171,13 +177,13 @@ class QwenImageAdapter:
             guidance=guidance,
             encoder_hidden_states_mask=None if masks[0] is None else torch.cat(masks),
             encoder_hidden_states=torch.cat([state.conditioning[f"{text}_embeds"] for state, text in rows]),
-            img_shapes=[self._image_shape(state) for state in states],
+            img_shapes=[[self._patch_grid(state.params)] for state in states],
             attention_kwargs={},
             return_dict=False,
         )[0]
 
     def denoise(self, states: Sequence[RequestState]) -> list[torch.Tensor]:
-        rows = [(state, text) for state in states for text in (["prompt", "negative_prompt"] if state.do_cfg else ["prompt"])]
+        rows = [(state, text) for state in states for text in self._texts(state.do_cfg)]
         if len(states) == 1:  # exactly the stock calls: one forward per text, cond then uncond
             groups = [[row] for row in rows]
         else:  # rows of equal text length share a forward (padding would change the result)
