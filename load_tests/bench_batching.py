@@ -170,15 +170,25 @@ def open_loop(load: Load, metrics_url: str, rate: float, duration: float) -> dic
     }  # fmt: skip
 
 
-def through_triton(args, baseline: dict) -> dict:
+def start_server(args, log_verbose: int = 0) -> tuple[triton.TritonProcess, str, str]:
+    """tritonserver for ``args.pipeline`` on ports ``args.port``.. (log in ``args.out``), ready;
+    returns it with its gRPC and metrics URLs."""
     ports = [args.port, args.port + 1, args.port + 2]
     settings = Settings(pipeline=str(args.pipeline), device=args.device, dtype=args.dtype)
-    options = triton.ServerOptions(REPO / "model_repository", *ports, log_verbose=args.log_verbose)
+    options = triton.ServerOptions(REPO / "model_repository", *ports, log_verbose=log_verbose)
     process = triton.start_triton(options, settings.environment(), args.out / "tritonserver.log")
-    metrics_url = f"http://127.0.0.1:{ports[2]}/metrics"
     try:
         process.wait_ready()
-        load = Load(f"127.0.0.1:{ports[1]}", args)
+    except BaseException:
+        process.stop()
+        raise
+    return process, f"127.0.0.1:{ports[1]}", f"http://127.0.0.1:{ports[2]}/metrics"
+
+
+def through_triton(args, baseline: dict) -> dict:
+    process, grpc_url, metrics_url = start_server(args, args.log_verbose)
+    try:
+        load = Load(grpc_url, args)
         checks = {}
         for seed, reference in baseline["references"].items():
             _, image = load.request(seed)

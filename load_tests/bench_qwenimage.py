@@ -24,12 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_batching import REPO, metric, percentile  # also puts client/ and src/ on sys.path
+from bench_batching import metric, percentile, start_server  # also puts client/ and src/ on sys.path
 
 import generate as txt2img_client  # noqa: E402
 
-from stepdiff import server as triton  # noqa: E402
-from stepdiff.settings import DTYPES, Settings  # noqa: E402
+from stepdiff.settings import DTYPES  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on mars, cinematic lighting"
 NEGATIVE_PROMPT = "blurry, low quality"
@@ -127,14 +126,9 @@ def main() -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    ports = [args.port, args.port + 1, args.port + 2]
-    settings = Settings(pipeline=str(args.pipeline), device=args.device, dtype=args.dtype)
-    options = triton.ServerOptions(REPO / "model_repository", *ports)
-    process = triton.start_triton(options, settings.environment(), args.out / "tritonserver.log")
-    url, metrics_url = f"127.0.0.1:{ports[1]}", f"http://127.0.0.1:{ports[2]}/metrics"
+    process, url, metrics_url = start_server(args)
     served = {}
     try:
-        process.wait_ready()
         for size in args.sizes:
             for concurrency in args.concurrency:
                 stream_step_times(url, 0, size, args)  # warm-up at this shape

@@ -115,19 +115,22 @@ def server(tiny_sd, tmp_path_factory):
         yield running
 
 
-@pytest.fixture(scope="session")
-def reference(tiny_sd):
-    """The stock diffusers pipeline, for images to compare against (same thread count as the server)."""
-    from diffusers import StableDiffusionPipeline
-
-    torch.set_num_threads(CPU_THREADS)
+def reference_pipeline(pipeline_class, path: Path, **kwargs):
+    """The stock diffusers pipeline to compare against: the server's device, dtype and thread count."""
     from stepdiff.settings import DTYPES
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        tiny_sd, safety_checker=None, requires_safety_checker=False, dtype=DTYPES[DTYPE]
-    ).to(DEVICE)
+    torch.set_num_threads(CPU_THREADS)
+    pipe = pipeline_class.from_pretrained(path, dtype=DTYPES[DTYPE], **kwargs).to(DEVICE)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_sd):
+    """StableDiffusionPipeline, without the safety checker (the server does not run it either)."""
+    from diffusers import StableDiffusionPipeline
+
+    return reference_pipeline(StableDiffusionPipeline, tiny_sd, safety_checker=None, requires_safety_checker=False)
 
 
 def reference_image(pipe, prompt: str, seed: int, scheduler: str | None = None, **kwargs) -> np.ndarray:
@@ -168,12 +171,7 @@ def qwen_server(tiny_qwen, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def qwen_reference(tiny_qwen):
-    """The stock QwenImagePipeline (same thread count, device and dtype as the server)."""
+    """QwenImagePipeline."""
     from diffusers import QwenImagePipeline
 
-    from stepdiff.settings import DTYPES
-
-    torch.set_num_threads(CPU_THREADS)
-    pipe = QwenImagePipeline.from_pretrained(tiny_qwen, dtype=DTYPES[DTYPE]).to(DEVICE)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return reference_pipeline(QwenImagePipeline, tiny_qwen)
