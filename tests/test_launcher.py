@@ -96,3 +96,20 @@ def test_admin_endpoints_need_the_admin_key(server):
     assert post("/v2/repository/index", {"stepdiff-admin-key": ADMIN_KEY}) == 200
     assert post("/v2/repository/models/txt2img/unload", {"stepdiff-admin-key": ADMIN_KEY}) != 200  # mode none
     assert post("/v2/systemsharedmemory/status", {}) == 403
+
+
+def test_models_see_only_libpython_from_the_interpreters_libdir(tmp_path, monkeypatch):
+    """The interpreter's LIBDIR may be the system library folder (CUDA images: a system cuDNN and cuBLAS
+    that would shadow torch's own in the model processes): only a link to libpython goes on the path."""
+    import sysconfig
+
+    from stepdiff import server
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    env = server.server_environment(server.locate_triton(), {})
+    libdirs = env["LD_LIBRARY_PATH"].split(":")
+    assert sysconfig.get_config_var("LIBDIR") not in libdirs
+    first = server.libpython_directory()
+    assert libdirs[0] == str(first) and str(first).startswith(str(tmp_path))
+    [link] = first.iterdir()
+    assert link.name == sysconfig.get_config_var("INSTSONAME") and link.resolve().is_file()

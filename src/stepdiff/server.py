@@ -70,6 +70,30 @@ def _wheel_stub(pytriton_root: Path | None) -> Path | None:
     return stub if stub.is_file() else None
 
 
+def _stepdiff_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stepdiff"
+
+
+def libpython_directory() -> Path | None:
+    """A folder holding only a link to the running interpreter's ``libpython`` (the stub links it).
+
+    The interpreter's own LIBDIR cannot go on ``LD_LIBRARY_PATH``: where it is the system's library
+    folder (``/usr/lib/x86_64-linux-gnu`` in CUDA images) it also holds a system cuDNN and cuBLAS,
+    which would then shadow torch's own builds in every model process and change GPU results.
+    """
+    name = sysconfig.get_config_var("INSTSONAME")
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if not name or not libdir or not (Path(libdir) / name).is_file():
+        return None  # a statically linked interpreter: nothing to provide
+    folder = _stepdiff_cache() / f"libpython-{hashlib.sha256(str(Path(libdir) / name).encode()).hexdigest()[:12]}"
+    link = folder / name
+    if not link.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # another launcher made it meanwhile
+            link.symlink_to(Path(libdir) / name)
+    return folder
+
+
 def prepare_backend_directory(python_backend: Path, stub: Path) -> Path:
     """A backends folder holding ``python_backend`` with ``stub`` (built for the running Python).
 
@@ -77,8 +101,7 @@ def prepare_backend_directory(python_backend: Path, stub: Path) -> Path:
     ``libtriton_python.so``. The folder is cached per server build and Python version.
     """
     key = hashlib.sha256(f"{python_backend.resolve()}|{stub.resolve()}".encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    backends = cache / "stepdiff" / f"backends-py{PYTHON_VERSION}-{key}"
+    backends = _stepdiff_cache() / f"backends-py{PYTHON_VERSION}-{key}"
     prepared = backends / "python"
     if not (prepared / ".complete").exists():
         prepared.mkdir(parents=True, exist_ok=True)
@@ -117,9 +140,10 @@ def locate_triton() -> TritonInstallation:
 
 
 def server_environment(installation: TritonInstallation, settings: dict[str, str]) -> dict[str, str]:
-    """Environment for tritonserver: our libpython first, our interpreter's bin first, settings."""
+    """Environment for tritonserver: our libpython first (alone: see ``libpython_directory``), our
+    interpreter's bin first, settings."""
     env = dict(os.environ)
-    libdirs = [sysconfig.get_config_var("LIBDIR") or "", *map(str, installation.library_directories)]
+    libdirs = [str(libpython_directory() or ""), *map(str, installation.library_directories)]
     if env.get("LD_LIBRARY_PATH"):
         libdirs.append(env["LD_LIBRARY_PATH"])
     env["LD_LIBRARY_PATH"] = os.pathsep.join(d for d in libdirs if d)
