@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP_OPTIONS ?=
 TINY_SD := build/tiny-sd
 
-.PHONY: install demo test serve-tiny load-test perf load-report soak clean
+.PHONY: install demo test test-gpu serve-tiny load-test perf load-report soak clean
 # Against a running server (e.g. `make serve-tiny` in another terminal):
 HOST ?= localhost
 DURATION ?= 60s
@@ -47,7 +47,11 @@ soak: $(TINY_SD)/model_index.json
 	HF_HUB_OFFLINE=1 $(PY) load_tests/soak.py --pipeline $(TINY_SD) --duration $(SOAK_DURATION) --users $(SOAK_USERS) --out results/soak
 
 test: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(PY) -m pytest
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not gpu"
+
+# On a CUDA machine: host syncs per step, graph replay vs stock diffusers (tests/test_gpu.py)
+test-gpu: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m gpu tests/test_gpu.py
 
 clean:
 	rm -rf build outputs .pytest_cache

@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Step-level batching benchmark: stepdiff on Triton against the same pipeline in-process.
+"""stepdiff on Triton against the same pipeline in-process, side by side, in one run.
 
-1. In-process baseline (same run, same GPU): StableDiffusionPipeline end-to-end latency at batch 1,
-   and the UNet's request-steps/s at 1..32 requests per forward (with CFG, 2 rows each): the ceiling.
-2. Through Triton (`stepdiff serve`, gRPC): closed-loop concurrency sweep (images/s, p50/p99 latency,
-   mean requests per denoiser forward from the stepdiff_denoise_batch_size metric) and a Poisson
-   open-loop run at a fraction of the peak. Images at concurrency 1 are checked against the
-   in-process pipeline (same seed, device and dtype).
+1. In-process (same run, same GPU), per scheduler: StableDiffusionPipeline latency at batch 1 with its
+   UNet eager, replayed from CUDA graphs (stepdiff's runner, mode exact), and compiled (runner, mode
+   compiled: torch.compile + graphs); the UNet alone at 1..N requests per forward (with CFG, 2 rows
+   each) in the three variants: the ceilings.
+2. Through Triton (`stepdiff serve`, gRPC), per --modes (exact, compiled): images at concurrency 1
+   checked against stock eager diffusers for each seed and scheduler; latency at concurrency 1 per
+   scheduler, with a per-step breakdown from Triton's statistics; a closed-loop concurrency sweep
+   (images/s, p50/p99, mean requests per denoiser forward) and Poisson arrivals at a fraction of the
+   peak, for the first scheduler.
 3. results.json + results.md (+ a PNG plot when matplotlib is installed) in --out.
 
     python load_tests/bench_batching.py --pipeline build/sd15-size --out results/gpu --device cuda --dtype float16
@@ -35,6 +38,7 @@ sys.path.insert(0, str(REPO / "src"))
 import generate as txt2img_client  # noqa: E402
 
 from stepdiff import server as triton  # noqa: E402
+from stepdiff.runner import DenoiserRunner, Rows  # noqa: E402
 from stepdiff.settings import DTYPES, Settings  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on mars, cinematic lighting"
@@ -59,6 +63,26 @@ def timed(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(samples)
 
 
+def graph_unet(unet, mode: str, device: torch.device) -> DenoiserRunner:
+    """Route ``unet``'s calls through a DenoiserRunner (``exact``: its eager forward replayed from CUDA
+    graphs; ``compiled``: torch.compile + graphs), as a lone request in stepdiff runs it."""
+    eager = unet.forward
+
+    def forward(key, inputs):
+        return eager(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"], return_dict=False)[0]
+
+    runner = DenoiserRunner(forward, device, mode)
+
+    def routed(sample, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
+        timestep = torch.as_tensor(timestep, device=sample.device).to(torch.float32).expand(sample.shape[0])
+        tensors = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
+        [output] = runner.run([Rows((tuple(sample.shape[1:]), tuple(encoder_hidden_states.shape[1:])), tensors)], separate=True)
+        return (output,)
+
+    unet.forward = routed
+    return runner
+
+
 def in_process_baseline(args, device: torch.device, dtype: torch.dtype) -> dict:
     import diffusers
 
@@ -66,33 +90,56 @@ def in_process_baseline(args, device: torch.device, dtype: torch.dtype) -> dict:
         args.pipeline, dtype=dtype, safety_checker=None, requires_safety_checker=False
     ).to(device)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = getattr(diffusers, args.scheduler).from_config(pipe.scheduler.config)
+    config = pipe.scheduler.config
 
-    def run_pipeline(seed: int = 0):
+    def run_pipeline(scheduler: str, seed: int = 0):
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(config)
         return pipe(
             PROMPT, num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.size, width=args.size,
             generator=torch.Generator().manual_seed(seed), output_type="np",
         ).images[0]  # fmt: skip
 
-    latency = timed(run_pipeline, args.repeats, device)
-    references = {seed: (run_pipeline(seed) * 255).round().astype(np.uint8) for seed in args.check_seeds}
     latent = args.size // pipe.vae_scale_factor
-    ceiling = {}
-    with torch.inference_mode():
-        for requests in args.ceiling_batches:
-            rows = 2 * requests if args.guidance > 1 else requests
-            sample = torch.randn(rows, pipe.unet.config.in_channels, latent, latent, device=device, dtype=dtype)
-            embeddings = torch.randn(rows, 77, pipe.unet.config.cross_attention_dim, device=device, dtype=dtype)
-            timesteps = torch.full((rows,), 500.0, device=device)
-            seconds = timed(lambda: pipe.unet(sample, timesteps, encoder_hidden_states=embeddings), args.repeats, device)
-            ceiling[requests] = {"forward_ms": seconds * 1e3, "request_steps_per_s": requests / seconds,
-                                 "images_per_s": requests / seconds / args.steps}  # fmt: skip
-            print(f"ceiling: {requests:3d} requests/forward  {seconds * 1e3:7.1f} ms  {requests / seconds / args.steps:6.2f} images/s", flush=True)
-    print(f"in-process pipeline latency (batch 1): {latency * 1e3:.0f} ms", flush=True)
+    latency: dict[str, dict[str, float]] = {}
+    ceiling: dict[str, dict[int, dict]] = {}
+    references: dict[str, dict[int, np.ndarray]] = {}
+    setup: dict[str, float] = {}
+    eager_forward = pipe.unet.forward
+    for variant in args.variants:
+        pipe.unet.forward = eager_forward
+        began = time.perf_counter()
+        runner = graph_unet(pipe.unet, variant, device) if variant != "eager" else None
+        run_pipeline(args.schedulers[0])  # captures (and compiles) the batch-of-2 graph
+        setup[variant] = time.perf_counter() - began
+        for scheduler in args.schedulers:
+            latency.setdefault(variant, {})[scheduler] = timed(lambda: run_pipeline(scheduler), args.repeats, device)
+            print(f"in-process {variant:8s} {scheduler}: {latency[variant][scheduler] * 1e3:.0f} ms", flush=True)
+            if variant == "eager":
+                references[scheduler] = {seed: (run_pipeline(scheduler, seed) * 255).round().astype(np.uint8) for seed in args.check_seeds}
+            else:
+                identical = all(np.array_equal((run_pipeline(scheduler, seed) * 255).round().astype(np.uint8), reference)
+                                for seed, reference in references[scheduler].items())  # fmt: skip
+                latency[variant][f"{scheduler}_identical_to_eager"] = identical
+                print(f"in-process {variant:8s} {scheduler}: images identical to eager: {identical}", flush=True)
+        ceiling[variant] = {}
+        with torch.inference_mode():
+            for requests in args.ceiling_batches:
+                rows = 2 * requests if args.guidance > 1 else requests
+                sample = torch.randn(rows, pipe.unet.config.in_channels, latent, latent, device=device, dtype=dtype)
+                embeddings = torch.randn(rows, 77, pipe.unet.config.cross_attention_dim, device=device, dtype=dtype)
+                timesteps = torch.full((rows,), 500.0, device=device)
+                seconds = timed(lambda: pipe.unet(sample, timesteps, encoder_hidden_states=embeddings), args.repeats, device)
+                ceiling[variant][requests] = {"forward_ms": seconds * 1e3, "request_steps_per_s": requests / seconds,
+                                              "images_per_s": requests / seconds / args.steps}  # fmt: skip
+                print(f"ceiling {variant:8s}: {requests:3d} requests/forward  {seconds * 1e3:7.1f} ms  "
+                      f"{requests / seconds / args.steps:6.2f} images/s", flush=True)  # fmt: skip
+        if runner is not None:
+            setup[f"{variant}_graph_memory_mib"] = runner.stats.graph_memory_bytes / 2**20
+    pipe.unet.forward = eager_forward
     del pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"pipeline_latency_s": latency, "ceiling": ceiling, "references": references}
+    return {"pipeline_latency_s": latency, "ceiling": ceiling, "references": references, "setup_s": setup}
 
 
 class Load:
@@ -105,11 +152,11 @@ class Load:
 
         self.module = module
 
-    def request(self, seed: int) -> tuple[float, np.ndarray]:
+    def request(self, seed: int, scheduler: str | None = None) -> tuple[float, np.ndarray]:
         if not hasattr(self.local, "client"):
             self.local.client = self.module.InferenceServerClient(self.url)
         options = dict(seed=seed, num_inference_steps=self.args.steps, guidance_scale=self.args.guidance,
-                       height=self.args.size, width=self.args.size, scheduler=self.args.scheduler)  # fmt: skip
+                       height=self.args.size, width=self.args.size, scheduler=scheduler or self.args.schedulers[0])  # fmt: skip
         image, _, seconds = txt2img_client.generate(self.local.client, self.module, PROMPT, options)
         return seconds, image
 
@@ -170,13 +217,13 @@ def open_loop(load: Load, metrics_url: str, rate: float, duration: float) -> dic
     }  # fmt: skip
 
 
-def start_server(args, log_verbose: int = 0) -> tuple[triton.TritonProcess, str, str]:
-    """tritonserver for ``args.pipeline`` on ports ``args.port``.. (log in ``args.out``), ready;
-    returns it with its gRPC and metrics URLs."""
+def start_server(args, log_verbose: int = 0, log_name: str = "tritonserver.log", **settings) -> tuple[triton.TritonProcess, str, str]:
+    """tritonserver for ``args.pipeline`` on ports ``args.port``.. (log in ``args.out``) with ``settings``
+    (Settings fields), ready; returns it with its gRPC and metrics URLs."""
     ports = [args.port, args.port + 1, args.port + 2]
-    settings = Settings(pipeline=str(args.pipeline), device=args.device, dtype=args.dtype)
+    configured = Settings(pipeline=str(args.pipeline), device=args.device, dtype=args.dtype, **settings)
     options = triton.ServerOptions(REPO / "model_repository", *ports, log_verbose=log_verbose)
-    process = triton.start_triton(options, settings.environment(), args.out / "tritonserver.log")
+    process = triton.start_triton(options, configured.environment(), args.out / log_name)
     try:
         process.wait_ready()
     except BaseException:
@@ -185,65 +232,137 @@ def start_server(args, log_verbose: int = 0) -> tuple[triton.TritonProcess, str,
     return process, f"127.0.0.1:{ports[1]}", f"http://127.0.0.1:{ports[2]}/metrics"
 
 
-def through_triton(args, baseline: dict) -> dict:
-    process, grpc_url, metrics_url = start_server(args, args.log_verbose)
+def triton_statistics(grpc_url: str) -> dict[str, dict[str, float]]:
+    """Cumulative per-model counts and times (ns) from Triton's statistics extension."""
+    import tritonclient.grpc as grpcclient
+
+    stats = {}
+    with grpcclient.InferenceServerClient(grpc_url) as client:
+        for model in ("text_encoder", "denoise_step", "vae_decode"):
+            found = client.get_inference_statistics(model).model_stats[0]
+            inference = found.inference_stats
+            stats[model] = {"count": found.inference_count, "executions": found.execution_count, "queue_ns": inference.queue.ns,
+                            "infer_ns": inference.compute_infer.ns, "input_ns": inference.compute_input.ns,
+                            "output_ns": inference.compute_output.ns, "success_ns": inference.success.ns}  # fmt: skip
+    return stats
+
+
+def step_breakdown(before: dict, after: dict, requests: int) -> dict[str, float]:
+    """Milliseconds per request (stages) and per step call (denoise_step) between two statistics snapshots."""
+    delta = {model: {k: after[model][k] - before[model][k] for k in after[model]} for model in after}
+    steps = max(delta["denoise_step"]["count"], 1)
+    return {
+        "text_encoder_ms": delta["text_encoder"]["success_ns"] / requests / 1e6,
+        "vae_decode_ms": delta["vae_decode"]["success_ns"] / requests / 1e6,
+        "step_calls_per_request": steps / requests,
+        "step_queue_ms": delta["denoise_step"]["queue_ns"] / steps / 1e6,
+        "step_execute_ms": delta["denoise_step"]["infer_ns"] / steps / 1e6,
+        "step_io_ms": (delta["denoise_step"]["input_ns"] + delta["denoise_step"]["output_ns"]) / steps / 1e6,
+        "step_in_triton_ms": delta["denoise_step"]["success_ns"] / steps / 1e6,
+    }
+
+
+def through_triton(args, baseline: dict, mode: str) -> dict:
+    began = time.perf_counter()
+    process, grpc_url, metrics_url = start_server(args, args.log_verbose, f"tritonserver-{mode}.log", denoiser=mode,
+                                                  warmup=f"{args.size}x{args.size}")  # fmt: skip
+    start_seconds = time.perf_counter() - began
+    print(f"[{mode}] server ready in {start_seconds:.0f} s", flush=True)
     try:
         load = Load(grpc_url, args)
-        checks = {}
-        for seed, reference in baseline["references"].items():
-            _, image = load.request(seed)
-            checks[seed] = {"identical": bool(np.array_equal(image, reference)),
-                            "max_abs_diff": int(np.abs(image.astype(int) - reference).max())}  # fmt: skip
-        print(f"images vs in-process pipeline: {checks}", flush=True)
+        checks, latency_c1, breakdown = {}, {}, {}
+        for scheduler in args.schedulers:
+            for seed, reference in baseline["references"][scheduler].items():
+                _, image = load.request(seed, scheduler)
+                checks[f"{scheduler} seed {seed}"] = {"identical": bool(np.array_equal(image, reference)),
+                                                      "max_abs_diff": int(np.abs(image.astype(int) - reference).max())}  # fmt: skip
+        print(f"[{mode}] images vs in-process eager diffusers: {checks}", flush=True)
         closed_loop(load, metrics_url, max(args.concurrency), 3)  # warm-up at every batch size
-        latency_c1 = statistics.median(load.request(seed)[0] for seed in range(args.repeats))
-        print(f"triton latency at concurrency 1: {latency_c1 * 1e3:.0f} ms", flush=True)
+        for scheduler in args.schedulers:
+            before = triton_statistics(grpc_url)
+            latency_c1[scheduler] = statistics.median(load.request(seed, scheduler)[0] for seed in range(args.repeats))
+            breakdown[scheduler] = step_breakdown(before, triton_statistics(grpc_url), args.repeats)
+            print(f"[{mode}] latency at concurrency 1, {scheduler}: {latency_c1[scheduler] * 1e3:.0f} ms; "
+                  f"breakdown {breakdown[scheduler]}", flush=True)  # fmt: skip
         sweep = []
         for concurrency in args.concurrency:
             row = closed_loop(load, metrics_url, concurrency, args.duration)
             sweep.append(row)
-            print(f"closed loop c={concurrency:3d}: {row['images_per_s']:6.2f} images/s  p50 {row['p50_s']:.2f} s  "
+            print(f"[{mode}] closed loop c={concurrency:3d}: {row['images_per_s']:6.2f} images/s  p50 {row['p50_s']:.2f} s  "
                   f"p99 {row['p99_s']:.2f} s  mean forward batch {row['mean_forward_batch']:.2f}", flush=True)  # fmt: skip
         peak = max(row["images_per_s"] for row in sweep)
         poisson = open_loop(load, metrics_url, args.open_loop_fraction * peak, args.duration)
-        print(f"open loop at {poisson['offered_rate']:.2f}/s: {poisson['images_per_s']:.2f} images/s  "
+        print(f"[{mode}] open loop at {poisson['offered_rate']:.2f}/s: {poisson['images_per_s']:.2f} images/s  "
               f"p50 {poisson['p50_s']:.2f} s  p99 {poisson['p99_s']:.2f} s", flush=True)  # fmt: skip
+        graphs = {name: metric(metrics_url, name) for name in ("stepdiff_denoiser_graphs", "stepdiff_denoiser_graph_memory_bytes")}
     finally:
         process.stop()
-    return {"latency_c1_s": latency_c1, "image_checks": checks, "sweep": sweep, "open_loop": poisson}
+    return {"start_s": start_seconds, "latency_c1_s": latency_c1, "breakdown_c1": breakdown, "image_checks": checks,
+            "sweep": sweep, "open_loop": poisson, "graphs": graphs}  # fmt: skip
 
 
 def report(result: dict, out: Path) -> None:
     """results.md with the tables and the targets; results.png when matplotlib is available."""
-    base, tri, cfg = result["baseline"], result["triton"], result["config"]
-    ceiling = {int(k): v for k, v in base["ceiling"].items()}
-    by_c = {row["concurrency"]: row for row in tri["sweep"]}
+    base, cfg = result["baseline"], result["config"]
+    schedulers, modes = cfg["schedulers"], list(result["triton"])
+    latency = base["pipeline_latency_s"]
+    ceiling = {variant: {int(k): v for k, v in table.items()} for variant, table in base["ceiling"].items()}
     lines = [
-        f"# stepdiff batching benchmark ({cfg['date']}, {cfg['gpu']})", "",
+        f"# stepdiff vs diffusers in-process ({cfg['date']}, {cfg['gpu']})", "",
         f"Pipeline: {cfg['pipeline_kind']}, {cfg['dtype']}, {cfg['size']}x{cfg['size']}, {cfg['steps']} steps, "
-        f"guidance {cfg['guidance']}, {cfg['scheduler']}. Command: `{cfg['command']}`", "",
-        f"- in-process StableDiffusionPipeline latency (batch 1): **{base['pipeline_latency_s'] * 1e3:.0f} ms**",
-        f"- through Triton at concurrency 1: **{tri['latency_c1_s'] * 1e3:.0f} ms** "
-        f"({tri['latency_c1_s'] / base['pipeline_latency_s']:.3f}x; target <= 1.05x)",
-        f"- images at concurrency 1 vs in-process (same seed): {tri['image_checks']}", "",
-        "| concurrency | images/s | p50 s | p99 s | mean requests/forward | ceiling images/s at that batch | vs ceiling |",
-        "|---|---|---|---|---|---|---|",
+        f"guidance {cfg['guidance']}. Command: `{cfg['command']}`", "",
+        "## Concurrency 1 (median latency, prompt to image)", "",
+        "| | " + " | ".join(schedulers) + " |", "|---|" + "---|" * len(schedulers),
     ]  # fmt: skip
-    for c, row in by_c.items():
-        ceil = ceiling.get(c, {}).get("images_per_s", float("nan"))
-        lines.append(f"| {c} | {row['images_per_s']:.2f} | {row['p50_s']:.2f} | {row['p99_s']:.2f} | "
-                     f"{row['mean_forward_batch']:.2f} | {ceil:.2f} | {row['images_per_s'] / ceil:.2f}x |")  # fmt: skip
-    ol = tri["open_loop"]
-    lines += [
-        "", f"Poisson open loop at {ol['offered_rate']:.2f} requests/s (~{cfg['open_loop_fraction']:.0%} of peak): "
-        f"{ol['images_per_s']:.2f} images/s, p50 {ol['p50_s']:.2f} s, p99 {ol['p99_s']:.2f} s, "
-        f"mean requests/forward {ol['mean_forward_batch']:.2f}", "",
-        "| requests per UNet forward | forward ms | images/s (ceiling) |", "|---|---|---|",
-    ]  # fmt: skip
-    lines += [f"| {b} | {v['forward_ms']:.1f} | {v['images_per_s']:.2f} |" for b, v in ceiling.items()]
-    if 16 in by_c and 1 in by_c and 16 in ceiling:
-        lines += ["", f"Targets: c=16 vs ceiling at 16: {by_c[16]['images_per_s'] / ceiling[16]['images_per_s']:.2f}x "
-                  f"(target >= 0.85x); c=16 vs c=1: {by_c[16]['images_per_s'] / by_c[1]['images_per_s']:.2f}x (target >= 3x)"]  # fmt: skip
+    for variant, by_scheduler in latency.items():
+        cells = []
+        for scheduler in schedulers:
+            same = by_scheduler.get(f"{scheduler}_identical_to_eager")
+            cells.append(f"{by_scheduler[scheduler] * 1e3:.0f} ms" + ("" if same is None else f" (images {'identical' if same else 'differ'})"))
+        lines.append(f"| in-process diffusers, UNet {variant} | " + " | ".join(cells) + " |")
+    for mode in modes:
+        tri = result["triton"][mode]
+        cells = []
+        for scheduler in schedulers:
+            ms = tri["latency_c1_s"][scheduler]
+            versus = " / ".join(f"{ms / latency[v][scheduler]:.2f}x {v}" for v in latency if scheduler in latency[v])
+            cells.append(f"**{ms * 1e3:.0f} ms** ({versus})")
+        lines.append(f"| stepdiff `{mode}` | " + " | ".join(cells) + " |")
+    lines += ["", "Served images vs stock eager diffusers (same seed, device, dtype):", ""]
+    for mode in modes:
+        checks = result["triton"][mode]["image_checks"]
+        same = sum(check["identical"] for check in checks.values())
+        worst = max(check["max_abs_diff"] for check in checks.values())
+        lines.append(f"- `{mode}`: {same} of {len(checks)} byte-identical (max |diff| {worst}): {', '.join(checks)}")
+    lines += ["", "Per-step breakdown at concurrency 1 (Triton statistics; step calls overlap: the next waits in the "
+              "batcher while this one runs)", "",
+              "| mode, scheduler | text_encoder ms | vae_decode ms | step calls | queue ms/step | execute ms/step | I/O ms/step | in Triton ms/step |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for mode in modes:
+        for scheduler, b in result["triton"][mode]["breakdown_c1"].items():
+            lines.append(f"| {mode}, {scheduler} | {b['text_encoder_ms']:.1f} | {b['vae_decode_ms']:.1f} | {b['step_calls_per_request']:.0f} | "
+                         f"{b['step_queue_ms']:.2f} | {b['step_execute_ms']:.2f} | {b['step_io_ms']:.2f} | {b['step_in_triton_ms']:.2f} |")  # fmt: skip
+    ceiling_of = {"exact": "graph", "compiled": "compiled", "eager": "eager"}
+    for mode in modes:
+        tri, variant = result["triton"][mode], ceiling_of[mode]
+        lines += ["", f"## Throughput, stepdiff `{mode}`, {schedulers[0]} (ceiling: in-process UNet {variant} at that batch)", "",
+                  "| concurrency | images/s | p50 s | p99 s | mean requests/forward | ceiling images/s | vs ceiling |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for row in tri["sweep"]:
+            ceil = ceiling.get(variant, {}).get(row["concurrency"], {}).get("images_per_s", float("nan"))
+            lines.append(f"| {row['concurrency']} | {row['images_per_s']:.2f} | {row['p50_s']:.2f} | {row['p99_s']:.2f} | "
+                         f"{row['mean_forward_batch']:.2f} | {ceil:.2f} | {row['images_per_s'] / ceil:.2f}x |")  # fmt: skip
+        ol = tri["open_loop"]
+        lines += ["", f"Poisson arrivals at {ol['offered_rate']:.2f}/s (~{cfg['open_loop_fraction']:.0%} of peak): {ol['images_per_s']:.2f} images/s, "
+                  f"p50 {ol['p50_s']:.2f} s, p99 {ol['p99_s']:.2f} s, mean requests/forward {ol['mean_forward_batch']:.2f}. "
+                  f"Server start {tri['start_s']:.0f} s; {tri['graphs'].get('stepdiff_denoiser_graphs', 0):.0f} graphs, "
+                  f"{tri['graphs'].get('stepdiff_denoiser_graph_memory_bytes', 0) / 2**20:.0f} MiB reserved while capturing."]  # fmt: skip
+    batches = sorted({b for table in ceiling.values() for b in table})
+    lines += ["", "## Ceilings: the UNet alone, requests per forward (2 rows each with guidance)", "",
+              "| requests | " + " | ".join(f"{v} ms | {v} images/s" for v in ceiling) + " |", "|---|" + "---|---|" * len(ceiling)]  # fmt: skip
+    for b in batches:
+        lines.append(f"| {b} | " + " | ".join(f"{ceiling[v][b]['forward_ms']:.1f} | {ceiling[v][b]['images_per_s']:.2f}" for v in ceiling if b in ceiling[v]) + " |")
+    lines += ["", "In-process set-up (first call: capture, compile): " + ", ".join(f"{k} {v:.1f}" for k, v in base["setup_s"].items())]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -252,22 +371,26 @@ def report(result: dict, out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    cs = list(by_c)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot(cs, [by_c[c]["images_per_s"] for c in cs], "o-", label="stepdiff on Triton")
-    left.plot([c for c in cs if c in ceiling], [ceiling[c]["images_per_s"] for c in cs if c in ceiling], "s--", label="in-process UNet ceiling")
+    for mode in modes:
+        sweep = result["triton"][mode]["sweep"]
+        cs = [row["concurrency"] for row in sweep]
+        left.plot(cs, [row["images_per_s"] for row in sweep], "o-", label=f"stepdiff {mode}")
+        right.plot(cs, [row["p50_s"] for row in sweep], "o-", label=f"stepdiff {mode} p50")
+    for variant, table in ceiling.items():
+        left.plot(list(table), [v["images_per_s"] for v in table.values()], "s--", label=f"in-process UNet {variant} (ceiling)")
     left.set(xscale="log", xlabel="concurrency (requests in flight)", ylabel="images/s", title="Throughput")
-    left.set_xticks(cs, [str(c) for c in cs])
-    left.legend()
-    right.plot(cs, [by_c[c]["p99_s"] for c in cs], "o-", label="p99")
-    right.plot(cs, [by_c[c]["p50_s"] for c in cs], "^-", label="p50")
-    right.axhline(base["pipeline_latency_s"], color="gray", linestyle=":", label="in-process, batch 1")
+    left.legend(fontsize=7)
+    right.axhline(latency["eager"][schedulers[0]], color="gray", linestyle=":", label="in-process eager, batch 1")
     right.set(xscale="log", xlabel="concurrency", ylabel="latency (s)", title="Latency")
-    right.set_xticks(cs, [str(c) for c in cs])
-    right.legend()
+    right.legend(fontsize=7)
     fig.suptitle(f"stepdiff, {cfg['pipeline_kind']} {cfg['size']}px {cfg['steps']} steps, {cfg['gpu']}")
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=110)
+
+
+def csv_of(kind: type):
+    return lambda text: [kind(item) for item in text.split(",")]
 
 
 def main() -> int:
@@ -280,12 +403,16 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--scheduler", default="EulerDiscreteScheduler")
-    parser.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[1, 2, 4, 8, 16, 32])
-    parser.add_argument("--ceiling-batches", type=lambda s: [int(c) for c in s.split(",")], default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--schedulers", type=csv_of(str), default=["EulerDiscreteScheduler", "PNDMScheduler"],
+                        help="the first also gets the throughput sweep")  # fmt: skip
+    parser.add_argument("--modes", type=csv_of(str), default=["exact", "compiled"], help="stepdiff --denoiser modes to serve")
+    parser.add_argument("--variants", type=csv_of(str), default=["eager", "exact", "compiled"],
+                        help="in-process UNet variants (eager first: it gives the reference images)")  # fmt: skip
+    parser.add_argument("--concurrency", type=csv_of(int), default=[1, 4, 16, 32, 64])
+    parser.add_argument("--ceiling-batches", type=csv_of(int), default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per concurrency level")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--check-seeds", type=lambda s: [int(c) for c in s.split(",")], default=[0, 1, 2])
+    parser.add_argument("--check-seeds", type=csv_of(int), default=[0, 1, 2])
     parser.add_argument("--open-loop-fraction", type=float, default=0.8)
     parser.add_argument("--port", type=int, default=18100)
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose")
@@ -297,10 +424,10 @@ def main() -> int:
         "config": {
             "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "pipeline_kind": args.pipeline_kind, "dtype": args.dtype, "size": args.size, "steps": args.steps,
-            "guidance": args.guidance, "scheduler": args.scheduler,
+            "guidance": args.guidance, "schedulers": args.schedulers,
             "open_loop_fraction": args.open_loop_fraction, "command": " ".join(sys.argv),
         },
-        "triton": through_triton(args, baseline),
+        "triton": {mode: through_triton(args, baseline, mode) for mode in args.modes},
         "baseline": {k: v for k, v in baseline.items() if k != "references"},
     }  # fmt: skip
     (args.out / "results.json").write_text(json.dumps(result, indent=2))

@@ -170,22 +170,26 @@ def test_rows_share_forwards_by_patch_grid_and_text_length(qwen_stages, monkeypa
         engine = started_engine(encoder, denoiser, {cid: params})
         [result] = engine.run([StepCall(cid, step=0, wants_latents=True)])
         solo[cid] = result.latents.clone()
-    forwards: list[list[tuple[int, str]]] = []
-    original = type(denoiser)._forward
+    forwards: list[tuple[tuple, int]] = []  # (key, rows) per transformer forward
+    original = type(denoiser).forward
 
-    def counted(self, rows):
-        forwards.append(sorted((state.correlation_id, text) for state, text in rows))
-        return original(self, rows)
+    def counted(self, key, inputs):
+        forwards.append((key, inputs["hidden_states"].shape[0]))
+        return original(self, key, inputs)
 
-    monkeypatch.setattr(type(denoiser), "_forward", counted)
+    monkeypatch.setattr(type(denoiser), "forward", counted)
     engine = started_engine(encoder, denoiser, requests)
     results = engine.run([StepCall(cid, step=0, wants_latents=True) for cid in requests])
-    assert sorted(forwards) == [
-        [(1, "negative_prompt")],
-        [(1, "prompt"), (2, "prompt")],
-        [(3, "prompt")],
-        [(4, "prompt")],
-    ]
+    prompt_tokens = {cid: len(encoder.pipe.tokenizer(params.prompt).input_ids) for cid, params in requests.items()}
+    assert prompt_tokens[1] == prompt_tokens[2] == prompt_tokens[4] != prompt_tokens[3]
+    # 1 and 2 (one grid, one text length) share a forward; 1's negative prompt, 3 (longer text) and
+    # 4 (the transposed grid) each have their own
+    assert sorted(rows for _, rows in forwards) == [1, 1, 1, 2]
+    grid, transposed = denoiser._patch_grid(requests[1]), denoiser._patch_grid(requests[4])
+    [shared] = [key for key, rows in forwards if rows == 2]
+    assert shared[1] == grid != transposed
+    assert sorted(key[1] for key, _ in forwards) == sorted([grid, grid, grid, transposed])
+    assert len({key for key, _ in forwards}) == 4
     for cid, result in zip(requests, results):
         assert result.error is None
         torch.testing.assert_close(result.latents, solo[cid], rtol=0, atol=1e-5)

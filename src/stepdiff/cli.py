@@ -25,7 +25,10 @@ def default_model_repository() -> Path:
     return bundled if bundled.is_dir() else Path.cwd() / "model_repository"
 
 
-SERVE_FLAGS = ("device", "dtype", "cpu_threads", "max_batch_size", "max_active_sequences", "max_steps", "max_pixels")
+SERVE_FLAGS = (
+    "device", "dtype", "cpu_threads", "max_batch_size", "max_active_sequences", "max_steps", "max_pixels", "denoiser",
+    "warmup", "step_lookahead",
+)  # fmt: skip
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +45,13 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-active-sequences", type=int, help=f"concurrent generations before 'server busy' (default {Settings.max_active_sequences})")
     parser.add_argument("--max-steps", type=int, help=f"largest num_inference_steps accepted (default {Settings.max_steps})")
     parser.add_argument("--max-pixels", type=int, help=f"largest height x width accepted (default {Settings.max_pixels})")
+    parser.add_argument(
+        "--denoiser", choices=["exact", "compiled", "eager"],
+        help="exact (default): the eager denoiser replayed as CUDA graphs, byte-identical to diffusers; compiled: "
+        "torch.compile + CUDA graphs, faster in large batches, not byte-identical; eager: no graphs",
+    )  # fmt: skip
+    parser.add_argument("--warmup", help="image sizes whose graphs are captured at start, e.g. 512x512,768x512 (default: on first use)")
+    parser.add_argument("--step-lookahead", type=int, help="step calls txt2img keeps in flight per generation, 1..8 (default 2)")
     parser.add_argument("--log-file", type=Path, default=None, help="tritonserver log (default: ~/.cache/stepdiff/logs/)")
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
 
@@ -77,6 +87,7 @@ def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
         f"stepdiff: device {settings.torch_device()}, dtype {str(settings.torch_dtype()).removeprefix('torch.')}; limits: max_steps {settings.max_steps}, "
         f"max_pixels {settings.max_pixels}, max_prompt_bytes {settings.max_prompt_bytes}, "
         f"max_active_sequences {settings.max_active_sequences}, max_batch_size {settings.max_batch_size or 'model config'}; "
+        f"denoiser {settings.denoiser}, warm-up {settings.warmup or 'on first use'}, step lookahead {settings.step_lookahead}; "
         f"admin endpoints ({server.RESTRICTED_APIS}) "
         + (f"need header {server.ADMIN_HEADER}: $STEPDIFF_ADMIN_KEY" if options.admin_key else "are closed (set STEPDIFF_ADMIN_KEY to use them)"),
         flush=True,

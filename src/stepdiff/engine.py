@@ -1,21 +1,26 @@
 """The denoise_step core: per-sequence state on the device and step-level batching, without Triton.
 
 Triton's sequence batcher hands ``StepEngine.run`` one call per sequence. A START call creates the
-request's state; a step call advances it by one step (all compatible step calls of one ``run`` share
-one denoiser forward); a step call can ask for its latents (previews), the last one returns the
-final latents and frees the state; an abort frees it.
+request's state; a step call advances it by one step (the rows of all compatible step calls of one
+``run`` share the runner's denoiser forwards); a step call can ask for its latents (previews), the
+last one returns the final latents and frees the state; an abort frees it.
+
+Nothing in an intermediate step waits for the GPU: ``run`` returns once the step's work is queued,
+so the next call's round trip overlaps this step's GPU time. The host stays at most
+``max_runahead`` runs ahead of the GPU (it waits for the run that many runs back before queueing more).
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .adapters.base import GenerationParams, InvalidInput, RequestState, StepAdapter
+from .runner import DenoiserRunner
 
 
 class ServerBusy(RuntimeError):
@@ -50,11 +55,22 @@ class StepResult:
 class StepEngine:
     """Owns every active request's state and runs batched steps for the calls Triton delivers."""
 
-    def __init__(self, adapter: StepAdapter, max_batch_size: int, max_active_sequences: int, idle_seconds: float):
+    def __init__(
+        self,
+        adapter: StepAdapter,
+        max_batch_size: int,
+        max_active_sequences: int,
+        idle_seconds: float,
+        runner: DenoiserRunner | None = None,
+        max_runahead: int = 2,
+    ):
         self.adapter = adapter
         self.max_batch_size = max_batch_size
         self.max_active_sequences = max_active_sequences
         self.idle_seconds = idle_seconds
+        self.runner = runner or DenoiserRunner(adapter.forward, adapter.device)
+        self.max_runahead = max_runahead
+        self.queued: deque[torch.cuda.Event] = deque()  # one per run whose GPU work may still be running
         self.states: dict[int, RequestState] = {}
         self.forward_batch_sizes: list[int] = []
         self.steps_done = 0
@@ -75,7 +91,12 @@ class StepEngine:
                 continue
             if state is not None:
                 stepping.append((index, state))
-        self._step(stepping, results)
+        if stepping:
+            self._wait_for_gpu(self.max_runahead - 1)
+            self._step(stepping, results)
+            if self.runner.device.type == "cuda":
+                self.queued.append(torch.cuda.Event())
+                self.queued[-1].record()
         for index, call in enumerate(calls):
             state = self.states.get(call.correlation_id)
             result = results[index]
@@ -110,8 +131,14 @@ class StepEngine:
             raise InvalidInput(f"sequence {call.correlation_id} already took all {state.num_steps} steps")
         return state
 
+    def _wait_for_gpu(self, pending: int) -> None:
+        """Wait until at most ``pending`` earlier runs may still have GPU work queued."""
+        while len(self.queued) > pending:
+            self.queued.popleft().synchronize()
+
     def _step(self, stepping: list[tuple[int, RequestState]], results: list[StepResult]) -> None:
-        """One forward per compatible group (at most ``max_batch_size`` requests), then each scheduler step."""
+        """The runner's forwards per compatible group (at most ``max_batch_size`` requests), then each
+        request's guidance and scheduler step. A lone request runs its own stock calls, unbatched."""
         groups: dict[object, list[tuple[int, RequestState]]] = defaultdict(list)
         for item in stepping:
             groups[self.adapter.batch_key(item[1])].append(item)
@@ -119,15 +146,17 @@ class StepEngine:
             for first in range(0, len(members), self.max_batch_size):
                 chunk = members[first : first + self.max_batch_size]
                 try:
-                    outputs = self.adapter.denoise([state for _, state in chunk])
+                    rows = [self.adapter.denoiser_rows(state) for _, state in chunk]
+                    outputs = self.runner.run([item for request in rows for item in request], separate=len(chunk) == 1)
                 except Exception as error:  # noqa: BLE001 - the whole forward failed: fail its requests
                     for index, _ in chunk:
                         results[index].error = error
                     continue
                 self.forward_batch_sizes.append(len(chunk))
-                for (index, state), output in zip(chunk, outputs):
+                for (index, state), request in zip(chunk, rows):
+                    mine, outputs = outputs[: len(request)], outputs[len(request) :]
                     try:
-                        self.adapter.step(state, output)
+                        self.adapter.step(state, self.adapter.guide(state, mine))
                         self.steps_done += 1
                     except Exception as error:  # noqa: BLE001 - one request's scheduler failed
                         results[index].error = error

@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from .adapters import Stage, load_adapter
 from .engine import ServerBusy
-from .orchestrator import StepWaves, generate
+from .orchestrator import generate
 from .params import PARAM_NAMES, integer, parse_generation_params
 from .triton_io import bls_call, error_response, load_settings, numpy_inputs, release_triton_objects
 
@@ -36,7 +36,6 @@ class GenerationModel:
         self.settings = load_settings(args)
         self.adapter = load_adapter(self.settings.pipeline, Stage.INFO, self.settings.torch_device(), self.settings.torch_dtype())
         self.tasks: set[asyncio.Task] = set()
-        self.waves = StepWaves()
         self.executor: ThreadPoolExecutor | None = None
         self.active = 0
         self.cancelled_family = pb_utils.MetricFamily(
@@ -50,7 +49,8 @@ class GenerationModel:
         if self.executor is None:
             # The stub runs each BLS async_exec in the event loop's default executor, whose size
             # (cpu count + 4) would otherwise cap how many step calls are in flight at once.
-            self.executor = ThreadPoolExecutor(max_workers=self.settings.max_active_sequences + 8)
+            workers = self.settings.max_active_sequences * self.settings.step_lookahead + 8
+            self.executor = ThreadPoolExecutor(max_workers=workers)
             asyncio.get_running_loop().set_default_executor(self.executor)
         for request in requests:
             task = asyncio.ensure_future(self._serve(request))
@@ -77,7 +77,7 @@ class GenerationModel:
                 params,
                 on_step=(lambda *progress: self._progress(sender, *progress)) if self.streaming else None,
                 is_cancelled=request.is_cancelled,
-                waves=self.waves,
+                lookahead=self.settings.step_lookahead,
                 preview_every=preview_every,
             )
             if result is None:

@@ -1,12 +1,13 @@
 """The txt2img flow: text_encoder -> denoise_step x N (one sequence) -> vae_decode.
 
-The flow is transport-agnostic: ``StageCaller`` is implemented with BLS inside Triton
-(``model_repository/txt2img``) and with tritonclient over gRPC in ``client/stepwise.py``.
+The flow is transport-agnostic: ``StageCaller`` is what it needs from a transport; inside Triton it is
+BLS (``triton_io.bls_call``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
@@ -71,42 +72,6 @@ def new_correlation_id() -> int:
     return secrets.randbits(63) + 1
 
 
-class StepWaves:
-    """Lines up the step calls of concurrent generations so they reach denoise_step together.
-
-    Without it, requests split into groups that alternate on the GPU: while one group's forward runs,
-    the other group's next steps queue up and form the following batch, and so on, each forward only
-    partly full. Here a step goes out at once when no step is in flight; otherwise it waits until the
-    wave in flight has come back (it would have queued behind that forward anyway) and then goes out
-    with everyone released at the same moment. A request alone never waits; ``max_wait`` bounds the
-    wait should a step hang.
-    """
-
-    def __init__(self, max_wait: float = 2.0):
-        self.max_wait = max_wait
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    async def send(self, call: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
-        """Run ``call`` (one denoise_step request) in the next wave."""
-        if self._in_flight:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), self.max_wait)
-        self._in_flight += 1
-        self._idle.clear()
-        try:
-            return await call()
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
-
-
-async def _direct(call: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
-    return await call()
-
-
 @dataclass
 class GenerationResult:
     image: Any
@@ -118,21 +83,39 @@ async def generate(
     params: GenerationParams,
     on_step: ProgressCallback | None = None,
     is_cancelled: Callable[[], bool] = lambda: False,
-    waves: StepWaves | None = None,
     preview_every: int = 0,
+    lookahead: int = 2,
 ) -> GenerationResult | None:
     """Run one request through the three stages; returns None when cancelled between steps.
 
     ``on_step`` is awaited after every step, with the current latents every ``preview_every`` steps.
 
+    Up to ``lookahead`` step calls are in flight at once, so that the next step already waits in
+    Triton's sequence batcher when denoise_step finishes one: the per-step round trip overlaps the GPU
+    instead of following it. Calls in flight together are interchangeable ("the next step", no
+    ``step`` input), since two calls sent at once may reach Triton in either order. A call that must
+    see exactly its step (a preview, the last step with END) waits until none is in flight and goes
+    out alone. A cancel is seen before each call: at most ``lookahead - 1`` more steps run.
+
     The denoise sequence always ends: normally with END on the last step, otherwise (error or cancel)
-    with an END carrying ``abort`` so denoise_step frees the state at once. Concurrent generations that
-    share ``waves`` send their steps in step with each other (see ``StepWaves``).
+    with an END carrying ``abort`` once the calls in flight are back, so denoise_step frees the state.
     """
     inputs = params_as_inputs(params)
     conditioning = await call("text_encoder", inputs, ENCODER_OUTPUTS)
     correlation_id = new_correlation_id()
+    in_flight: collections.deque[asyncio.Future] = collections.deque()
+    progress = {"steps": 0}
     finished = False
+
+    async def collect(num_steps: int, preview: bool = False) -> Any:
+        """Await the oldest call in flight; report its step."""
+        result = await in_flight.popleft()
+        progress["steps"] += 1
+        latents = result.get("latents")
+        if on_step is not None:
+            await on_step(progress["steps"], num_steps, latents if preview else None)
+        return latents
+
     try:
         first = await call("denoise_step", {**inputs, **conditioning}, ["num_steps"], correlation_id, start=True)
         num_steps = host_scalar(first["num_steps"])
@@ -142,16 +125,20 @@ async def generate(
                 return None
             last = index == num_steps - 1
             preview = not last and preview_every > 0 and (index + 1) % preview_every == 0
-            step_input = {"step": batch_of_one(index, np.int32)}
+            alone = last or preview or lookahead == 1
+            while in_flight and (alone or len(in_flight) >= lookahead):
+                await collect(num_steps)
+            step_input = {"step": batch_of_one(index, np.int32)} if alone else {}
             wanted = ["latents"] if last else ["step_index", "latents"] if preview else ["step_index"]
-            send = waves.send if waves is not None else _direct
-            result = await send(lambda: call("denoise_step", step_input, wanted, correlation_id, end=last))
-            latents = result.get("latents")
-            if on_step is not None:
-                await on_step(index + 1, num_steps, latents if preview else None)
+            in_flight.append(asyncio.ensure_future(call("denoise_step", step_input, wanted, correlation_id, end=last)))
+            if alone:
+                latents = await collect(num_steps, preview)
         finished = True
     finally:
         if not finished:
+            for pending in in_flight:  # let them finish before the abort (they may still be on their way)
+                with contextlib.suppress(Exception):
+                    await pending
             with contextlib.suppress(Exception):  # the original error (or the cancel) is what matters
                 await call("denoise_step", {"abort": batch_of_one(True, np.bool_)}, [], correlation_id, end=True)
     if latents is None:

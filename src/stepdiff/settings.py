@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .runner import MODES
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -30,6 +32,9 @@ class Settings:
     max_pixels: int = 1024 * 1024
     max_prompt_bytes: int = 4096
     sequence_idle_seconds: float = 600.0
+    denoiser: str = "exact"
+    warmup: str = ""
+    step_lookahead: int = 2
 
     @classmethod
     def load(cls, model_config: Mapping[str, Any] | None = None, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -61,8 +66,23 @@ class Settings:
         for name in ("max_batch_size",):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+        if self.denoiser not in MODES:
+            raise ValueError(f"denoiser={self.denoiser!r}: allowed {', '.join(MODES)}")
+        self.warmup_sizes()
+        if not 1 <= self.step_lookahead <= 8:
+            raise ValueError(f"step_lookahead={self.step_lookahead}: allowed 1..8")
         if self.cpu_threads < 0:
             raise ValueError(f"cpu_threads={self.cpu_threads}: must be >= 0 (0 keeps torch's default)")
+
+    def warmup_sizes(self) -> list[tuple[int, int]]:
+        """``warmup`` ("512x512,768x512": height x width) as (height, width) pairs."""
+        sizes = []
+        for item in filter(None, (part.strip() for part in self.warmup.split(","))):
+            height, _, width = item.partition("x")
+            if not (height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
+                raise ValueError(f"warmup={self.warmup!r}: expected sizes HEIGHTxWIDTH separated by commas, e.g. 512x512,768x512")
+            sizes.append((int(height), int(width)))
+        return sizes
 
     def torch_device(self) -> torch.device:
         """The device models run on: ``auto`` picks CUDA when available."""

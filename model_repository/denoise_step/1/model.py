@@ -14,6 +14,7 @@ from stepdiff.adapters import Stage, load_adapter
 from stepdiff.engine import StepCall, StepEngine
 from stepdiff.orchestrator import ENCODER_OUTPUTS
 from stepdiff.params import PARAM_NAMES, parse_generation_params, scalar
+from stepdiff.runner import DenoiserRunner
 from stepdiff.triton_io import error_response, load_settings, numpy_inputs, output_tensor, release_triton_objects, torch_input
 
 BATCH_SIZE_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
@@ -21,6 +22,8 @@ METRICS = (
     ("stepdiff_active_sequences", "Generations whose state denoise_step holds", "GAUGE"),
     ("stepdiff_denoise_steps_total", "Denoising steps taken (one per request per step)", "COUNTER"),
     ("stepdiff_denoise_batch_size", "Requests per denoiser forward", "HISTOGRAM"),
+    ("stepdiff_denoiser_graphs", "CUDA graphs the denoiser runner has captured", "GAUGE"),
+    ("stepdiff_denoiser_graph_memory_bytes", "GPU memory reserved while capturing the denoiser's graphs", "GAUGE"),
 )
 
 
@@ -31,7 +34,17 @@ class TritonPythonModel:
         self.adapter = load_adapter(settings.pipeline, Stage.DENOISE, settings.torch_device(), settings.torch_dtype())
         max_batch_size = json.loads(args["model_config"])["max_batch_size"]
         forward_cap = min(settings.max_batch_size or max_batch_size, max_batch_size)
-        self.engine = StepEngine(self.adapter, forward_cap, settings.max_active_sequences, settings.sequence_idle_seconds)
+        # up to two rows per request (guidance); the runner's buckets stop at that
+        runner = DenoiserRunner(self.adapter.forward, self.adapter.device, settings.denoiser, max_rows=2 * forward_cap)
+        for height, width in settings.warmup_sizes():
+            for rows in self.adapter.warmup_rows(height, width):
+                runner.warm_up(rows)
+        stats = runner.stats
+        pb_utils.Logger.log_info(
+            f"denoise_step: denoiser {settings.denoiser} on {self.adapter.device}; warm-up {settings.warmup or 'none'}: "
+            f"{stats.graphs} CUDA graphs in {stats.capture_seconds:.1f} s, {stats.graph_memory_bytes / 2**20:.0f} MiB"
+        )
+        self.engine = StepEngine(self.adapter, forward_cap, settings.max_active_sequences, settings.sequence_idle_seconds, runner)
         # Keep the families alive as long as their metrics (Triton deletes metrics with their family).
         self.metric_families = {
             name: pb_utils.MetricFamily(name=name, description=description, kind=getattr(pb_utils.MetricFamily, kind))
@@ -43,6 +56,8 @@ class TritonPythonModel:
         self.batch_histogram = self.metric_families["stepdiff_denoise_batch_size"].Metric(
             labels=labels, buckets=BATCH_SIZE_BUCKETS
         )
+        self.graphs_gauge = self.metric_families["stepdiff_denoiser_graphs"].Metric(labels=labels)
+        self.graph_memory_gauge = self.metric_families["stepdiff_denoiser_graph_memory_bytes"].Metric(labels=labels)
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.sweeper = threading.Thread(target=self._sweep_periodically, name="stepdiff-sweeper", daemon=True)
@@ -102,10 +117,13 @@ class TritonPythonModel:
             self.batch_histogram.observe(size)
         self.steps_counter.increment(self.engine.steps_done)
         self.active_gauge.set(len(self.engine.states))
+        self.graphs_gauge.set(self.engine.runner.stats.graphs)
+        self.graph_memory_gauge.set(self.engine.runner.stats.graph_memory_bytes)
         return responses
 
     def finalize(self):
         self.stopping.set()
         self.sweeper.join(timeout=10)
-        del self.active_gauge, self.steps_counter, self.batch_histogram, self.metric_families
+        del self.active_gauge, self.steps_counter, self.batch_histogram, self.graphs_gauge, self.graph_memory_gauge
+        del self.metric_families
         release_triton_objects()

@@ -1,8 +1,9 @@
 """The step protocol every pipeline family implements, and the per-request state it works on.
 
 One diffusion request runs as ``encode_prompt`` (text_encoder model), ``prepare`` then N x
-(``denoise`` + ``step``) (denoise_step model, one step per call) and ``decode`` (vae_decode model).
-``denoise`` takes several requests at once: one denoiser forward for a group of compatible requests.
+(``denoiser_rows`` -> ``forward`` -> ``guide`` -> ``step``) (denoise_step model, one step per call) and
+``decode`` (vae_decode model). The runner (``stepdiff.runner``) batches the rows of several requests
+into one ``forward`` (the adapter's eager denoiser call), replayed as a CUDA graph on the GPU.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from ..runner import Rows
+
 STEP_METHODS = (
-    "encode_prompt", "prepare", "batch_key", "denoise", "step", "output_latents", "preview", "check_latents", "decode",
+    "encode_prompt", "prepare", "batch_key", "denoiser_rows", "forward", "guide", "step", "output_latents", "preview",
+    "check_latents", "decode",
 )  # fmt: skip
 
 
@@ -63,7 +67,8 @@ class RequestState:
     params: GenerationParams
     scheduler: Any
     generator: torch.Generator
-    timesteps: torch.Tensor
+    timesteps: torch.Tensor  # on the device: what the denoiser takes
+    host_timesteps: torch.Tensor  # the same on the host: what the scheduler's arithmetic takes
     latents: torch.Tensor
     conditioning: dict[str, torch.Tensor]
     do_cfg: bool
@@ -82,6 +87,10 @@ class RequestState:
     def timestep(self) -> torch.Tensor:
         return self.timesteps[self.step_index]
 
+    @property
+    def host_timestep(self) -> torch.Tensor:
+        return self.host_timesteps[self.step_index]
+
 
 @runtime_checkable
 class StepAdapter(Protocol):
@@ -99,8 +108,17 @@ class StepAdapter(Protocol):
     def batch_key(self, state: RequestState) -> Hashable:
         """Requests with equal keys can share one denoiser forward."""
 
-    def denoise(self, states: Sequence[RequestState]) -> list[torch.Tensor]:
-        """One denoiser forward for a compatible group; the guided model output of each request."""
+    def denoiser_rows(self, state: RequestState) -> list[Rows]:
+        """What the request adds to this step's forwards (one ``Rows`` per stock denoiser call)."""
+
+    def forward(self, key: Hashable, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The eager denoiser call on a batch of rows of one key (the runner may capture it in a graph)."""
+
+    def guide(self, state: RequestState, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The request's guided model output from the outputs of its ``denoiser_rows``, in order."""
+
+    def warmup_rows(self, height: int, width: int) -> list[Rows]:
+        """Rows shaped like a guided request of this size (for capturing graphs at start; may be empty)."""
 
     def step(self, state: RequestState, model_output: torch.Tensor) -> None:
         """The request's own scheduler step; advances ``state.step_index``."""
@@ -131,6 +149,19 @@ def scheduler_step_kwargs(scheduler: Any, generator: torch.Generator, eta: float
     if "generator" in accepted:
         kwargs["generator"] = generator
     return kwargs
+
+
+def host_schedule(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    """``timesteps`` on the host for the scheduler's own arithmetic, and the scheduler's start index set.
+
+    With device timesteps, diffusers' schedulers stall the host at every step (CPU tables indexed with a
+    device tensor, comparisons, ``nonzero`` to find the step index); with host ones they compute the same
+    values without waiting for the GPU. The start index is the one the scheduler would look up itself.
+    """
+    host = timesteps.cpu()
+    if getattr(scheduler, "begin_index", None) is None and hasattr(scheduler, "set_begin_index") and hasattr(scheduler, "index_for_timestep"):
+        scheduler.set_begin_index(scheduler.index_for_timestep(host[0], host))
+    return host
 
 
 def require_conditioning(conditioning: dict[str, torch.Tensor], names: list[str]) -> None:

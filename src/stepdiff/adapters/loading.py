@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import enum
 import json
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import diffusers
+import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from .base import InvalidInput
 
@@ -96,4 +99,18 @@ def new_scheduler(name: str, scheduler_config: dict[str, Any]) -> Any:
     scheduler_class = _scheduler_class(name)
     if scheduler_class is None:
         raise InvalidInput(f"scheduler: unknown scheduler {name!r}")
+    module = sys.modules[scheduler_class.__module__]
+    if getattr(module, "randn_tensor", None) is randn_tensor:
+        module.randn_tensor = randn_tensor_without_sync
     return scheduler_class.from_config(scheduler_config)
+
+
+def randn_tensor_without_sync(shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, layout: Any = None) -> torch.Tensor:
+    """diffusers' ``randn_tensor`` as the schedulers call it, with the noise of a CPU generator copied to
+    the GPU from pinned memory without waiting (diffusers' plain copy stalls the host at every step of
+    ancestral/SDE schedulers). The same generator draws the same values."""
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda" or not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype, layout=layout)
+    noise = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=dtype, layout=layout)
+    return noise.pin_memory().to(device, non_blocking=True)

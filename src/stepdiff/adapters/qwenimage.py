@@ -7,7 +7,6 @@ between steps, as in the pipeline; ``output_latents`` unpacks them to [1, c, h, 
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -24,10 +23,12 @@ from .base import (
     PipelineInfo,
     RequestState,
     check_latents,
+    host_schedule,
     require_conditioning,
     rgb_preview,
     to_uint8,
 )
+from ..runner import Rows
 from .loading import Stage, compatible_schedulers, load_component_config, load_stage_pipeline, new_scheduler
 
 STAGE_COMPONENTS = {
@@ -138,6 +139,7 @@ class QwenImageAdapter:
             scheduler=scheduler,
             generator=generator,
             timesteps=timesteps,
+            host_timesteps=host_schedule(scheduler, timesteps),
             latents=latents,
             conditioning=kept,
             do_cfg=do_cfg,
@@ -162,60 +164,58 @@ class QwenImageAdapter:
         patch = self.vae_scale_factor * 2
         return 1, params.height // patch, params.width // patch
 
-    def _forward(self, rows: list[tuple[RequestState, str]]) -> torch.Tensor:
-        """One transformer forward over (request, "prompt" | "negative_prompt") rows with equal ``_text_key``."""
-        states = [state for state, _ in rows]
-        masks = [state.conditioning.get(f"{text}_embeds_mask") for state, text in rows]
-        latents = torch.cat([state.latents for state in states])
-        timestep = torch.cat([state.timestep.expand(1) for state in states]).to(latents.dtype)
-        guidance = None
-        if self.guidance_embeds:
-            guidance = torch.tensor([state.params.guidance_scale for state in states], device=self.device, dtype=torch.float32)
+    def denoiser_rows(self, state: RequestState) -> list[Rows]:
+        """One row per text (cond, then uncond): the pipeline calls the transformer once per text.
+
+        Rows share a forward only with rows of the same patch grid (64x48 and 48x64 have as many
+        patches but other RoPE) and text length (padding plus a mask would change the result).
+        """
+        rows = []
+        timestep = state.timestep.expand(1).to(state.latents.dtype)
+        for text in self._texts(state.do_cfg):
+            tensors = {"hidden_states": state.latents, "timestep": timestep, "encoder_hidden_states": state.conditioning[f"{text}_embeds"]}
+            mask = state.conditioning.get(f"{text}_embeds_mask")
+            if mask is not None:
+                tensors["encoder_hidden_states_mask"] = mask
+            if self.guidance_embeds:
+                tensors["guidance"] = torch.full((1,), state.params.guidance_scale, device=self.device, dtype=torch.float32)
+            key = ("transformer", self._patch_grid(state.params), *self._text_key(state, text))
+            rows.append(Rows(key, tensors))
+        return rows
+
+    def forward(self, key: Hashable, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        grid = key[1]
         return self.pipe.transformer(
-            hidden_states=latents,
-            timestep=timestep / 1000,
-            guidance=guidance,
-            encoder_hidden_states_mask=None if masks[0] is None else torch.cat(masks),
-            encoder_hidden_states=torch.cat([state.conditioning[f"{text}_embeds"] for state, text in rows]),
-            img_shapes=[[self._patch_grid(state.params)] for state in states],
+            hidden_states=inputs["hidden_states"],
+            timestep=inputs["timestep"] / 1000,
+            guidance=inputs.get("guidance"),
+            encoder_hidden_states_mask=inputs.get("encoder_hidden_states_mask"),
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            img_shapes=[[grid]] * inputs["hidden_states"].shape[0],
             attention_kwargs={},
             return_dict=False,
         )[0]
 
-    def denoise(self, states: Sequence[RequestState]) -> list[torch.Tensor]:
-        rows = [(state, text) for state in states for text in self._texts(state.do_cfg)]
-        if len(states) == 1:  # exactly the stock calls: one forward per text, cond then uncond
-            groups = [[row] for row in rows]
-        else:  # rows of equal text length share a forward (padding would change the result)
-            by_length: dict[tuple[int, bool], list[tuple[RequestState, str]]] = defaultdict(list)
-            for state, text in rows:
-                by_length[self._text_key(state, text)].append((state, text))
-            groups = list(by_length.values())
-        predictions: dict[tuple[int, str], torch.Tensor] = {}
-        for group in groups:
-            output = self._forward(group)
-            for index, (state, text) in enumerate(group):
-                predictions[(id(state), text)] = output[index : index + 1]
-        return [self._guide(state, predictions) for state in states]
-
-    @staticmethod
-    def _text_key(state: RequestState, text: str) -> tuple[int, bool]:
-        return state.conditioning[f"{text}_embeds"].shape[1], f"{text}_embeds_mask" in state.conditioning
-
-    @staticmethod
-    def _guide(state: RequestState, predictions: dict[tuple[int, str], torch.Tensor]) -> torch.Tensor:
+    def guide(self, state: RequestState, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """True CFG with the pipeline's norm rescale (the combined prediction keeps the conditional norm)."""
-        noise_pred = predictions[(id(state), "prompt")]
         if not state.do_cfg:
-            return noise_pred
-        neg_noise_pred = predictions[(id(state), "negative_prompt")]
+            return outputs[0]
+        noise_pred, neg_noise_pred = outputs
         comb_pred = neg_noise_pred + state.params.true_cfg_scale * (noise_pred - neg_noise_pred)
         cond_norm = torch.norm(noise_pred, dim=-1, keepdim=True)
         noise_norm = torch.norm(comb_pred, dim=-1, keepdim=True)
         return comb_pred * (cond_norm / noise_norm)
 
+    def warmup_rows(self, height: int, width: int) -> list[Rows]:
+        """None: the text length, part of the key, is known only per prompt (graphs are captured on first use)."""
+        return []
+
+    @staticmethod
+    def _text_key(state: RequestState, text: str) -> tuple[int, bool]:
+        return state.conditioning[f"{text}_embeds"].shape[1], f"{text}_embeds_mask" in state.conditioning
+
     def step(self, state: RequestState, model_output: torch.Tensor) -> None:
-        state.latents = state.scheduler.step(model_output, state.timestep, state.latents, return_dict=False)[0]
+        state.latents = state.scheduler.step(model_output, state.host_timestep, state.latents, return_dict=False)[0]
         state.step_index += 1
 
     def output_latents(self, state: RequestState) -> torch.Tensor:

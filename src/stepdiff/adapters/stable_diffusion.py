@@ -21,11 +21,13 @@ from .base import (
     PipelineInfo,
     RequestState,
     check_latents,
+    host_schedule,
     require_conditioning,
     rgb_preview,
     scheduler_step_kwargs,
     to_uint8,
 )
+from ..runner import Rows
 from .loading import Stage, compatible_schedulers, load_component_config, load_stage_pipeline, new_scheduler, vae_scale_factor
 
 STAGE_COMPONENTS = {
@@ -56,6 +58,8 @@ class StableDiffusionAdapter:
         unet_config = load_component_config(path, "unet", UNet2DConditionModel)
         self.scale_factor = vae_scale_factor(path)
         self.in_channels = unet_config["in_channels"]
+        self.cross_attention_dim = unet_config["cross_attention_dim"]
+        self.text_length = load_component_config(path, "text_encoder")["max_position_embeddings"]
         self._cfg_capable = unet_config.get("time_cond_proj_dim") is None
         scheduler_config = load_component_config(path, "scheduler")
         self.scheduler_config = scheduler_config
@@ -105,6 +109,7 @@ class StableDiffusionAdapter:
             scheduler=scheduler,
             generator=generator,
             timesteps=timesteps,
+            host_timesteps=host_schedule(scheduler, timesteps),
             latents=latents,
             conditioning={"prompt_embeds": prompt_embeds},
             do_cfg=do_cfg,
@@ -113,36 +118,37 @@ class StableDiffusionAdapter:
     def batch_key(self, state: RequestState) -> Hashable:
         return (tuple(state.latents.shape), tuple(state.conditioning["prompt_embeds"].shape[1:]))
 
-    def denoise(self, states: Sequence[RequestState]) -> list[torch.Tensor]:
-        inputs, timesteps, embeds = [], [], []
-        for state in states:
-            rows = torch.cat([state.latents] * 2) if state.do_cfg else state.latents
-            inputs.append(state.scheduler.scale_model_input(rows, state.timestep))
-            timesteps.append(state.timestep.expand(rows.shape[0]))
-            embeds.append(state.conditioning["prompt_embeds"])
-        if len(states) == 1:  # exactly the stock call: scalar timestep, no concatenation
-            noise = self.pipe.unet(inputs[0], states[0].timestep, encoder_hidden_states=embeds[0], return_dict=False)[0]
-        else:
-            # Mixed schedulers mix int and float timesteps; the UNet embeds them as float anyway.
-            noise = self.pipe.unet(
-                torch.cat(inputs),
-                torch.cat([t.to(torch.float32) for t in timesteps]),
-                encoder_hidden_states=torch.cat(embeds),
-                return_dict=False,
-            )[0]
-        outputs, row = [], 0
-        for state, rows in zip(states, inputs):
-            prediction = noise[row : row + rows.shape[0]]
-            row += rows.shape[0]
-            if state.do_cfg:
-                uncond, text = prediction.chunk(2)
-                prediction = uncond + state.params.guidance_scale * (text - uncond)
-            outputs.append(prediction)
-        return outputs
+    def denoiser_rows(self, state: RequestState) -> list[Rows]:
+        """The UNet input of ``StableDiffusionPipeline``'s loop: [uncond, cond] rows with guidance."""
+        rows = torch.cat([state.latents] * 2) if state.do_cfg else state.latents
+        sample = state.scheduler.scale_model_input(rows, state.host_timestep)
+        embeds = state.conditioning["prompt_embeds"]
+        # float timesteps for every scheduler (PNDM's are integers): the UNet embeds them as float anyway
+        timestep = state.timestep.to(torch.float32).expand(rows.shape[0])
+        key = ("unet", tuple(sample.shape[1:]), tuple(embeds.shape[1:]))
+        return [Rows(key, {"sample": sample, "timestep": timestep, "encoder_hidden_states": embeds})]
+
+    def forward(self, key: Hashable, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.pipe.unet(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"], return_dict=False)[0]
+
+    def guide(self, state: RequestState, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        [prediction] = outputs
+        if not state.do_cfg:
+            return prediction
+        uncond, text = prediction.chunk(2)
+        return uncond + state.params.guidance_scale * (text - uncond)
+
+    def warmup_rows(self, height: int, width: int) -> list[Rows]:
+        latent = (self.in_channels, height // self.scale_factor, width // self.scale_factor)
+        sample = torch.zeros((2, *latent), device=self.device, dtype=self.dtype)
+        embeds = torch.zeros((2, self.text_length, self.cross_attention_dim), device=self.device, dtype=self.dtype)
+        timestep = torch.zeros(2, device=self.device)
+        key = ("unet", latent, tuple(embeds.shape[1:]))
+        return [Rows(key, {"sample": sample, "timestep": timestep, "encoder_hidden_states": embeds})]
 
     def step(self, state: RequestState, model_output: torch.Tensor) -> None:
         kwargs = scheduler_step_kwargs(state.scheduler, state.generator)
-        state.latents = state.scheduler.step(model_output, state.timestep, state.latents, **kwargs, return_dict=False)[0]
+        state.latents = state.scheduler.step(model_output, state.host_timestep, state.latents, **kwargs, return_dict=False)[0]
         state.step_index += 1
 
     def output_latents(self, state: RequestState) -> torch.Tensor:
