@@ -84,6 +84,9 @@ class DenoiserRunner:
         self.use_graphs = device.type == "cuda" and mode != "eager"
         self.buckets: dict[tuple[Hashable, int], Bucket] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        # one side stream for every capture's warm-up: the caching allocator keeps each stream's blocks
+        # apart, so a stream per capture would hold one batch's activations per bucket
+        self.side_stream = torch.cuda.Stream(device) if self.use_graphs else None
         self.stats = RunnerStats()
 
     def run(self, rows: Sequence[Rows], separate: bool = False) -> list[torch.Tensor]:
@@ -164,7 +167,7 @@ class DenoiserRunner:
         """Capture the forward on the bucket's buffers (after a warm-up on a side stream, as CUDA graphs
         need); when capture fails the bucket stays eager and says why once."""
         began, reserved = time.perf_counter(), torch.cuda.memory_reserved(self.device)
-        side = torch.cuda.Stream(self.device)
+        side = self.side_stream
         side.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.stream(side):
