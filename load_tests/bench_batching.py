@@ -420,6 +420,12 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     baseline = in_process_baseline(args, device, dtype)
+    partial = args.out / "results.json"  # rewritten after every phase: a cut-off run keeps what it measured
+    partial.write_text(json.dumps({"baseline": {k: v for k, v in baseline.items() if k != "references"}}, indent=2))
+    served = {}
+    for mode in args.modes:
+        served[mode] = through_triton(args, baseline, mode)
+        partial.write_text(json.dumps({"triton": served, "baseline": {k: v for k, v in baseline.items() if k != "references"}}, indent=2))
     result = {
         "config": {
             "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -427,7 +433,7 @@ def main() -> int:
             "guidance": args.guidance, "schedulers": args.schedulers,
             "open_loop_fraction": args.open_loop_fraction, "command": " ".join(sys.argv),
         },
-        "triton": {mode: through_triton(args, baseline, mode) for mode in args.modes},
+        "triton": served,
         "baseline": {k: v for k, v in baseline.items() if k != "references"},
     }  # fmt: skip
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
