@@ -89,6 +89,7 @@ class DenoiserRunner:
         self.side_stream = torch.cuda.Stream(device) if self.use_graphs else None
         self.stats = RunnerStats()
 
+    @torch.no_grad()  # callers may be outside inference mode (a warm-up at start): no autograd graphs kept
     def run(self, rows: Sequence[Rows], separate: bool = False) -> list[torch.Tensor]:
         """The forward's output rows for each ``Rows``, in order ([n, ...] each, owned by the caller).
 
@@ -188,6 +189,7 @@ class DenoiserRunner:
         self.stats.capture_seconds += time.perf_counter() - began
         self.stats.graph_memory_bytes += torch.cuda.memory_reserved(self.device) - reserved
 
+    @torch.no_grad()
     def warm_up(self, rows: Rows, sizes: Sequence[int] = ROW_BUCKETS) -> None:
         """Prepare (and on CUDA capture) the buckets ``sizes`` for ``rows``' key, from copies of its first row."""
         for size in sizes:
