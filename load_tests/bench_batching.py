@@ -414,11 +414,18 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--check-seeds", type=csv_of(int), default=[0, 1, 2])
     parser.add_argument("--open-loop-fraction", type=float, default=0.8)
+    parser.add_argument("--clear-compile-cache", action="store_true", help="empty stepdiff's Inductor cache first (cold compile)")
     parser.add_argument("--port", type=int, default=18100)
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.clear_compile_cache:  # the in-process compile is then cold; the servers' start is warm
+        import shutil
+
+        from stepdiff.runner import COMPILE_CACHE
+
+        shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
     baseline = in_process_baseline(args, device, dtype)
     partial = args.out / "results.json"  # rewritten after every phase: a cut-off run keeps what it measured
     partial.write_text(json.dumps({"baseline": {k: v for k, v in baseline.items() if k != "references"}}, indent=2))

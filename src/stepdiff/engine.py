@@ -5,9 +5,9 @@ request's state; a step call advances it by one step (the rows of all compatible
 ``run`` share the runner's denoiser forwards); a step call can ask for its latents (previews), the
 last one returns the final latents and frees the state; an abort frees it.
 
-Nothing in an intermediate step waits for the GPU: ``run`` returns once the step's work is queued,
-so the next call's round trip overlaps this step's GPU time. The host stays at most
-``max_runahead`` runs ahead of the GPU (it waits for the run that many runs back before queueing more).
+Nothing in an intermediate step waits for the GPU to finish that step: ``run`` queues the step's work,
+then waits only for the run ``max_runahead - 1`` runs back, so the GPU always has this run queued
+while the next call's round trip and batch assembly happen.
 """
 
 from __future__ import annotations
@@ -92,11 +92,14 @@ class StepEngine:
             if state is not None:
                 stepping.append((index, state))
         if stepping:
-            self._wait_for_gpu(self.max_runahead - 1)
             self._step(stepping, results)
             if self.runner.device.type == "cuda":
                 self.queued.append(torch.cuda.Event())
                 self.queued[-1].record()
+                # Wait after queueing, not before: meanwhile every generation's next call reaches Triton,
+                # so the next batch forms full when this returns (waiting first made Triton form a batch
+                # of whoever had arrived, and generations split into groups taking turns).
+                self._wait_for_gpu(self.max_runahead - 1)
         for index, call in enumerate(calls):
             state = self.states.get(call.correlation_id)
             result = results[index]

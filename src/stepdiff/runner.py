@@ -19,15 +19,18 @@ change real rows only as much as a larger batch does. A request alone fills a bu
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 ROW_BUCKETS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 MODES = ("exact", "compiled", "eager")
+COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stepdiff" / "inductor"
 log = logging.getLogger(__name__)
 
 
@@ -80,6 +83,8 @@ class DenoiserRunner:
         self.mode = mode
         self.max_rows = max_rows
         self.eager_forward = forward
+        if mode == "compiled":  # Inductor's caches on disk: a restart loads the compiled kernels
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
         self.forward = torch.compile(forward) if mode == "compiled" else forward
         self.use_graphs = device.type == "cuda" and mode != "eager"
         self.buckets: dict[tuple[Hashable, int], Bucket] = {}
