@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -170,11 +171,28 @@ def forward_counters(metrics_url: str) -> tuple[float, float]:
     return metric(metrics_url, "stepdiff_denoise_batch_size_sum"), metric(metrics_url, "stepdiff_denoise_batch_size_count")
 
 
-def closed_loop(load: Load, metrics_url: str, concurrency: int, duration: float) -> dict:
-    """``concurrency`` clients, each sending its next request when the previous one returns."""
+def cpu_seconds(server_pid: int | None) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by tritonserver and each model process."""
+    if server_pid is None:
+        return {}
+    pids = {"tritonserver": server_pid, **{stub.instance: stub.pid for stub in triton.stub_processes(server_pid)}}
+    used = {}
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        used[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return used
+
+
+def closed_loop(load: Load, metrics_url: str, concurrency: int, duration: float, server_pid: int | None = None) -> dict:
+    """``concurrency`` clients, each sending its next request when the previous one returns; with
+    ``server_pid``, also the share of one core each Triton process used meanwhile."""
     latencies: list[float] = []
     deadline = time.monotonic() + duration
     rows0, forwards0 = forward_counters(metrics_url)
+    cpu0 = cpu_seconds(server_pid)
 
     def client(worker: int) -> None:
         count = 0
@@ -188,10 +206,12 @@ def closed_loop(load: Load, metrics_url: str, concurrency: int, duration: float)
         list(pool.map(client, range(concurrency)))
     elapsed = time.monotonic() - start
     rows, forwards = forward_counters(metrics_url)
+    cpu = cpu_seconds(server_pid)
     return {
         "concurrency": concurrency, "requests": len(latencies), "seconds": elapsed,
         "images_per_s": len(latencies) / elapsed, "p50_s": percentile(latencies, 50), "p99_s": percentile(latencies, 99),
-        "mean_forward_batch": (rows - rows0) / max(forwards - forwards0, 1),
+        "mean_forward_batch": (rows - rows0) / max(forwards - forwards0, 1), "step_calls_per_s": (rows - rows0) / elapsed,
+        "cpu_cores": {name: round((cpu[name] - cpu0[name]) / elapsed, 2) for name in cpu if name in cpu0},
     }  # fmt: skip
 
 
@@ -286,10 +306,11 @@ def through_triton(args, baseline: dict, mode: str) -> dict:
                   f"breakdown {breakdown[scheduler]}", flush=True)  # fmt: skip
         sweep = []
         for concurrency in args.concurrency:
-            row = closed_loop(load, metrics_url, concurrency, args.duration)
+            row = closed_loop(load, metrics_url, concurrency, args.duration, triton.tritonserver_pid(args.port))
             sweep.append(row)
             print(f"[{mode}] closed loop c={concurrency:3d}: {row['images_per_s']:6.2f} images/s  p50 {row['p50_s']:.2f} s  "
-                  f"p99 {row['p99_s']:.2f} s  mean forward batch {row['mean_forward_batch']:.2f}", flush=True)  # fmt: skip
+                  f"p99 {row['p99_s']:.2f} s  mean forward batch {row['mean_forward_batch']:.2f}  "
+                  f"step calls/s {row['step_calls_per_s']:.0f}  CPU cores {row['cpu_cores']}", flush=True)  # fmt: skip
         peak = max(row["images_per_s"] for row in sweep)
         poisson = open_loop(load, metrics_url, args.open_loop_fraction * peak, args.duration)
         print(f"[{mode}] open loop at {poisson['offered_rate']:.2f}/s: {poisson['images_per_s']:.2f} images/s  "
