@@ -84,7 +84,7 @@ def test_concurrent_cfg_and_plain_requests_batch_and_match_solo_runs(qwen_server
     in the same step never corrupt each other."""
     prompts = ["a photo of a cat", "a photo of a dog", "a red panda sitting on a tree branch", "a photo of a cat"]
     jobs = [
-        dict(prompt=prompts[i % 4], seed=300 + i, num_inference_steps=4 + i % 3, height=64, width=48,
+        dict(prompt=prompts[i % 4], seed=300 + i, num_inference_steps=8 + i % 3, height=64, width=48,
              negative_prompt=NEGATIVE_PROMPT if i % 2 else None, true_cfg_scale=2.0 + i)
         for i in range(8)
     ]  # fmt: skip

@@ -26,7 +26,8 @@ def test_short_soak_reports_errors_memory_and_active_sequences(server, tmp_path)
     assert report["requests_per_s"] > 0 and report["triton_restarts_seen"] == 0
     memory = report["memory"]
     assert set(memory["by_process_end_mib"]) == {
-        "tritonserver", "denoise_step_0_0", "text_encoder_0_0", "txt2img_0_0", "txt2img_stream_0_0", "vae_decode_0_0",
+        "tritonserver", "denoise_step_0_0", "text_encoder_0_0", "txt2img_stream_0_0", "vae_decode_0_0",
+        *(f"txt2img_0_{index}" for index in range(4)),  # txt2img runs four instances
     }  # fmt: skip
     assert 0 < memory["rss_start_mib"] <= memory["rss_max_mib"] and memory["rss_end_mib"] <= memory["rss_max_mib"]
     summary = (tmp_path / "soak.md").read_text()

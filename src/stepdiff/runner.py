@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-ROW_BUCKETS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+ROW_BUCKETS = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 56, 64)
 MODES = ("exact", "compiled", "eager")
 COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stepdiff" / "inductor"
 log = logging.getLogger(__name__)

@@ -84,6 +84,7 @@ def error_response(error: BaseException) -> Any:
 
 
 MODEL_PROCESS_DIED = "is not healthy"  # Triton 2.51: "Stub process '<instance>' is not healthy."
+SERVER_BUSY = "server busy:"  # ServerBusy's message, e.g. denoise_step refusing a START past the limit
 
 
 class StageError(RuntimeError):
@@ -119,7 +120,9 @@ async def bls_call(
     response = await request.async_exec()
     if response.has_error():
         error = response.error()
-        # A model whose process died: the launcher restarts the server, so the caller may retry.
-        code = pb_utils.TritonError.UNAVAILABLE if MODEL_PROCESS_DIED in error.message() else error.code()
+        # A model whose process died (the launcher restarts the server) or a full server: the caller may
+        # retry. BLS in 2.51 reports every child error as INTERNAL, so the message tells.
+        retry = MODEL_PROCESS_DIED in error.message() or SERVER_BUSY in error.message()
+        code = pb_utils.TritonError.UNAVAILABLE if retry else error.code()
         raise StageError(model, error.message(), code)
     return {tensor.name(): tensor for tensor in response.output_tensors()}
