@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP_OPTIONS ?=
 TINY_SD := build/tiny-sd
 
-.PHONY: install demo test test-gpu serve-tiny load-test perf load-report soak clean
+.PHONY: install demo test test-gpu bench-gpu serve-tiny load-test perf load-report soak clean
 # Against a running server (e.g. `make serve-tiny` in another terminal):
 HOST ?= localhost
 DURATION ?= 60s
@@ -48,6 +48,14 @@ soak: $(TINY_SD)/model_index.json
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not gpu"
+
+# On a CUDA machine: the side-by-side benchmark (SD-1.5 size and QwenImage size, random weights) into BENCH_OUT
+BENCH_OUT ?= results/bench-$(shell date +%Y-%m-%d)
+bench-gpu: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) -m stepdiff make-tiny sd15-size build/sd15-size --dtype float16
+	HF_HUB_OFFLINE=1 $(PY) -m stepdiff make-tiny qwenimage-size build/qwenimage-size --dtype bfloat16
+	HF_HUB_OFFLINE=1 $(PY) load_tests/bench_batching.py --pipeline build/sd15-size --out $(BENCH_OUT) --clear-compile-cache
+	HF_HUB_OFFLINE=1 $(PY) load_tests/bench_qwenimage.py --pipeline build/qwenimage-size --out $(BENCH_OUT)/qwenimage
 
 # On a CUDA machine: host syncs per step, graph replay vs stock diffusers (tests/test_gpu.py)
 test-gpu: $(VENV)/.installed
