@@ -413,16 +413,22 @@ def csv_of(kind: type):
     return lambda text: [kind(item) for item in text.split(",")]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def sd_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments of the SD benchmarks: the pipeline, where results go, device, dtype and the generation."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", type=Path, required=True)
-    parser.add_argument("--pipeline-kind", default="SD-1.5 architecture, random weights")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="float16", choices=list(DTYPES))
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=7.5)
+    return parser
+
+
+def main() -> int:
+    parser = sd_arguments(__doc__)
+    parser.add_argument("--pipeline-kind", default="SD-1.5 architecture, random weights")
     parser.add_argument("--schedulers", type=csv_of(str), default=["EulerDiscreteScheduler", "PNDMScheduler"],
                         help="the first also gets the throughput sweep")  # fmt: skip
     parser.add_argument("--modes", type=csv_of(str), default=["exact", "compiled"], help="stepdiff --denoiser modes to serve")

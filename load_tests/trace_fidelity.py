@@ -16,15 +16,12 @@ import argparse
 import json
 import random
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
-from bench_batching import PROMPT, start_server  # also puts client/ and src/ on sys.path
+from bench_batching import PROMPT, sd_arguments, start_server  # also puts client/ and src/ on sys.path
 
-import stepwise  # noqa: E402  (client/stepwise.py)
-
-from stepdiff.settings import DTYPES  # noqa: E402
+from stepdiff.settings import DTYPES
 
 
 def compare(name: str, served: np.ndarray, local: np.ndarray) -> dict:
@@ -69,6 +66,7 @@ def in_process(args, device, dtype) -> dict:
 
 
 def served(args, grpc_url: str, local_final: np.ndarray) -> dict:
+    import stepwise  # client/stepwise.py (bench_batching put client/ on sys.path)
     import tritonclient.grpc as grpcclient
 
     options = argparse.Namespace(prompt=PROMPT, negative_prompt=None, seed=args.seed, num_inference_steps=args.steps,
@@ -91,14 +89,7 @@ def served(args, grpc_url: str, local_final: np.ndarray) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pipeline", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", default="float16", choices=list(DTYPES))
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser = sd_arguments(__doc__)
     parser.add_argument("--scheduler", default="EulerDiscreteScheduler")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=18300)
