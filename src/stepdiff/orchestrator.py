@@ -95,7 +95,7 @@ async def generate(
     instead of following it. Calls in flight together are interchangeable ("the next step", no
     ``step`` input), since two calls sent at once may reach Triton in either order. A call that must
     see exactly its step (a preview, the last step with END) waits until none is in flight and goes
-    out alone. A cancel is seen before each call: at most ``lookahead - 1`` more steps run.
+    out alone. A cancel is checked right before each call: at most ``lookahead - 1`` more steps run.
 
     The denoise sequence always ends: normally with END on the last step, otherwise (error or cancel)
     with an END carrying ``abort`` once the calls in flight are back, so denoise_step frees the state.
@@ -121,13 +121,13 @@ async def generate(
         num_steps = host_scalar(first["num_steps"])
         latents = None
         for index in range(num_steps):
-            if is_cancelled():
-                return None
             last = index == num_steps - 1
             preview = not last and preview_every > 0 and (index + 1) % preview_every == 0
             alone = last or preview or lookahead == 1
             while in_flight and (alone or len(in_flight) >= lookahead):
                 await collect(num_steps)
+            if is_cancelled():  # checked right before sending: a cancel seen while waiting counts
+                return None
             step_input = {"step": batch_of_one(index, np.int32)} if alone else {}
             wanted = ["latents"] if last else ["step_index", "latents"] if preview else ["step_index"]
             in_flight.append(asyncio.ensure_future(call("denoise_step", step_input, wanted, correlation_id, end=last)))

@@ -1,0 +1,80 @@
+"""orchestrator.generate's step pipelining, through a StageCaller that records what it is asked.
+
+(The flow's behaviour against the real server is in test_streaming.py, test_txt2img.py and the cancel
+tests; here the order and overlap of the calls themselves, which a server does not expose.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from stepdiff.adapters import GenerationParams
+from stepdiff.orchestrator import generate
+
+PARAMS = GenerationParams("a cat", None, 0, 10, 7.5, 64, 64, "EulerDiscreteScheduler")
+
+
+class RecordingStages:
+    """Answers like the three stage models after a short delay; records each step call and the overlap."""
+
+    def __init__(self, num_steps: int = 10):
+        self.num_steps = num_steps
+        self.served_in_order = asyncio.Lock()  # like the sequence batcher: one call of a sequence at a time
+        self.in_flight = 0
+        self.calls: list[dict] = []  # denoise_step calls after START, in the order they were sent
+
+    async def __call__(self, model, inputs, outputs, correlation_id=0, start=False, end=False):
+        if model == "text_encoder":
+            return {"prompt_embeds": np.zeros((1, 77, 8), np.float32)}
+        if model == "vae_decode":
+            return {"image": np.zeros((1, 64, 64, 3), np.uint8)}
+        if start:
+            return {"num_steps": np.array([[self.num_steps]], np.int32)}
+        self.calls.append({"inputs": set(inputs), "outputs": outputs, "end": end, "in_flight_before": self.in_flight})
+        self.in_flight += 1
+        try:
+            async with self.served_in_order:
+                await asyncio.sleep(0.005)
+        finally:
+            self.in_flight -= 1
+        return {"latents": np.ones((1, 4, 8, 8), np.float32)} if "latents" in outputs else {}
+
+
+def test_two_calls_in_flight_previews_and_end_go_alone():
+    stages, progress = RecordingStages(), []
+
+    async def on_step(step, num_steps, latents):
+        progress.append((step, latents is not None))
+
+    result = asyncio.run(generate(stages, PARAMS, on_step=on_step, preview_every=4, lookahead=2))
+    assert result is not None
+    steps = stages.calls
+    assert len(steps) == 10 and max(call["in_flight_before"] for call in steps) == 1  # never more than 2 at once
+    alone = [index for index, call in enumerate(steps) if "step" in call["inputs"]]
+    assert alone == [3, 7, 9]  # previews after steps 4 and 8, and the last step (END)
+    assert all(steps[index]["in_flight_before"] == 0 for index in alone)
+    assert [index for index, call in enumerate(steps) if call["end"]] == [9]
+    assert [index for index, call in enumerate(steps) if call["in_flight_before"] == 1] == [1, 2, 5, 6]  # overlapped (8 follows a preview)
+    assert progress == [(step, step in (4, 8)) for step in range(1, 11)]
+
+
+def test_lookahead_one_sends_every_step_alone_with_its_index():
+    stages = RecordingStages()
+    asyncio.run(generate(stages, PARAMS, lookahead=1))
+    assert all("step" in call["inputs"] and call["in_flight_before"] == 0 for call in stages.calls)
+
+
+def test_a_cancel_stops_within_one_step_and_aborts_after_the_calls_in_flight():
+    stages, progress = RecordingStages(num_steps=30), []
+
+    async def on_step(step, num_steps, latents):
+        progress.append(step)
+
+    cancelled = lambda: len(progress) >= 3
+    result = asyncio.run(generate(stages, PARAMS, on_step=on_step, is_cancelled=cancelled, lookahead=2))
+    assert result is None
+    *steps, abort = stages.calls
+    assert "abort" in abort["inputs"] and abort["end"] and abort["in_flight_before"] == 0
+    assert len(steps) == 3 + 1  # one more step at most: the call in flight when the cancel came
