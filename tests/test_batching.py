@@ -25,7 +25,7 @@ def denoise_counts(server) -> tuple[int, int]:
 
 def test_concurrent_mixed_requests_share_forwards_and_match_solo_runs(server):
     jobs = [
-        dict(seed=100 + i, num_inference_steps=4 + i, scheduler=SCHEDULERS[i % 4],
+        dict(seed=100 + i, num_inference_steps=8 + i, scheduler=SCHEDULERS[i % 4],
              guidance_scale=7.5 if i % 3 else 1.0, height=128, width=128)
         for i in range(8)
     ]  # fmt: skip

@@ -101,3 +101,16 @@ def test_abort_restart_busy_and_sweep(adapters):
     assert engine.sweep(now=engine.states[2].last_active + 5) == 0
     assert engine.sweep(now=engine.states[2].last_active + 11) == 1
     assert engine.states == {}
+
+
+def test_two_calls_of_one_sequence_in_one_batch_take_two_steps_in_order(adapters):
+    """Interchangeable "next step" calls of one sequence delivered together must not share a step."""
+    encoder, denoiser = adapters
+    together, apart = StepEngine(denoiser, 8, 4, 60), StepEngine(denoiser, 8, 4, 60)
+    for engine in (together, apart):
+        start(engine, encoder, 3, params(steps=4, scheduler="PNDMScheduler"))
+    first, second = together.run([StepCall(3), StepCall(3, wants_latents=True)])
+    assert (first.step_index, second.step_index) == (1, 2) and first.latents is None
+    apart.run([StepCall(3)])
+    [reference] = apart.run([StepCall(3, wants_latents=True)])
+    assert torch.equal(second.latents, reference.latents)

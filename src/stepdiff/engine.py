@@ -77,9 +77,30 @@ class StepEngine:
 
     @torch.inference_mode()
     def run(self, calls: Sequence[StepCall]) -> list[StepResult]:
-        """Handle one batch of calls from distinct sequences; errors stay with their own call."""
+        """Handle one batch of calls; errors stay with their own call.
+
+        Calls of one sequence in the same batch (Triton's ``oldest`` batcher should never form one, but
+        a sequence's calls are interchangeable "next step" calls and must not share a state's step)
+        run one after the other, in separate passes, in the order they came.
+        """
         self.forward_batch_sizes = []
         self.steps_done = 0
+        passes: list[list[int]] = []
+        seen: dict[int, int] = defaultdict(int)
+        for index, call in enumerate(calls):
+            occurrence = seen[call.correlation_id]
+            seen[call.correlation_id] += 1
+            if occurrence == len(passes):
+                passes.append([])
+            passes[occurrence].append(index)
+        results: list[StepResult] = [StepResult() for _ in calls]
+        for members in passes:
+            for index, result in zip(members, self._run_pass([calls[index] for index in members])):
+                results[index] = result
+        return results
+
+    def _run_pass(self, calls: Sequence[StepCall]) -> list[StepResult]:
+        """Calls of distinct sequences: one step each, compatible ones sharing forwards."""
         results = [StepResult() for _ in calls]
         stepping: list[tuple[int, RequestState]] = []
         for index, call in enumerate(calls):
