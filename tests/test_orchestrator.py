@@ -25,6 +25,8 @@ class RecordingStages:
         self.in_flight = 0
         self.calls: list[dict] = []  # denoise_step calls after START, in the order they were sent
 
+    fail_at_step: int | None = None  # the step call that returns an error, as a dead denoise_step would
+
     async def __call__(self, model, inputs, outputs, correlation_id=0, start=False, end=False):
         if model == "text_encoder":
             return {"prompt_embeds": np.zeros((1, 77, 8), np.float32)}
@@ -37,6 +39,8 @@ class RecordingStages:
         try:
             async with self.served_in_order:
                 await asyncio.sleep(0.005)
+                if self.fail_at_step is not None and len(self.calls) > self.fail_at_step:
+                    raise RuntimeError("denoise_step: Stub process 'denoise_step_0_0' is not healthy.")
         finally:
             self.in_flight -= 1
         return {"latents": np.ones((1, 4, 8, 8), np.float32)} if "latents" in outputs else {}
@@ -78,3 +82,17 @@ def test_a_cancel_stops_within_one_step_and_aborts_after_the_calls_in_flight():
     *steps, abort = stages.calls
     assert "abort" in abort["inputs"] and abort["end"] and abort["in_flight_before"] == 0
     assert len(steps) == 3 + 1  # one more step at most: the call in flight when the cancel came
+
+
+def test_a_failed_step_call_ends_the_generation_without_an_abort():
+    """denoise_step frees a sequence whose call failed; a dead one has nothing left to abort."""
+    stages = RecordingStages(num_steps=30)
+    stages.fail_at_step = 4
+    try:
+        asyncio.run(generate(stages, PARAMS, lookahead=2))
+    except RuntimeError as error:
+        assert "not healthy" in str(error)
+    else:
+        raise AssertionError("the step call's error did not reach the caller")
+    assert not any("abort" in call["inputs"] for call in stages.calls)
+    assert len(stages.calls) <= 6  # nothing is sent after the failure but the call already in flight
