@@ -61,6 +61,8 @@ class Bucket:
 
 @dataclass
 class RunnerStats:
+    """What the runner has done: graphs captured (time, memory reserved meanwhile), padding, last run's forwards."""
+
     graphs: int = 0
     capture_seconds: float = 0.0
     graph_memory_bytes: int = 0
@@ -82,7 +84,6 @@ class DenoiserRunner:
         self.device = device
         self.mode = mode
         self.max_rows = max_rows
-        self.eager_forward = forward
         if mode == "compiled":  # Inductor's caches on disk: a restart loads the compiled kernels
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
         self.forward = torch.compile(forward) if mode == "compiled" else forward
