@@ -125,8 +125,13 @@ class StableDiffusionAdapter:
         embeds = state.conditioning["prompt_embeds"]
         # float timesteps for every scheduler (PNDM's are integers): the UNet embeds them as float anyway
         timestep = state.timestep.to(torch.float32).expand(rows.shape[0])
+        return [self._unet_rows(sample, timestep, embeds)]
+
+    @staticmethod
+    def _unet_rows(sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor) -> Rows:
+        """UNet inputs as runner rows, keyed by their shapes (real requests and warm-up alike)."""
         key = ("unet", tuple(sample.shape[1:]), tuple(embeds.shape[1:]))
-        return [Rows(key, {"sample": sample, "timestep": timestep, "encoder_hidden_states": embeds})]
+        return Rows(key, {"sample": sample, "timestep": timestep, "encoder_hidden_states": embeds})
 
     def forward(self, key: Hashable, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.pipe.unet(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"], return_dict=False)[0]
@@ -142,9 +147,7 @@ class StableDiffusionAdapter:
         latent = (self.in_channels, height // self.scale_factor, width // self.scale_factor)
         sample = torch.zeros((2, *latent), device=self.device, dtype=self.dtype)
         embeds = torch.zeros((2, self.text_length, self.cross_attention_dim), device=self.device, dtype=self.dtype)
-        timestep = torch.zeros(2, device=self.device)
-        key = ("unet", latent, tuple(embeds.shape[1:]))
-        return [Rows(key, {"sample": sample, "timestep": timestep, "encoder_hidden_states": embeds})]
+        return [self._unet_rows(sample, torch.zeros(2, device=self.device), embeds)]
 
     def step(self, state: RequestState, model_output: torch.Tensor) -> None:
         kwargs = scheduler_step_kwargs(state.scheduler, state.generator)
