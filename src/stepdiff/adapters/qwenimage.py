@@ -171,14 +171,14 @@ class QwenImageAdapter:
         patches but other RoPE) and text length (padding plus a mask would change the result).
         """
         rows = []
-        timestep = state.timestep.expand(1).to(state.latents.dtype)
+        shared = {"hidden_states": state.latents, "timestep": state.timestep.expand(1).to(state.latents.dtype)}
+        if self.guidance_embeds:
+            shared["guidance"] = torch.full((1,), state.params.guidance_scale, device=self.device, dtype=torch.float32)
         for text in self._texts(state.do_cfg):
-            tensors = {"hidden_states": state.latents, "timestep": timestep, "encoder_hidden_states": state.conditioning[f"{text}_embeds"]}
+            tensors = {**shared, "encoder_hidden_states": state.conditioning[f"{text}_embeds"]}
             mask = state.conditioning.get(f"{text}_embeds_mask")
             if mask is not None:
                 tensors["encoder_hidden_states_mask"] = mask
-            if self.guidance_embeds:
-                tensors["guidance"] = torch.full((1,), state.params.guidance_scale, device=self.device, dtype=torch.float32)
             key = ("transformer", self._patch_grid(state.params), *self._text_key(state, text))
             rows.append(Rows(key, tensors))
         return rows
