@@ -17,6 +17,7 @@ from diffusers import QwenImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..runner import Rows
 from .base import (
     GenerationParams,
     InvalidInput,
@@ -28,7 +29,6 @@ from .base import (
     rgb_preview,
     to_uint8,
 )
-from ..runner import Rows
 from .loading import Stage, compatible_schedulers, load_component_config, load_stage_pipeline, new_scheduler
 
 STAGE_COMPONENTS = {

@@ -16,6 +16,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..runner import Rows
 from .base import (
     GenerationParams,
     PipelineInfo,
@@ -27,8 +28,14 @@ from .base import (
     scheduler_step_kwargs,
     to_uint8,
 )
-from ..runner import Rows
-from .loading import Stage, compatible_schedulers, load_component_config, load_stage_pipeline, new_scheduler, vae_scale_factor
+from .loading import (
+    Stage,
+    compatible_schedulers,
+    load_component_config,
+    load_stage_pipeline,
+    new_scheduler,
+    vae_scale_factor,
+)
 
 STAGE_COMPONENTS = {
     Stage.TEXT_ENCODER: ("text_encoder", "tokenizer"),
