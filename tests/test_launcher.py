@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
 
+import pytest
 from conftest import start_launcher
 
 from stepdiff.server import load_failures
 
 
-def run_serve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stepdiff", "serve", *args], capture_output=True, text=True, timeout=300)
+def run_serve(*args: str, environ: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "stepdiff", "serve", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, **(environ or {})})
 
 
 def test_missing_pipeline_is_a_clear_error(tmp_path):
@@ -113,3 +116,20 @@ def test_models_see_only_libpython_from_the_interpreters_libdir(tmp_path, monkey
     assert libdirs[0] == str(first) and str(first).startswith(str(tmp_path))
     [link] = first.iterdir()
     assert link.name == sysconfig.get_config_var("INSTSONAME") and link.resolve().is_file()
+
+
+@pytest.mark.parametrize(
+    ("flags", "environ", "message"),
+    [
+        (["--warmup", "512"], {}, "warmup='512': expected sizes HEIGHTxWIDTH separated by commas"),
+        (["--warmup", "512x0"], {}, "warmup='512x0': expected sizes HEIGHTxWIDTH"),
+        (["--step-lookahead", "0"], {}, "step_lookahead=0: allowed 1..8"),
+        (["--step-lookahead", "9"], {}, "step_lookahead=9: allowed 1..8"),
+        ([], {"STEPDIFF_DENOISER": "fast"}, "denoiser='fast': allowed exact, compiled, eager"),
+    ],
+)
+def test_bad_denoiser_settings_stop_serve_naming_the_setting(tiny_sd, flags, environ, message):
+    result = run_serve("--pipeline", str(tiny_sd), *flags, environ=environ)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "stepdiff: ready" not in result.stdout
