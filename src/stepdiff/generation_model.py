@@ -8,6 +8,7 @@ run concurrently in one instance, and their step calls meet (and batch) in denoi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,10 +22,6 @@ from .params import PARAM_NAMES, integer, parse_generation_params
 from .triton_io import bls_call, error_response, load_settings, numpy_inputs, release_triton_objects
 
 FINAL = "TRITONSERVER_RESPONSE_COMPLETE_FINAL"
-
-
-class RequestCancelled(RuntimeError):
-    """A unary request was cancelled between steps; it still needs its one (error) response."""
 
 
 class GenerationModel:
@@ -81,21 +78,33 @@ class GenerationModel:
                 preview_every=preview_every,
             )
             if result is None:
-                self.cancelled.increment(1)
-                if self.streaming:
-                    sender.send(flags=final)  # the stream ends without an image
-                    return
-                raise RequestCancelled("the request was cancelled by the client (or timed out); no image")
+                self._cancelled(sender)
+                return
             outputs = [
                 pb_utils.Tensor("image", result.image.as_numpy()[0]),
                 pb_utils.Tensor("seed", np.array([result.seed], dtype=np.int64)),
             ]
             response = pb_utils.InferenceResponse(output_tensors=outputs)
         except Exception as error:  # noqa: BLE001 - every error goes back to its own request
+            if request.is_cancelled():  # a cancel can surface first as a failed progress send
+                self._cancelled(sender)
+                return
             response = error_response(error)
         finally:
             self.active -= 1
         sender.send(response, flags=final)
+
+    def _cancelled(self, sender: Any) -> None:
+        """Count a cancelled generation and close its request: CANCELLED (unary) or an empty final."""
+        self.cancelled.increment(1)
+        final = getattr(pb_utils, FINAL)
+        with contextlib.suppress(Exception):  # the client may be gone: nothing left to tell it
+            if self.streaming:
+                sender.send(flags=final)
+            else:
+                error = pb_utils.TritonError("the request was cancelled by the client (or timed out); no image",
+                                             pb_utils.TritonError.CANCELLED)
+                sender.send(pb_utils.InferenceResponse(error=error), flags=final)
 
     async def _progress(self, sender: Any, step: int, num_steps: int, latents: Any) -> None:
         """One streamed progress response: step, num_steps and, every K steps, a latent preview."""
