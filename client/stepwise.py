@@ -9,8 +9,9 @@ image equals ``txt2img``'s.
 
 Every stage takes the generation inputs with a leading batch dimension of 1 ([1, 1] tensors).
 denoise_step is sequence-batched: one sequence id per generation, START on the first call (the inputs
-plus the embeddings; returns num_steps), then one call per step with "step" = 0, 1, ... and END on the
-last call, which returns "latents". An END call with "abort" = true drops the sequence early.
+plus text_encoder's outputs, the family's conditioning; returns num_steps), then one call per step
+with "step" = 0, 1, ... and END on the last call, which returns "latents". An END call with
+"abort" = true drops the sequence early.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 from PIL import Image
-
-EMBEDDING_OUTPUTS = ["prompt_embeds", "negative_prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds_mask"]
 
 
 def tensor(name: str, value: np.ndarray) -> grpcclient.InferInput:
@@ -65,7 +64,9 @@ def generation_inputs(args: argparse.Namespace) -> dict[str, np.ndarray]:
 def run(client, args: argparse.Namespace) -> np.ndarray:
     """encode -> START -> step x N (END on the last) -> decode; returns the image [H, W, 3] uint8."""
     inputs = generation_inputs(args)
-    embeddings = infer(client, "text_encoder", inputs, EMBEDDING_OUTPUTS)
+    # The conditioning is whatever the served family's text_encoder outputs (its model metadata)
+    conditioning = [output.name for output in client.get_model_metadata("text_encoder").outputs]
+    embeddings = infer(client, "text_encoder", inputs, conditioning)
     sequence_id = random.getrandbits(63) + 1
     started = infer(client, "denoise_step", {**inputs, **embeddings}, ["num_steps"], sequence_id=sequence_id, sequence_start=True)
     num_steps = int(started["num_steps"].reshape(-1)[0])

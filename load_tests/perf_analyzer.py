@@ -62,6 +62,7 @@ def denoise_sequence_data(args: argparse.Namespace) -> dict:
     """One START + N step calls per sequence, with embeddings computed by the running text_encoder."""
     sequences = []
     with grpcclient.InferenceServerClient(args.url) as client:
+        conditioning = [output.name for output in client.get_model_metadata("text_encoder").outputs]
         for seed, prompt in enumerate(PROMPTS):
             start = generation_inputs(args, prompt, seed)
             tensors = []
@@ -76,9 +77,9 @@ def denoise_sequence_data(args: argparse.Namespace) -> dict:
                 tensor = grpcclient.InferInput(name, list(array.shape), "BYTES" if array.dtype == np.object_ else grpcclient.np_to_triton_dtype(array.dtype))
                 tensor.set_data_from_numpy(array)
                 tensors.append(tensor)
-            outputs = [grpcclient.InferRequestedOutput(name) for name in ("prompt_embeds", "negative_prompt_embeds")]
+            outputs = [grpcclient.InferRequestedOutput(name) for name in conditioning]
             result = client.infer("text_encoder", tensors, outputs=outputs)
-            for name in ("prompt_embeds", "negative_prompt_embeds"):
+            for name in conditioning:
                 embedding = result.as_numpy(name)
                 if embedding is not None:
                     start[name] = {"content": embedding[0].ravel().tolist(), "shape": list(embedding.shape[1:])}

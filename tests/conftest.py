@@ -175,3 +175,24 @@ def qwen_reference(tiny_qwen):
     from diffusers import QwenImagePipeline
 
     return reference_pipeline(QwenImagePipeline, tiny_qwen)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from stepdiff.tiny import make_tiny
+
+    return make_tiny("sdxl", tmp_path_factory.mktemp("pipelines") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def sdxl_server(tiny_sdxl, tmp_path_factory):
+    with running_server(tiny_sdxl, tmp_path_factory.mktemp("sdxl-logs") / "tritonserver.log") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def sdxl_reference(tiny_sdxl):
+    """StableDiffusionXLPipeline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return reference_pipeline(StableDiffusionXLPipeline, tiny_sdxl)

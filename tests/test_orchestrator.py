@@ -52,7 +52,7 @@ def test_two_calls_in_flight_previews_and_end_go_alone():
     async def on_step(step, num_steps, latents):
         progress.append((step, latents is not None))
 
-    result = asyncio.run(generate(stages, PARAMS, on_step=on_step, preview_every=4, lookahead=2))
+    result = asyncio.run(generate(stages, PARAMS, ["prompt_embeds"], on_step=on_step, preview_every=4, lookahead=2))
     assert result is not None
     steps = stages.calls
     assert len(steps) == 10 and max(call["in_flight_before"] for call in steps) == 1  # never more than 2 at once
@@ -66,7 +66,7 @@ def test_two_calls_in_flight_previews_and_end_go_alone():
 
 def test_lookahead_one_sends_every_step_alone_with_its_index():
     stages = RecordingStages()
-    asyncio.run(generate(stages, PARAMS, lookahead=1))
+    asyncio.run(generate(stages, PARAMS, ["prompt_embeds"], lookahead=1))
     assert all("step" in call["inputs"] and call["in_flight_before"] == 0 for call in stages.calls)
 
 
@@ -77,7 +77,7 @@ def test_a_cancel_stops_within_one_step_and_aborts_after_the_calls_in_flight():
         progress.append(step)
 
     cancelled = lambda: len(progress) >= 3
-    result = asyncio.run(generate(stages, PARAMS, on_step=on_step, is_cancelled=cancelled, lookahead=2))
+    result = asyncio.run(generate(stages, PARAMS, ["prompt_embeds"], on_step=on_step, is_cancelled=cancelled, lookahead=2))
     assert result is None
     *steps, abort = stages.calls
     assert "abort" in abort["inputs"] and abort["end"] and abort["in_flight_before"] == 0
@@ -89,7 +89,7 @@ def test_a_failed_step_call_ends_the_generation_without_an_abort():
     stages = RecordingStages(num_steps=30)
     stages.fail_at_step = 4
     try:
-        asyncio.run(generate(stages, PARAMS, lookahead=2))
+        asyncio.run(generate(stages, PARAMS, ["prompt_embeds"], lookahead=2))
     except RuntimeError as error:
         assert "not healthy" in str(error)
     else:

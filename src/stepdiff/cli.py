@@ -70,11 +70,21 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def served_repository(args: argparse.Namespace, settings: Settings) -> Path:
+    """The template repository completed with the pipeline's conditioning (``stepdiff.repository``)."""
+    from .adapters import adapter_class
+    from .repository import write_served_repository
+
+    template = (args.model_repository or default_model_repository()).resolve()
+    target = Path.home() / ".cache" / "stepdiff" / "served" / f"model_repository-{args.http_port}"
+    return write_served_repository(template, target, adapter_class(Path(settings.pipeline)).conditioning)
+
+
 def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
     """Start tritonserver for ``args`` and wait until every model is ready."""
     settings = settings_from_args(args)
     options = server.ServerOptions(
-        model_repository=(args.model_repository or default_model_repository()).resolve(),
+        model_repository=served_repository(args, settings),
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
@@ -188,9 +198,8 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def make_tiny_command(args: argparse.Namespace) -> int:
-    from .tiny import make_tiny
-
     from .settings import DTYPES
+    from .tiny import make_tiny
 
     out = make_tiny(args.family, args.out_dir, seed=args.seed, dtype=DTYPES[args.dtype])
     print(f"stepdiff: wrote {args.family} pipeline with random weights to {out}")
@@ -222,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.set_defaults(run=serve)
     tiny_parser = commands.add_parser("make-tiny", help="write a random pipeline offline, reproducibly")
     tiny_parser.add_argument(
-        "family", help="sd or qwenimage (tiny, for tests), sd15-size or qwenimage-size (real widths, for benchmarks)"
+        "family", help="sd, sdxl or qwenimage (tiny, for tests), sd15-size or qwenimage-size (real widths, for benchmarks)"
     )
     tiny_parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="weights' dtype on disk")
     tiny_parser.add_argument("out_dir", type=Path)

@@ -72,6 +72,7 @@ class GenerationModel:
             result = await generate(
                 bls_call,
                 params,
+                [spec.name for spec in self.adapter.conditioning],
                 on_step=(lambda *progress: self._progress(sender, *progress)) if self.streaming else None,
                 is_cancelled=request.is_cancelled,
                 lookahead=self.settings.step_lookahead,

@@ -10,7 +10,7 @@ import asyncio
 import collections
 import contextlib
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,9 +34,6 @@ class StageCaller(Protocol):
         start: bool = False,
         end: bool = False,
     ) -> dict[str, Any]: ...
-
-
-ENCODER_OUTPUTS = ["prompt_embeds", "negative_prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds_mask"]
 
 
 def batch_of_one(value: object, dtype: type) -> np.ndarray:
@@ -81,12 +78,16 @@ class GenerationResult:
 async def generate(
     call: StageCaller,
     params: GenerationParams,
+    conditioning_names: Sequence[str],
     on_step: ProgressCallback | None = None,
     is_cancelled: Callable[[], bool] = lambda: False,
     preview_every: int = 0,
     lookahead: int = 2,
 ) -> GenerationResult | None:
     """Run one request through the three stages; returns None when cancelled between steps.
+
+    ``conditioning_names`` are the text_encoder outputs denoise_step takes on START (the adapter's
+    ``conditioning``; a family returns the ones a request needs).
 
     ``on_step`` is awaited after every step, with the current latents every ``preview_every`` steps.
 
@@ -102,7 +103,7 @@ async def generate(
     the state; after a failed denoise_step call with nothing more (denoise_step has freed it).
     """
     inputs = params_as_inputs(params)
-    conditioning = await call("text_encoder", inputs, ENCODER_OUTPUTS)
+    conditioning = await call("text_encoder", inputs, list(conditioning_names))
     correlation_id = new_correlation_id()
     in_flight: collections.deque[asyncio.Future] = collections.deque()
     progress = {"steps": 0}

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
         QwenImagePipeline,
         QwenImageTransformer2DModel,
         StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextModel, CLIPTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
@@ -203,6 +204,63 @@ def build_sd15_size(seed: int = 0) -> StableDiffusionPipeline:
     return sd15_pipeline(vae, text_encoder, tokenizer, unet)
 
 
+# stable-diffusion-xl-base-1.0's scheduler_config.json (EulerDiscreteScheduler).
+SDXL_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+    "clip_sample": False,
+}
+
+
+def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A StableDiffusionXLPipeline with SDXL's structure (two CLIP text encoders, the second with a
+    projection for pooled embeddings; a text-time conditioned UNet; an upcast VAE; Euler) and tiny widths."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizer = clip_tokenizer()
+    vocab, merges = clip_vocabulary()
+    tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="!")  # as SDXL's second
+    text_config = dict(
+        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+        intermediate_size=37, num_attention_heads=4, num_hidden_layers=3, max_position_embeddings=77,
+        vocab_size=len(vocab), hidden_act="gelu",
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=16, **text_config)).eval()
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=24, **text_config)).eval()
+    torch.manual_seed(seed + 2)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        cross_attention_dim=16 + 32, addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=6 * 4 + 24,
+    )  # fmt: skip
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
+        norm_num_groups=4, sample_size=64, scaling_factor=0.13025, force_upcast=True,
+    )  # fmt: skip
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+        unet=unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG), add_watermarker=False,
+    )  # fmt: skip
+
+
 # Qwen-Image's scheduler_config.json: flow matching with resolution-dependent (exponential) shift.
 QWENIMAGE_SCHEDULER_CONFIG = {
     "base_image_seq_len": 256,
@@ -328,6 +386,7 @@ def build_qwenimage_size(seed: int = 0, transformer_layers: int = 4) -> QwenImag
 BUILDERS = {
     "sd": build_tiny_stable_diffusion,
     "sd15-size": build_sd15_size,
+    "sdxl": build_tiny_sdxl,
     "qwenimage": build_tiny_qwenimage,
     "qwenimage-size": build_qwenimage_size,
 }

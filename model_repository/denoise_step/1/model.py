@@ -12,7 +12,6 @@ import triton_python_backend_utils as pb_utils
 
 from stepdiff.adapters import Stage, load_adapter
 from stepdiff.engine import StepCall, StepEngine
-from stepdiff.orchestrator import ENCODER_OUTPUTS
 from stepdiff.params import PARAM_NAMES, parse_generation_params, scalar
 from stepdiff.runner import DenoiserRunner
 from stepdiff.triton_io import error_response, load_settings, numpy_inputs, output_tensor, release_triton_objects, torch_input
@@ -77,8 +76,8 @@ class TritonPythonModel:
         if call.start:
             raw = numpy_inputs(request, PARAM_NAMES)
             call.params = parse_generation_params(raw, self.adapter.info, self.settings)
-            present = (torch_input(request, name) for name in ENCODER_OUTPUTS)
-            call.conditioning = {name: value for name, value in zip(ENCODER_OUTPUTS, present) if value is not None}
+            present = {spec.name: torch_input(request, spec.name) for spec in self.adapter.conditioning}
+            call.conditioning = {name: value for name, value in present.items() if value is not None}
         return call
 
     def _sweep_periodically(self):

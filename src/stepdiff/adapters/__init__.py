@@ -10,8 +10,9 @@ from .base import STEP_METHODS, GenerationParams, InvalidInput, PipelineInfo, Re
 from .loading import Stage, pipeline_class_name, resolve_pipeline
 from .qwenimage import QwenImageAdapter
 from .stable_diffusion import StableDiffusionAdapter
+from .stable_diffusion_xl import StableDiffusionXLAdapter
 
-ADAPTERS: tuple[type, ...] = (StableDiffusionAdapter, QwenImageAdapter)
+ADAPTERS: tuple[type, ...] = (StableDiffusionAdapter, StableDiffusionXLAdapter, QwenImageAdapter)
 
 
 class UnsupportedPipeline(ValueError):
@@ -22,9 +23,9 @@ def adapter_class(path: Path) -> type:
     """The adapter for the pipeline class named in ``model_index.json``."""
     name = pipeline_class_name(path)
     for adapter in ADAPTERS:
-        if name in adapter.pipeline_classes:
+        if name in adapter.pipeline_classes():
             return adapter
-    supported = ", ".join(cls for adapter in ADAPTERS for cls in adapter.pipeline_classes)
+    supported = ", ".join(cls for adapter in ADAPTERS for cls in adapter.pipeline_classes())
     raise UnsupportedPipeline(
         f"{name} has no step-wise adapter in stepdiff (supported: {supported}). An adapter implements "
         f"the step protocol stepdiff.adapters.StepAdapter: {', '.join(m + '()' for m in STEP_METHODS)}."

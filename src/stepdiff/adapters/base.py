@@ -41,10 +41,37 @@ class GenerationParams:
 
 
 @dataclass(frozen=True)
+class TensorSpec:
+    """A conditioning tensor the text_encoder stage outputs and denoise_step takes on START.
+
+    ``dims`` leave out the batch dimension; ``data_type`` is Triton's (``TYPE_FP32``, ...). The served
+    model configs get their conditioning entries from these (``stepdiff.repository``).
+    """
+
+    name: str
+    data_type: str
+    dims: tuple[int, ...]
+
+
+def text_embeddings(*names: str) -> tuple[TensorSpec, ...]:
+    """Float [tokens, width] embeddings per name (prompt_embeds and the like)."""
+    return tuple(TensorSpec(name, "TYPE_FP32", (-1, -1)) for name in names)
+
+
+def pooled_embeddings(*names: str) -> tuple[TensorSpec, ...]:
+    """Float [width] pooled embeddings per name."""
+    return tuple(TensorSpec(name, "TYPE_FP32", (-1,)) for name in names)
+
+
+def token_masks(*names: str) -> tuple[TensorSpec, ...]:
+    """Integer [tokens] attention masks per name."""
+    return tuple(TensorSpec(name, "TYPE_INT64", (-1,)) for name in names)
+
+
+@dataclass(frozen=True)
 class PipelineInfo:
     """What a pipeline accepts, read from its configs without loading weights."""
 
-    family: str
     pipeline_class: str
     default_height: int
     default_width: int
@@ -97,6 +124,7 @@ class StepAdapter(Protocol):
     """A pipeline family, decomposed into the stages and steps the Triton models call."""
 
     family: ClassVar[str]
+    conditioning: ClassVar[tuple[TensorSpec, ...]]  # what encode_prompt returns (some optional)
     info: PipelineInfo
 
     def encode_prompt(self, params: GenerationParams) -> dict[str, torch.Tensor]:

@@ -14,7 +14,6 @@ from typing import ClassVar
 import numpy as np
 import torch
 from diffusers import QwenImagePipeline
-from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..runner import Rows
@@ -23,13 +22,14 @@ from .base import (
     InvalidInput,
     PipelineInfo,
     RequestState,
-    check_latents,
-    host_schedule,
-    require_conditioning,
     rgb_preview,
+    text_embeddings,
     to_uint8,
+    token_masks,
 )
-from .loading import Stage, compatible_schedulers, load_component_config, load_stage_pipeline, new_scheduler
+from .diffusers_base import DiffusersAdapter
+from .flow_matching import flow_timesteps, pack_latents, unpack_latents
+from .loading import Stage, compatible_schedulers, load_component_config
 
 STAGE_COMPONENTS = {
     Stage.TEXT_ENCODER: ("text_encoder", "tokenizer"),
@@ -53,25 +53,29 @@ WAN_LATENT_RGB_FACTORS = np.array(
 WAN_LATENT_RGB_BIAS = np.array([-0.1835, -0.0868, -0.3360], dtype=np.float32)
 
 
-class QwenImageAdapter:
+class QwenImageAdapter(DiffusersAdapter):
     """Step-wise ``QwenImagePipeline``; loads only the components its stage needs."""
 
     family: ClassVar[str] = "qwenimage"
-    pipeline_classes: ClassVar[tuple[str, ...]] = ("QwenImagePipeline",)
+    pipeline_class = QwenImagePipeline
+    stage_components = STAGE_COMPONENTS
+    conditioning = (
+        *text_embeddings("prompt_embeds", "negative_prompt_embeds"),
+        *token_masks("prompt_embeds_mask", "negative_prompt_embeds_mask"),
+    )
+    step_takes_generator = False
 
     def __init__(self, path: Path, stage: Stage, device: torch.device, dtype: torch.dtype):
-        self.device = device
-        self.dtype = dtype
-        self.pipe = load_stage_pipeline(QwenImagePipeline, path, STAGE_COMPONENTS[stage], device, dtype)
         vae_config = load_component_config(path, "vae")
         transformer_config = load_component_config(path, "transformer")
         self.vae_scale_factor = 2 ** len(vae_config["temperal_downsample"])  # as QwenImagePipeline computes it
-        self.latent_channels = transformer_config["in_channels"] // 4
+        self.noise_channels = transformer_config["in_channels"] // 4
         self.guidance_embeds = transformer_config.get("guidance_embeds", False)
-        self.scheduler_config = load_component_config(path, "scheduler")
+        super().__init__(path, stage, device, dtype)
+
+    def pipeline_info(self) -> PipelineInfo:
         default_size = self.pipe.default_sample_size * self.vae_scale_factor
-        self.info = PipelineInfo(
-            family=self.family,
+        return PipelineInfo(
             pipeline_class="QwenImagePipeline",
             default_height=default_size,
             default_width=default_size,
@@ -86,8 +90,7 @@ class QwenImageAdapter:
             default_true_cfg_scale=4.0,
         )
 
-    @staticmethod
-    def uses_cfg(params: GenerationParams) -> bool:
+    def uses_cfg(self, params: GenerationParams) -> bool:
         """diffusers' ``do_true_cfg``: true CFG needs a scale above 1 and a negative prompt."""
         return params.true_cfg_scale > 1 and params.negative_prompt is not None
 
@@ -107,43 +110,24 @@ class QwenImageAdapter:
         return conditioning
 
     def prepare(self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]) -> RequestState:
-        do_cfg = self.uses_cfg(params)
-        require_conditioning(conditioning, [f"{text}_embeds" for text in self._texts(do_cfg)])
+        self.checked_conditioning(params, conditioning)
         kept = {}
-        for text in self._texts(do_cfg):
+        for text in self._texts(self.uses_cfg(params)):
             embeds, mask = self._checked_text(text, conditioning)
             kept[f"{text}_embeds"] = embeds[:, :MAX_SEQUENCE_LENGTH].to(self.device, self.dtype)
             if mask is not None:  # as encode_prompt: cut, then drop an all-ones mask
                 mask = mask[:, :MAX_SEQUENCE_LENGTH]
                 if not mask.all():
                     kept[f"{text}_embeds_mask"] = mask.to(self.device)
-        generator = torch.Generator().manual_seed(params.seed)
+        generator = self.seeded_generator(params)
         _, grid_height, grid_width = self._patch_grid(params)
         height, width = 2 * grid_height, 2 * grid_width  # latent size: 2x2 latent pixels per patch
-        noise = randn_tensor((1, 1, self.latent_channels, height, width), generator=generator, device=self.device, dtype=self.dtype)
-        latents = QwenImagePipeline._pack_latents(noise, 1, self.latent_channels, height, width)
-        scheduler = new_scheduler(params.scheduler, self.scheduler_config)
-        n = params.num_inference_steps
-        mu = calculate_shift(
-            latents.shape[1],
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.15),
-        )
-        timesteps, _ = retrieve_timesteps(scheduler, n, self.device, sigmas=np.linspace(1.0, 1 / n, n), mu=mu)
+        noise = randn_tensor((1, 1, self.noise_channels, height, width), generator=generator, device=self.device, dtype=self.dtype)
+        latents = pack_latents(noise[:, 0])
+        scheduler = self.new_scheduler(params)
+        timesteps = flow_timesteps(scheduler, params.num_inference_steps, self.device, latents.shape[1])
         scheduler.set_begin_index(0)
-        return RequestState(
-            correlation_id=correlation_id,
-            params=params,
-            scheduler=scheduler,
-            generator=generator,
-            timesteps=timesteps,
-            host_timesteps=host_schedule(scheduler, timesteps),
-            latents=latents,
-            conditioning=kept,
-            do_cfg=do_cfg,
-        )
+        return self.new_state(correlation_id, params, kept, scheduler, timesteps, generator, latents)
 
     def _checked_text(self, text: str, conditioning: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The embeddings [1, L, D] of ``text`` and their mask [1, L] (if given), or InvalidInput."""
@@ -214,13 +198,8 @@ class QwenImageAdapter:
     def _text_key(state: RequestState, text: str) -> tuple[int, bool]:
         return state.conditioning[f"{text}_embeds"].shape[1], f"{text}_embeds_mask" in state.conditioning
 
-    def step(self, state: RequestState, model_output: torch.Tensor) -> None:
-        state.latents = state.scheduler.step(model_output, state.host_timestep, state.latents, return_dict=False)[0]
-        state.step_index += 1
-
     def output_latents(self, state: RequestState) -> torch.Tensor:
-        unpacked = QwenImagePipeline._unpack_latents(state.latents, state.params.height, state.params.width, self.vae_scale_factor)
-        return unpacked[:, :, 0]
+        return unpack_latents(state.latents, state.params.height, state.params.width, self.vae_scale_factor)
 
     def preview(self, latents: np.ndarray) -> np.ndarray:
         """A small RGB preview [h/8, w/8, 3] uint8 of latents [1, c, h/8, w/8], without the VAE."""
@@ -231,8 +210,8 @@ class QwenImageAdapter:
             rgb = np.moveaxis(latents[:3], 0, -1)
         return rgb_preview(rgb)
 
-    def check_latents(self, latents: torch.Tensor | None) -> torch.Tensor:
-        return check_latents(latents, self.pipe.vae.config.z_dim)
+    def latent_channels(self) -> int:
+        return self.pipe.vae.config.z_dim
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         vae = self.pipe.vae

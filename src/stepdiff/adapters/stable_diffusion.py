@@ -17,25 +17,9 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..runner import Rows
-from .base import (
-    GenerationParams,
-    PipelineInfo,
-    RequestState,
-    check_latents,
-    host_schedule,
-    require_conditioning,
-    rgb_preview,
-    scheduler_step_kwargs,
-    to_uint8,
-)
-from .loading import (
-    Stage,
-    compatible_schedulers,
-    load_component_config,
-    load_stage_pipeline,
-    new_scheduler,
-    vae_scale_factor,
-)
+from .base import GenerationParams, PipelineInfo, RequestState, rgb_preview, text_embeddings, to_uint8
+from .diffusers_base import DiffusersAdapter
+from .loading import Stage, compatible_schedulers, load_component_config, vae_scale_factor
 
 STAGE_COMPONENTS = {
     Stage.TEXT_ENCODER: ("text_encoder", "tokenizer"),
@@ -50,42 +34,44 @@ LATENT_RGB_FACTORS = np.array(
 )
 
 
-class StableDiffusionAdapter:
+class StableDiffusionAdapter(DiffusersAdapter):
     """Step-wise ``StableDiffusionPipeline``; loads only the components its stage needs."""
 
     family: ClassVar[str] = "stable-diffusion"
-    pipeline_classes: ClassVar[tuple[str, ...]] = ("StableDiffusionPipeline",)
+    pipeline_class = StableDiffusionPipeline
+    stage_components = STAGE_COMPONENTS
+    conditioning = text_embeddings("prompt_embeds", "negative_prompt_embeds")
+    load_kwargs: ClassVar[dict[str, bool]] = {"requires_safety_checker": False}
+    latent_rgb_factors = LATENT_RGB_FACTORS
+    default_guidance_scale: ClassVar[float] = 7.5
 
     def __init__(self, path: Path, stage: Stage, device: torch.device, dtype: torch.dtype):
-        self.device = device
-        self.dtype = dtype
-        self.pipe = load_stage_pipeline(
-            StableDiffusionPipeline, path, STAGE_COMPONENTS[stage], device, dtype, requires_safety_checker=False
-        )
         unet_config = load_component_config(path, "unet", UNet2DConditionModel)
         self.scale_factor = vae_scale_factor(path)
         self.in_channels = unet_config["in_channels"]
+        self.sample_size = unet_config["sample_size"]
         self.cross_attention_dim = unet_config["cross_attention_dim"]
+        # LCM-distilled UNets embed the guidance scale (timestep_cond) instead of running CFG
+        self.time_cond_proj_dim = unet_config.get("time_cond_proj_dim")
         self.text_length = load_component_config(path, "text_encoder")["max_position_embeddings"]
-        self._cfg_capable = unet_config.get("time_cond_proj_dim") is None
-        scheduler_config = load_component_config(path, "scheduler")
-        self.scheduler_config = scheduler_config
-        sample = unet_config["sample_size"] * self.scale_factor
-        self.info = PipelineInfo(
-            family=self.family,
-            pipeline_class="StableDiffusionPipeline",
+        super().__init__(path, stage, device, dtype)
+
+    def pipeline_info(self) -> PipelineInfo:
+        sample = self.sample_size * self.scale_factor
+        return PipelineInfo(
+            pipeline_class=self.pipeline_class.__name__,
             default_height=sample,
             default_width=sample,
             size_multiple=self.scale_factor,
             default_steps=50,
-            default_guidance_scale=7.5,
-            default_scheduler=scheduler_config["_class_name"],
-            schedulers=compatible_schedulers(scheduler_config),
+            default_guidance_scale=self.default_guidance_scale,
+            default_scheduler=self.scheduler_config["_class_name"],
+            schedulers=compatible_schedulers(self.scheduler_config),
         )
 
     def uses_cfg(self, params: GenerationParams) -> bool:
         """diffusers' ``do_classifier_free_guidance``."""
-        return params.guidance_scale > 1 and self._cfg_capable
+        return params.guidance_scale > 1 and self.time_cond_proj_dim is None
 
     def encode_prompt(self, params: GenerationParams) -> dict[str, torch.Tensor]:
         do_cfg = self.uses_cfg(params)
@@ -98,50 +84,76 @@ class StableDiffusionAdapter:
         return conditioning
 
     def prepare(self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]) -> RequestState:
-        do_cfg = self.uses_cfg(params)
-        require_conditioning(conditioning, ["prompt_embeds", "negative_prompt_embeds"] if do_cfg else ["prompt_embeds"])
-        prompt_embeds = conditioning["prompt_embeds"].to(self.device, self.dtype)
-        if do_cfg:
-            negative = conditioning["negative_prompt_embeds"].to(self.device, self.dtype)
-            prompt_embeds = torch.cat([negative, prompt_embeds])
-        scheduler = new_scheduler(params.scheduler, self.scheduler_config)
+        self.checked_conditioning(params, conditioning)
+        kept = self.guided_conditioning(params, conditioning)
+        scheduler = self.new_scheduler(params)
         timesteps, _ = retrieve_timesteps(scheduler, params.num_inference_steps, self.device)
-        generator = torch.Generator().manual_seed(params.seed)
+        generator = self.seeded_generator(params)
         shape = (1, self.in_channels, params.height // self.scale_factor, params.width // self.scale_factor)
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=prompt_embeds.dtype)
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=kept["prompt_embeds"].dtype)
         latents = latents * scheduler.init_noise_sigma
-        return RequestState(
-            correlation_id=correlation_id,
-            params=params,
-            scheduler=scheduler,
-            generator=generator,
-            timesteps=timesteps,
-            host_timesteps=host_schedule(scheduler, timesteps),
-            latents=latents,
-            conditioning={"prompt_embeds": prompt_embeds},
-            do_cfg=do_cfg,
-        )
+        if self.time_cond_proj_dim is not None:
+            kept["timestep_cond"] = self.timestep_cond(params)
+        return self.new_state(correlation_id, params, kept, scheduler, timesteps, generator, latents)
+
+    def guided_conditioning(self, params: GenerationParams, conditioning: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each conditioning tensor on the device, ``negative_*`` prepended (uncond rows first) with CFG."""
+        kept = {}
+        for spec in self.conditioning:
+            if spec.name.startswith("negative_"):
+                continue
+            value = conditioning[spec.name].to(self.device, self.dtype)
+            if self.uses_cfg(params):
+                value = torch.cat([conditioning[f"negative_{spec.name}"].to(self.device, self.dtype), value])
+            kept[spec.name] = value
+        return kept
+
+    def timestep_cond(self, params: GenerationParams) -> torch.Tensor:
+        """The guidance-scale embedding an LCM-distilled UNet takes, as the pipeline builds it."""
+        scale = torch.tensor(params.guidance_scale - 1).repeat(1)
+        embedding = self.pipe.get_guidance_scale_embedding(scale, embedding_dim=self.time_cond_proj_dim)
+        return embedding.to(device=self.device, dtype=self.dtype)
 
     def batch_key(self, state: RequestState) -> Hashable:
         return (tuple(state.latents.shape), tuple(state.conditioning["prompt_embeds"].shape[1:]))
 
     def denoiser_rows(self, state: RequestState) -> list[Rows]:
-        """The UNet input of ``StableDiffusionPipeline``'s loop: [uncond, cond] rows with guidance."""
+        """The UNet input of the pipeline's loop: [uncond, cond] rows with guidance."""
         rows = torch.cat([state.latents] * 2) if state.do_cfg else state.latents
         sample = state.scheduler.scale_model_input(rows, state.host_timestep)
-        embeds = state.conditioning["prompt_embeds"]
         # float timesteps for every scheduler (PNDM's are integers): the UNet embeds them as float anyway
         timestep = state.timestep.to(torch.float32).expand(rows.shape[0])
-        return [self._unet_rows(sample, timestep, embeds)]
+        return [self._unet_rows({"sample": sample, "timestep": timestep, **self.row_conditioning(state)})]
+
+    def row_conditioning(self, state: RequestState) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning inputs per row (named as ``forward`` reads them)."""
+        rows = {"encoder_hidden_states": state.conditioning["prompt_embeds"]}
+        if "timestep_cond" in state.conditioning:
+            rows["timestep_cond"] = state.conditioning["timestep_cond"]
+        return rows
+
+    def row_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of one row of ``row_conditioning`` (for warm-up)."""
+        shapes = {"encoder_hidden_states": (self.text_length, self.cross_attention_dim)}
+        if self.time_cond_proj_dim is not None:
+            shapes["timestep_cond"] = (self.time_cond_proj_dim,)
+        return shapes
 
     @staticmethod
-    def _unet_rows(sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor) -> Rows:
+    def _unet_rows(tensors: dict[str, torch.Tensor]) -> Rows:
         """UNet inputs as runner rows, keyed by their shapes (real requests and warm-up alike)."""
-        key = ("unet", tuple(sample.shape[1:]), tuple(embeds.shape[1:]))
-        return Rows(key, {"sample": sample, "timestep": timestep, "encoder_hidden_states": embeds})
+        return Rows(("unet", *((name, tuple(value.shape[1:])) for name, value in sorted(tensors.items()))), tensors)
 
     def forward(self, key: Hashable, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.pipe.unet(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"], return_dict=False)[0]
+        added_cond_kwargs = {name: inputs[name] for name in ("text_embeds", "time_ids") if name in inputs} or None
+        return self.pipe.unet(
+            inputs["sample"],
+            inputs["timestep"],
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            timestep_cond=inputs.get("timestep_cond"),
+            added_cond_kwargs=added_cond_kwargs,
+            return_dict=False,
+        )[0]
 
     def guide(self, state: RequestState, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         [prediction] = outputs
@@ -151,15 +163,12 @@ class StableDiffusionAdapter:
         return uncond + state.params.guidance_scale * (text - uncond)
 
     def warmup_rows(self, height: int, width: int) -> list[Rows]:
+        """Rows of a guided request (one row for LCM UNets, which do not run CFG)."""
+        rows = 1 if self.time_cond_proj_dim is not None else 2
         latent = (self.in_channels, height // self.scale_factor, width // self.scale_factor)
-        sample = torch.zeros((2, *latent), device=self.device, dtype=self.dtype)
-        embeds = torch.zeros((2, self.text_length, self.cross_attention_dim), device=self.device, dtype=self.dtype)
-        return [self._unet_rows(sample, torch.zeros(2, device=self.device), embeds)]
-
-    def step(self, state: RequestState, model_output: torch.Tensor) -> None:
-        kwargs = scheduler_step_kwargs(state.scheduler, state.generator)
-        state.latents = state.scheduler.step(model_output, state.host_timestep, state.latents, **kwargs, return_dict=False)[0]
-        state.step_index += 1
+        shapes = {"sample": latent, **self.row_shapes()}
+        tensors = {name: torch.zeros((rows, *shape), device=self.device, dtype=self.dtype) for name, shape in shapes.items()}
+        return [self._unet_rows({**tensors, "timestep": torch.zeros(rows, device=self.device)})]
 
     def output_latents(self, state: RequestState) -> torch.Tensor:
         """SD keeps its latents as the VAE takes them."""
@@ -167,12 +176,7 @@ class StableDiffusionAdapter:
 
     def preview(self, latents: np.ndarray) -> np.ndarray:
         """A small RGB preview [h/8, w/8, 3] uint8 of latents [1, 4, h/8, w/8], without the VAE."""
-        rgb = np.einsum("chw,cr->hwr", latents[0].astype(np.float32), LATENT_RGB_FACTORS)
-        return rgb_preview(rgb)
-
-    def check_latents(self, latents: torch.Tensor | None) -> torch.Tensor:
-        channels = self.pipe.vae.config.latent_channels
-        return check_latents(latents, channels)
+        return rgb_preview(np.einsum("chw,cr->hwr", latents[0].astype(np.float32), self.latent_rgb_factors))
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         vae = self.pipe.vae

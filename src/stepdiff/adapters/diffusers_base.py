@@ -1,0 +1,110 @@
+"""What every diffusers adapter repeats: loading a stage's components, a request's state, the scheduler step.
+
+A family subclasses ``DiffusersAdapter``, names its pipeline class, the components each stage loads
+and the conditioning tensors its text encoders produce, and writes the slices of its pipeline's
+``__call__`` that differ (encoding, latents, denoiser rows, guidance, decoding).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from .base import (
+    GenerationParams,
+    PipelineInfo,
+    RequestState,
+    TensorSpec,
+    check_latents,
+    host_schedule,
+    require_conditioning,
+    scheduler_step_kwargs,
+)
+from .loading import Stage, load_component_config, load_stage_pipeline, new_scheduler
+
+
+class DiffusersAdapter:
+    """The shared half of a step adapter over one diffusers pipeline class."""
+
+    family: ClassVar[str]
+    pipeline_class: ClassVar[Any]  # the diffusers pipeline class the adapter slices
+    stage_components: ClassVar[dict[Stage, tuple[str, ...]]]  # what each Triton model loads
+    conditioning: ClassVar[tuple[TensorSpec, ...]]
+    # Whether the pipeline passes eta/generator to scheduler.step (SD-style pipelines do, flow ones not)
+    step_takes_generator: ClassVar[bool] = True
+    load_kwargs: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, path: Path, stage: Stage, device: torch.device, dtype: torch.dtype):
+        self.path = path
+        self.device = device
+        self.dtype = dtype
+        self.pipe = load_stage_pipeline(self.pipeline_class, path, self.stage_components[stage], device, dtype, **self.load_kwargs)
+        self.scheduler_config = load_component_config(path, "scheduler")
+        self.info = self.pipeline_info()
+
+    @classmethod
+    def pipeline_classes(cls) -> tuple[str, ...]:
+        """``model_index.json`` class names this adapter serves."""
+        return (cls.pipeline_class.__name__,)
+
+    def pipeline_info(self) -> PipelineInfo:
+        """Defaults and limits of the pipeline, read from its configs."""
+        raise NotImplementedError
+
+    def uses_cfg(self, params: GenerationParams) -> bool:
+        """Whether the request runs the denoiser on negative conditioning too (the pipeline's rule)."""
+        raise NotImplementedError
+
+    def required_conditioning(self, do_cfg: bool) -> list[str]:
+        """Conditioning names START must carry: every declared ``negative_*`` only with guidance."""
+        names = [spec.name for spec in self.conditioning if not spec.name.endswith("_mask")]
+        return [name for name in names if do_cfg or not name.startswith("negative_")]
+
+    def new_state(
+        self,
+        correlation_id: int,
+        params: GenerationParams,
+        conditioning: dict[str, torch.Tensor],
+        scheduler: Any,
+        timesteps: torch.Tensor,
+        generator: torch.Generator,
+        latents: torch.Tensor,
+    ) -> RequestState:
+        """The request's state; the scheduler's host schedule is set up for stall-free steps."""
+        return RequestState(
+            correlation_id=correlation_id,
+            params=params,
+            scheduler=scheduler,
+            generator=generator,
+            timesteps=timesteps,
+            host_timesteps=host_schedule(scheduler, timesteps),
+            latents=latents,
+            conditioning=conditioning,
+            do_cfg=self.uses_cfg(params),
+        )
+
+    def checked_conditioning(self, params: GenerationParams, conditioning: dict[str, torch.Tensor]) -> None:
+        """InvalidInput unless START brought every conditioning tensor the request needs."""
+        require_conditioning(conditioning, self.required_conditioning(self.uses_cfg(params)))
+
+    def new_scheduler(self, params: GenerationParams) -> Any:
+        return new_scheduler(params.scheduler, self.scheduler_config)
+
+    @staticmethod
+    def seeded_generator(params: GenerationParams) -> torch.Generator:
+        """The request's CPU generator, as the pipelines' ``generator=torch.Generator().manual_seed(seed)``."""
+        return torch.Generator().manual_seed(params.seed)
+
+    def step(self, state: RequestState, model_output: torch.Tensor) -> None:
+        kwargs = scheduler_step_kwargs(state.scheduler, state.generator) if self.step_takes_generator else {}
+        state.latents = state.scheduler.step(model_output, state.host_timestep, state.latents, **kwargs, return_dict=False)[0]
+        state.step_index += 1
+
+    def latent_channels(self) -> int:
+        """Channels of the latents ``decode`` takes."""
+        return self.pipe.vae.config.latent_channels
+
+    def check_latents(self, latents: torch.Tensor | None) -> torch.Tensor:
+        return check_latents(latents, self.latent_channels())

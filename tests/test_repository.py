@@ -1,0 +1,53 @@
+"""The served model repository: the template completed with the adapter's declared conditioning."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import REPO
+
+from stepdiff.adapters.qwenimage import QwenImageAdapter
+from stepdiff.adapters.stable_diffusion_xl import StableDiffusionXLAdapter
+from stepdiff.repository import read_config, write_served_repository
+
+TEMPLATE = REPO / "model_repository"
+
+
+def entries(config, field: str) -> dict[str, tuple[str, list[int], bool]]:
+    from tritonclient.grpc import model_config_pb2
+
+    return {
+        entry.name: (model_config_pb2.DataType.Name(entry.data_type), list(entry.dims), getattr(entry, "optional", False))
+        for entry in getattr(config, field)
+    }
+
+
+@pytest.mark.parametrize("adapter", [StableDiffusionXLAdapter, QwenImageAdapter])
+def test_conditioning_becomes_text_encoder_outputs_and_optional_denoise_step_inputs(tmp_path, adapter):
+    served = write_served_repository(TEMPLATE, tmp_path / "served", adapter.conditioning)
+    outputs = entries(read_config(served / "text_encoder" / "config.pbtxt"), "output")
+    inputs = entries(read_config(served / "denoise_step" / "config.pbtxt"), "input")
+    for spec in adapter.conditioning:
+        assert outputs[spec.name] == (spec.data_type, list(spec.dims), False)
+        assert inputs[spec.name] == (spec.data_type, list(spec.dims), True)
+    assert len(outputs) == len(adapter.conditioning)  # the template declares none of its own
+    assert {"prompt", "seed", "step", "abort"} <= set(inputs)  # the template's inputs stay
+    template_config = read_config(TEMPLATE / "denoise_step" / "config.pbtxt")
+    assert read_config(served / "denoise_step" / "config.pbtxt").sequence_batching == template_config.sequence_batching
+    assert (served / "denoise_step" / "1" / "model.py").read_text() == (TEMPLATE / "denoise_step" / "1" / "model.py").read_text()
+
+
+def test_served_copy_replaces_an_older_one_and_leaves_the_template_alone(tmp_path):
+    before = (TEMPLATE / "text_encoder" / "config.pbtxt").read_text()
+    target = tmp_path / "served"
+    write_served_repository(TEMPLATE, target, QwenImageAdapter.conditioning)
+    write_served_repository(TEMPLATE, target, StableDiffusionXLAdapter.conditioning)
+    outputs = entries(read_config(target / "text_encoder" / "config.pbtxt"), "output")
+    assert "prompt_embeds_mask" not in outputs and "pooled_prompt_embeds" in outputs
+    assert (TEMPLATE / "text_encoder" / "config.pbtxt").read_text() == before
+
+
+def test_a_directory_without_the_stage_models_is_refused(tmp_path):
+    (tmp_path / "text_encoder").mkdir()
+    (tmp_path / "text_encoder" / "config.pbtxt").write_text((TEMPLATE / "text_encoder" / "config.pbtxt").read_text())
+    with pytest.raises(ValueError, match="denoise_step/config.pbtxt is missing"):
+        write_served_repository(tmp_path, tmp_path / "served", StableDiffusionXLAdapter.conditioning)
