@@ -196,3 +196,25 @@ def sdxl_reference(tiny_sdxl):
     from diffusers import StableDiffusionXLPipeline
 
     return reference_pipeline(StableDiffusionXLPipeline, tiny_sdxl)
+
+
+@pytest.fixture(scope="session", params=["flux", "flux-schnell"])
+def tiny_flux(request, tmp_path_factory) -> Path:
+    """FLUX.1 dev (guidance embedding, dynamic shift) and schnell (neither), one after the other."""
+    from stepdiff.tiny import make_tiny
+
+    return make_tiny(request.param, tmp_path_factory.mktemp("pipelines") / f"tiny-{request.param}")
+
+
+@pytest.fixture(scope="session")
+def flux_server(tiny_flux, tmp_path_factory):
+    with running_server(tiny_flux, tmp_path_factory.mktemp(f"{tiny_flux.name}-logs") / "tritonserver.log") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def flux_reference(tiny_flux):
+    """FluxPipeline."""
+    from diffusers import FluxPipeline
+
+    return reference_pipeline(FluxPipeline, tiny_flux)

@@ -15,6 +15,7 @@ import torch
 if TYPE_CHECKING:
     from diffusers import (
         AutoencoderKL,
+        FluxPipeline,
         AutoencoderKLQwenImage,
         QwenImagePipeline,
         QwenImageTransformer2DModel,
@@ -22,7 +23,14 @@ if TYPE_CHECKING:
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextModel, CLIPTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+    from transformers import (
+        CLIPTextModel,
+        CLIPTokenizer,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2Tokenizer,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
 
 # A fixed word list: each word becomes one BPE token, anything else falls back to byte-level pieces.
 TINY_WORDS = (
@@ -261,6 +269,86 @@ def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     )  # fmt: skip
 
 
+def t5_tokenizer() -> T5TokenizerFast:
+    """An offline T5 (unigram) tokenizer: each tiny word is one piece, anything else single characters."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    characters = sorted(set(string.ascii_letters + string.digits + string.punctuation))
+    pieces = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "\u2581": -2.0}
+    pieces |= {f"\u2581{word}": -1.0 for word in TINY_WORDS}
+    pieces |= {f"\u2581{character}": -4.0 for character in characters if f"\u2581{character}" not in pieces}
+    pieces |= {character: -5.0 for character in characters}
+    return T5TokenizerFast(vocab=list(pieces.items()), extra_ids=0)
+
+
+def tiny_clip_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int, **config: object) -> CLIPTextModel:
+    """A small random CLIP text encoder over ``tokenizer``'s vocabulary."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab = tokenizer.get_vocab()
+    return CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+            hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+            max_position_embeddings=77, vocab_size=len(vocab), **config,
+        )
+    ).eval()  # fmt: skip
+
+
+def tiny_t5_encoder(tokenizer: T5TokenizerFast, d_model: int) -> T5EncoderModel:
+    """A small random T5 encoder over ``tokenizer``'s vocabulary."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    ).eval()  # fmt: skip
+
+
+# FLUX.1-dev's and FLUX.1-schnell's scheduler_config.json (FlowMatchEulerDiscreteScheduler).
+FLUX_DEV_SCHEDULER_CONFIG = {
+    "base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
+    "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
+}  # fmt: skip
+FLUX_SCHNELL_SCHEDULER_CONFIG = {**FLUX_DEV_SCHEDULER_CONFIG, "shift": 1.0, "use_dynamic_shifting": False}
+
+
+def build_tiny_flux(seed: int = 0, schnell: bool = False) -> FluxPipeline:
+    """A FluxPipeline with FLUX.1's structure (CLIP pooled + T5 embeddings, packed 2x2 latents, VAE factor 8
+    with shift and scale, guidance embedding for dev, none for schnell) and tiny widths."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = tiny_clip_text_encoder(tokenizer, hidden_size=32, hidden_act="quick_gelu")
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = tiny_t5_encoder(tokenizer_2, d_model=32)
+    torch.manual_seed(seed + 2)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=not schnell, axes_dims_rope=(4, 6, 6),
+    )  # fmt: skip
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
+        norm_num_groups=4, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=0.3611, shift_factor=0.1159,
+    )  # fmt: skip
+    scheduler_config = FLUX_SCHNELL_SCHEDULER_CONFIG if schnell else FLUX_DEV_SCHEDULER_CONFIG
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler_config), vae=vae, text_encoder=text_encoder,
+        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+    )  # fmt: skip
+
+
+def build_tiny_flux_schnell(seed: int = 0) -> FluxPipeline:
+    """``build_tiny_flux`` as FLUX.1-schnell: no guidance embedding, no dynamic shifting."""
+    return build_tiny_flux(seed, schnell=True)
+
+
 # Qwen-Image's scheduler_config.json: flow matching with resolution-dependent (exponential) shift.
 QWENIMAGE_SCHEDULER_CONFIG = {
     "base_image_seq_len": 256,
@@ -387,6 +475,8 @@ BUILDERS = {
     "sd": build_tiny_stable_diffusion,
     "sd15-size": build_sd15_size,
     "sdxl": build_tiny_sdxl,
+    "flux": build_tiny_flux,
+    "flux-schnell": build_tiny_flux_schnell,
     "qwenimage": build_tiny_qwenimage,
     "qwenimage-size": build_qwenimage_size,
 }

@@ -7,12 +7,13 @@ from pathlib import Path
 import torch
 
 from .base import STEP_METHODS, GenerationParams, InvalidInput, PipelineInfo, RequestState, StepAdapter
+from .flux import FluxAdapter
 from .loading import Stage, pipeline_class_name, resolve_pipeline
 from .qwenimage import QwenImageAdapter
 from .stable_diffusion import StableDiffusionAdapter
 from .stable_diffusion_xl import StableDiffusionXLAdapter
 
-ADAPTERS: tuple[type, ...] = (StableDiffusionAdapter, StableDiffusionXLAdapter, QwenImageAdapter)
+ADAPTERS: tuple[type, ...] = (StableDiffusionAdapter, StableDiffusionXLAdapter, FluxAdapter, QwenImageAdapter)
 
 
 class UnsupportedPipeline(ValueError):
