@@ -177,6 +177,40 @@ def qwen_reference(tiny_qwen):
     return reference_pipeline(QwenImagePipeline, tiny_qwen)
 
 
+# The families tests/test_families.py serves, each with its diffusers pipeline class.
+FAMILY_PIPELINES = {
+    "sdxl": "StableDiffusionXLPipeline",
+    "flux": "FluxPipeline",
+    "flux-schnell": "FluxPipeline",
+}
+
+
+@pytest.fixture(scope="session", params=list(FAMILY_PIPELINES))
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def family_pipeline(family, tmp_path_factory) -> Path:
+    from stepdiff.tiny import make_tiny
+
+    return make_tiny(family, tmp_path_factory.mktemp("pipelines") / f"tiny-{family}")
+
+
+@pytest.fixture(scope="session")
+def family_server(family, family_pipeline, tmp_path_factory):
+    with running_server(family_pipeline, tmp_path_factory.mktemp(f"{family}-logs") / "tritonserver.log") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def family_reference(family, family_pipeline):
+    """The family's stock diffusers pipeline."""
+    import diffusers
+
+    return reference_pipeline(getattr(diffusers, FAMILY_PIPELINES[family]), family_pipeline)
+
+
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     from stepdiff.tiny import make_tiny
@@ -185,36 +219,8 @@ def tiny_sdxl(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sdxl_server(tiny_sdxl, tmp_path_factory):
-    with running_server(tiny_sdxl, tmp_path_factory.mktemp("sdxl-logs") / "tritonserver.log") as running:
-        yield running
-
-
-@pytest.fixture(scope="session")
 def sdxl_reference(tiny_sdxl):
-    """StableDiffusionXLPipeline."""
+    """StableDiffusionXLPipeline, for in-process adapter tests."""
     from diffusers import StableDiffusionXLPipeline
 
     return reference_pipeline(StableDiffusionXLPipeline, tiny_sdxl)
-
-
-@pytest.fixture(scope="session", params=["flux", "flux-schnell"])
-def tiny_flux(request, tmp_path_factory) -> Path:
-    """FLUX.1 dev (guidance embedding, dynamic shift) and schnell (neither), one after the other."""
-    from stepdiff.tiny import make_tiny
-
-    return make_tiny(request.param, tmp_path_factory.mktemp("pipelines") / f"tiny-{request.param}")
-
-
-@pytest.fixture(scope="session")
-def flux_server(tiny_flux, tmp_path_factory):
-    with running_server(tiny_flux, tmp_path_factory.mktemp(f"{tiny_flux.name}-logs") / "tritonserver.log") as running:
-        yield running
-
-
-@pytest.fixture(scope="session")
-def flux_reference(tiny_flux):
-    """FluxPipeline."""
-    from diffusers import FluxPipeline
-
-    return reference_pipeline(FluxPipeline, tiny_flux)

@@ -13,7 +13,12 @@ from .qwenimage import QwenImageAdapter
 from .stable_diffusion import StableDiffusionAdapter
 from .stable_diffusion_xl import StableDiffusionXLAdapter
 
-ADAPTERS: tuple[type, ...] = (StableDiffusionAdapter, StableDiffusionXLAdapter, FluxAdapter, QwenImageAdapter)
+ADAPTERS: tuple[type, ...] = (
+    StableDiffusionAdapter,
+    StableDiffusionXLAdapter,
+    FluxAdapter,
+    QwenImageAdapter,
+)
 
 
 class UnsupportedPipeline(ValueError):

@@ -7,9 +7,11 @@ and the conditioning tensors its text encoders produce, and writes the slices of
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from .base import (
@@ -20,6 +22,7 @@ from .base import (
     check_latents,
     host_schedule,
     require_conditioning,
+    rgb_preview,
     scheduler_step_kwargs,
 )
 from .loading import Stage, load_component_config, load_stage_pipeline, new_scheduler
@@ -35,6 +38,9 @@ class DiffusersAdapter:
     # Whether the pipeline passes eta/generator to scheduler.step (SD-style pipelines do, flow ones not)
     step_takes_generator: ClassVar[bool] = True
     load_kwargs: ClassVar[dict[str, Any]] = {}
+    # The family's linear latent -> RGB map for previews ([channels, 3], ComfyUI's factors), and its bias
+    latent_rgb_factors: ClassVar[np.ndarray | None] = None
+    latent_rgb_bias: ClassVar[np.ndarray | None] = None
 
     def __init__(self, path: Path, stage: Stage, device: torch.device, dtype: torch.dtype):
         self.path = path
@@ -89,6 +95,18 @@ class DiffusersAdapter:
         """InvalidInput unless START brought every conditioning tensor the request needs."""
         require_conditioning(conditioning, self.required_conditioning(self.uses_cfg(params)))
 
+    def guided_conditioning(self, params: GenerationParams, conditioning: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each conditioning tensor on the device, ``negative_*`` prepended (uncond rows first) with CFG."""
+        kept = {}
+        for spec in self.conditioning:
+            if spec.name.startswith("negative_"):
+                continue
+            value = conditioning[spec.name].to(self.device, self.dtype)
+            if self.uses_cfg(params):
+                value = torch.cat([conditioning[f"negative_{spec.name}"].to(self.device, self.dtype), value])
+            kept[spec.name] = value
+        return kept
+
     def new_scheduler(self, params: GenerationParams) -> Any:
         return new_scheduler(params.scheduler, self.scheduler_config)
 
@@ -108,3 +126,22 @@ class DiffusersAdapter:
 
     def check_latents(self, latents: torch.Tensor | None) -> torch.Tensor:
         return check_latents(latents, self.latent_channels())
+
+    def preview(self, latents: np.ndarray) -> np.ndarray:
+        """A small uint8 RGB preview [h, w, 3] of ``output_latents`` [1, c, h, w], without the VAE: the
+        family's latent -> RGB map, or the first 3 channels when the channel count differs (tiny pipelines)."""
+        latents = latents[0].astype(np.float32)
+        factors = self.latent_rgb_factors
+        if factors is None or latents.shape[0] != len(factors):
+            return rgb_preview(np.moveaxis(latents[:3], 0, -1))
+        rgb = np.einsum("chw,cr->hwr", latents, factors)
+        return rgb_preview(rgb if self.latent_rgb_bias is None else rgb + self.latent_rgb_bias)
+
+
+def classifier_free_guidance(state: RequestState, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``uncond + guidance_scale * (cond - uncond)`` from one denoiser call on [uncond, cond] rows."""
+    [prediction] = outputs
+    if not state.do_cfg:
+        return prediction
+    uncond, cond = prediction.chunk(2)
+    return uncond + state.params.guidance_scale * (cond - uncond)

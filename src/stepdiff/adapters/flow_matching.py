@@ -11,15 +11,16 @@ from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
 
-def resolution_shift(scheduler: Any, image_seq_len: int) -> float:
-    """``mu`` for dynamic shifting: linear in the number of image tokens between the scheduler's bounds."""
+def resolution_shift(scheduler: Any, image_seq_len: int, default_max_shift: float = 1.15) -> float:
+    """``mu`` for dynamic shifting: linear in the number of image tokens between the scheduler's bounds
+    (a scheduler config without ``max_shift`` gets the pipeline's default: 1.15, SD3's 1.16)."""
     config = scheduler.config
     return calculate_shift(
         image_seq_len,
         config.get("base_image_seq_len", 256),
         config.get("max_image_seq_len", 4096),
         config.get("base_shift", 0.5),
-        config.get("max_shift", 1.15),
+        config.get("max_shift", default_max_shift),
     )
 
 

@@ -21,7 +21,14 @@ from diffusers import FluxPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..runner import Rows
-from .base import GenerationParams, PipelineInfo, RequestState, pooled_embeddings, rgb_preview, text_embeddings, to_uint8
+from .base import (
+    GenerationParams,
+    PipelineInfo,
+    RequestState,
+    pooled_embeddings,
+    text_embeddings,
+    to_uint8,
+)
 from .diffusers_base import DiffusersAdapter
 from .flow_matching import flow_timesteps, pack_latents, unpack_latents
 from .loading import Stage, compatible_schedulers, load_component_config, vae_scale_factor
@@ -54,6 +61,8 @@ class FluxAdapter(DiffusersAdapter):
     family: ClassVar[str] = "flux"
     pipeline_class = FluxPipeline
     stage_components = STAGE_COMPONENTS
+    latent_rgb_factors = FLUX_LATENT_RGB_FACTORS
+    latent_rgb_bias = FLUX_LATENT_RGB_BIAS
     conditioning = (
         *text_embeddings("prompt_embeds", "negative_prompt_embeds"),
         *pooled_embeddings("pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
@@ -172,13 +181,6 @@ class FluxAdapter(DiffusersAdapter):
 
     def output_latents(self, state: RequestState) -> torch.Tensor:
         return unpack_latents(state.latents, state.params.height, state.params.width, self.vae_scale_factor)
-
-    def preview(self, latents: np.ndarray) -> np.ndarray:
-        """A small RGB preview [h/8, w/8, 3] uint8 of latents [1, c, h/8, w/8], without the VAE."""
-        latents = latents[0].astype(np.float32)
-        if latents.shape[0] == len(FLUX_LATENT_RGB_FACTORS):
-            return rgb_preview(np.einsum("chw,cr->hwr", latents, FLUX_LATENT_RGB_FACTORS) + FLUX_LATENT_RGB_BIAS)
-        return rgb_preview(np.moveaxis(latents[:3], 0, -1))
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         vae = self.pipe.vae

@@ -22,7 +22,6 @@ from .base import (
     InvalidInput,
     PipelineInfo,
     RequestState,
-    rgb_preview,
     text_embeddings,
     to_uint8,
     token_masks,
@@ -59,6 +58,8 @@ class QwenImageAdapter(DiffusersAdapter):
     family: ClassVar[str] = "qwenimage"
     pipeline_class = QwenImagePipeline
     stage_components = STAGE_COMPONENTS
+    latent_rgb_factors = WAN_LATENT_RGB_FACTORS
+    latent_rgb_bias = WAN_LATENT_RGB_BIAS
     conditioning = (
         *text_embeddings("prompt_embeds", "negative_prompt_embeds"),
         *token_masks("prompt_embeds_mask", "negative_prompt_embeds_mask"),
@@ -200,15 +201,6 @@ class QwenImageAdapter(DiffusersAdapter):
 
     def output_latents(self, state: RequestState) -> torch.Tensor:
         return unpack_latents(state.latents, state.params.height, state.params.width, self.vae_scale_factor)
-
-    def preview(self, latents: np.ndarray) -> np.ndarray:
-        """A small RGB preview [h/8, w/8, 3] uint8 of latents [1, c, h/8, w/8], without the VAE."""
-        latents = latents[0].astype(np.float32)
-        if latents.shape[0] == len(WAN_LATENT_RGB_FACTORS):
-            rgb = np.einsum("chw,cr->hwr", latents, WAN_LATENT_RGB_FACTORS) + WAN_LATENT_RGB_BIAS
-        else:
-            rgb = np.moveaxis(latents[:3], 0, -1)
-        return rgb_preview(rgb)
 
     def latent_channels(self) -> int:
         return self.pipe.vae.config.z_dim

@@ -17,8 +17,8 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..runner import Rows
-from .base import GenerationParams, PipelineInfo, RequestState, rgb_preview, text_embeddings, to_uint8
-from .diffusers_base import DiffusersAdapter
+from .base import GenerationParams, PipelineInfo, RequestState, text_embeddings, to_uint8
+from .diffusers_base import DiffusersAdapter, classifier_free_guidance
 from .loading import Stage, compatible_schedulers, load_component_config, vae_scale_factor
 
 STAGE_COMPONENTS = {
@@ -96,18 +96,6 @@ class StableDiffusionAdapter(DiffusersAdapter):
             kept["timestep_cond"] = self.timestep_cond(params)
         return self.new_state(correlation_id, params, kept, scheduler, timesteps, generator, latents)
 
-    def guided_conditioning(self, params: GenerationParams, conditioning: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each conditioning tensor on the device, ``negative_*`` prepended (uncond rows first) with CFG."""
-        kept = {}
-        for spec in self.conditioning:
-            if spec.name.startswith("negative_"):
-                continue
-            value = conditioning[spec.name].to(self.device, self.dtype)
-            if self.uses_cfg(params):
-                value = torch.cat([conditioning[f"negative_{spec.name}"].to(self.device, self.dtype), value])
-            kept[spec.name] = value
-        return kept
-
     def timestep_cond(self, params: GenerationParams) -> torch.Tensor:
         """The guidance-scale embedding an LCM-distilled UNet takes, as the pipeline builds it."""
         scale = torch.tensor(params.guidance_scale - 1).repeat(1)
@@ -156,11 +144,7 @@ class StableDiffusionAdapter(DiffusersAdapter):
         )[0]
 
     def guide(self, state: RequestState, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        [prediction] = outputs
-        if not state.do_cfg:
-            return prediction
-        uncond, text = prediction.chunk(2)
-        return uncond + state.params.guidance_scale * (text - uncond)
+        return classifier_free_guidance(state, outputs)
 
     def warmup_rows(self, height: int, width: int) -> list[Rows]:
         """Rows of a guided request (one row for LCM UNets, which do not run CFG)."""
@@ -173,10 +157,6 @@ class StableDiffusionAdapter(DiffusersAdapter):
     def output_latents(self, state: RequestState) -> torch.Tensor:
         """SD keeps its latents as the VAE takes them."""
         return state.latents
-
-    def preview(self, latents: np.ndarray) -> np.ndarray:
-        """A small RGB preview [h/8, w/8, 3] uint8 of latents [1, 4, h/8, w/8], without the VAE."""
-        return rgb_preview(np.einsum("chw,cr->hwr", latents[0].astype(np.float32), self.latent_rgb_factors))
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         vae = self.pipe.vae

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from .base import GenerationParams, RequestState, pooled_embeddings, rgb_preview, text_embeddings, to_uint8
+from .base import GenerationParams, RequestState, pooled_embeddings, text_embeddings, to_uint8
 from .loading import Stage, load_component_config
 from .stable_diffusion import StableDiffusionAdapter
 
@@ -41,6 +41,8 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     family: ClassVar[str] = "stable-diffusion-xl"
     pipeline_class = StableDiffusionXLPipeline
     stage_components = STAGE_COMPONENTS
+    latent_rgb_factors = LATENT_RGB_FACTORS
+    latent_rgb_bias = LATENT_RGB_BIAS
     conditioning = (
         *text_embeddings("prompt_embeds", "negative_prompt_embeds"),
         *pooled_embeddings("pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
@@ -85,10 +87,6 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
 
     def row_shapes(self) -> dict[str, tuple[int, ...]]:
         return {**super().row_shapes(), "text_embeds": (self.pooled_dim,), "time_ids": (TIME_IDS,)}
-
-    def preview(self, latents: np.ndarray) -> np.ndarray:
-        rgb = np.einsum("chw,cr->hwr", latents[0].astype(np.float32), LATENT_RGB_FACTORS) + LATENT_RGB_BIAS
-        return rgb_preview(rgb)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         vae = self.pipe.vae
