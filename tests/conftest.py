@@ -182,6 +182,7 @@ FAMILY_PIPELINES = {
     "sdxl": "StableDiffusionXLPipeline",
     "flux": "FluxPipeline",
     "flux-schnell": "FluxPipeline",
+    "sd3": "StableDiffusion3Pipeline",
 }
 
 

@@ -1,4 +1,4 @@
-"""SDXL, FLUX.1 dev and schnell through the real server, one after the other.
+"""SDXL, FLUX.1 dev and schnell, and SD3 through the real server, one after the other.
 
 Each family: a request alone is byte-identical to its diffusers pipeline over a matrix of 5 prompts x
 3 sizes x its options; mixed concurrent requests share forwards and match their solo runs; streaming,
@@ -91,6 +91,17 @@ FAMILIES = {
         defaults=dict(height=32, width=32, negative_prompt=NEGATIVE),
         bad_inputs=FLUX_BAD_INPUTS,
         mixed=dict(true_cfg_scale=3.0),
+    ),
+    "sd3": Family(
+        options=[dict(negative_prompt=NEGATIVE, guidance_scale=7.0), dict(guidance_scale=4.0), dict(guidance_scale=1.0)],
+        distinct=[0, 1, 2],
+        defaults={},  # the transformer's sample size x 8, 28 steps, guidance 7.0
+        bad_inputs=[
+            ({"width": int32(72)}, "width=72 is not a multiple of 16, which StableDiffusion3Pipeline requires "
+                                   "(VAE factor 8 x transformer patch size 2)"),
+            ({"scheduler": text(b"DDIMScheduler")}, "allowed FlowMatchEulerDiscreteScheduler"),
+            ({"num_inference_steps": int32(0)}, "num_inference_steps=0 is out of range"),
+        ],
     ),
 }  # fmt: skip
 STEPS = 4

@@ -70,8 +70,9 @@ def test_qwenimage_is_reproducible_and_loads_offline_like_qwen_image(tiny_qwen, 
 
 
 def test_the_other_families_are_reproducible_and_have_their_structure(tmp_path):
-    """SDXL, Flux dev/schnell: same files twice; the structure their adapters rely on."""
+    """SDXL, Flux dev/schnell and SD3: same files twice; the structure their adapters rely on."""
     import diffusers
+    import pytest
 
     from stepdiff.tiny import make_tiny as build
 
@@ -80,6 +81,7 @@ def test_the_other_families_are_reproducible_and_have_their_structure(tmp_path):
         and pipe.tokenizer_2.pad_token == "!",
         "flux": lambda pipe: pipe.transformer.config.guidance_embeds and pipe.scheduler.config.use_dynamic_shifting,
         "flux-schnell": lambda pipe: not pipe.transformer.config.guidance_embeds and not pipe.scheduler.config.use_dynamic_shifting,
+        "sd3": lambda pipe: pipe.transformer.config.patch_size == 2 and pipe.vae.config.shift_factor == pytest.approx(0.0609),
     }
     for family, check in expectations.items():
         first, second = build(family, tmp_path / f"{family}-a"), build(family, tmp_path / f"{family}-b")
@@ -87,5 +89,5 @@ def test_the_other_families_are_reproducible_and_have_their_structure(tmp_path):
         pipe = diffusers.DiffusionPipeline.from_pretrained(first)
         assert pipe.vae_scale_factor == 8 and check(pipe), family
         if family != "sdxl":  # the offline T5 tokenizer: tiny words are one piece, others fall back to characters
-            t5 = pipe.tokenizer_2
+            t5 = pipe.tokenizer_2 if family.startswith("flux") else pipe.tokenizer_3
             assert t5.convert_ids_to_tokens(t5("a photo of a zebra").input_ids) == ["▁a", "▁photo", "▁of", "▁a", "▁z", "e", "b", "r", "a", "</s>"]

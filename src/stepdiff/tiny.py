@@ -19,6 +19,7 @@ if TYPE_CHECKING:
         AutoencoderKLQwenImage,
         QwenImagePipeline,
         QwenImageTransformer2DModel,
+        StableDiffusion3Pipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
@@ -349,6 +350,49 @@ def build_tiny_flux_schnell(seed: int = 0) -> FluxPipeline:
     return build_tiny_flux(seed, schnell=True)
 
 
+# stable-diffusion-3.5's scheduler_config.json (FlowMatchEulerDiscreteScheduler, fixed shift).
+SD3_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}
+
+
+def build_tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
+    """A StableDiffusion3Pipeline with SD 3.5's structure (CLIP-L and CLIP-G with projections, T5, an MMDiT
+    with 2x2 patches and joint attention over CLIP+T5 tokens, VAE factor 8 with shift and scale) and tiny widths."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_3 = clip_tokenizer(), t5_tokenizer()
+    vocab = tokenizer.get_vocab()
+    clip_config = dict(
+        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+        hidden_size=16, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+        vocab_size=len(vocab), hidden_act="gelu", projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip_config)).eval()
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_config)).eval()
+    torch.manual_seed(seed + 2)
+    text_encoder_3 = tiny_t5_encoder(tokenizer_3, d_model=32)  # CLIP-L + CLIP-G widths (16 + 16) fit in it
+    torch.manual_seed(seed + 3)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
+        pos_embed_max_size=32,
+    )  # fmt: skip
+    torch.manual_seed(seed + 4)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
+        norm_num_groups=4, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=1.5305, shift_factor=0.0609,
+    )  # fmt: skip
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer(),
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    )  # fmt: skip
+
+
 # Qwen-Image's scheduler_config.json: flow matching with resolution-dependent (exponential) shift.
 QWENIMAGE_SCHEDULER_CONFIG = {
     "base_image_seq_len": 256,
@@ -477,6 +521,7 @@ BUILDERS = {
     "sdxl": build_tiny_sdxl,
     "flux": build_tiny_flux,
     "flux-schnell": build_tiny_flux_schnell,
+    "sd3": build_tiny_sd3,
     "qwenimage": build_tiny_qwenimage,
     "qwenimage-size": build_qwenimage_size,
 }

@@ -11,11 +11,13 @@ from .flux import FluxAdapter
 from .loading import Stage, pipeline_class_name, resolve_pipeline
 from .qwenimage import QwenImageAdapter
 from .stable_diffusion import StableDiffusionAdapter
+from .stable_diffusion_3 import StableDiffusion3Adapter
 from .stable_diffusion_xl import StableDiffusionXLAdapter
 
 ADAPTERS: tuple[type, ...] = (
     StableDiffusionAdapter,
     StableDiffusionXLAdapter,
+    StableDiffusion3Adapter,
     FluxAdapter,
     QwenImageAdapter,
 )
