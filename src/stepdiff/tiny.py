@@ -7,6 +7,7 @@ serving code loads them through the same ``from_pretrained`` path as a real chec
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     )
     from transformers import (
         CLIPTextModel,
+        CLIPTextModelWithProjection,
         CLIPTokenizer,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2Tokenizer,
@@ -232,42 +234,23 @@ SDXL_SCHEDULER_CONFIG = {
 }
 
 
-def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
-    """A StableDiffusionXLPipeline with SDXL's structure (two CLIP text encoders, the second with a
-    projection for pooled embeddings; a text-time conditioned UNet; an upcast VAE; Euler) and tiny widths."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+def clip_text_encoder(
+    tokenizer: CLIPTokenizer, hidden_size: int, layers: int, projection_dim: int | None = None, heads: int = 4,
+    intermediate_size: int = 37, hidden_act: str = "gelu",
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """A random CLIP text encoder over ``tokenizer``'s vocabulary; with a projection (pooled ``text_embeds``,
+    as SDXL's second and SD3's encoders) when ``projection_dim`` is given."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    tokenizer = clip_tokenizer()
-    vocab, merges = clip_vocabulary()
-    tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="!")  # as SDXL's second
-    text_config = dict(
+    vocab = tokenizer.get_vocab()
+    config = CLIPTextConfig(
         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
-        intermediate_size=37, num_attention_heads=4, num_hidden_layers=3, max_position_embeddings=77,
-        vocab_size=len(vocab), hidden_act="gelu",
+        hidden_size=hidden_size, intermediate_size=intermediate_size, num_attention_heads=heads,
+        num_hidden_layers=layers, max_position_embeddings=77, vocab_size=len(vocab), hidden_act=hidden_act,
+        projection_dim=projection_dim or hidden_size,
     )  # fmt: skip
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=16, **text_config)).eval()
-    torch.manual_seed(seed + 1)
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=24, **text_config)).eval()
-    torch.manual_seed(seed + 2)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
-        cross_attention_dim=16 + 32, addition_embed_type="text_time", addition_time_embed_dim=4,
-        projection_class_embeddings_input_dim=6 * 4 + 24,
-    )  # fmt: skip
-    torch.manual_seed(seed + 3)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
-        norm_num_groups=4, sample_size=64, scaling_factor=0.13025, force_upcast=True,
-    )  # fmt: skip
-    return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-        unet=unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG), add_watermarker=False,
-    )  # fmt: skip
+    model_class = CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection
+    return model_class(config).eval()
 
 
 def t5_tokenizer() -> T5TokenizerFast:
@@ -284,28 +267,67 @@ def t5_tokenizer() -> T5TokenizerFast:
     return T5TokenizerFast(vocab=list(pieces.items()), extra_ids=0)
 
 
-def tiny_clip_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int, **config: object) -> CLIPTextModel:
-    """A small random CLIP text encoder over ``tokenizer``'s vocabulary."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    vocab = tokenizer.get_vocab()
-    return CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
-            hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-            max_position_embeddings=77, vocab_size=len(vocab), **config,
-        )
-    ).eval()  # fmt: skip
-
-
-def tiny_t5_encoder(tokenizer: T5TokenizerFast, d_model: int) -> T5EncoderModel:
-    """A small random T5 encoder over ``tokenizer``'s vocabulary."""
+def t5_encoder(tokenizer: T5TokenizerFast, d_model: int, layers: int = 2, d_ff: int = 37, heads: int = 4, d_kv: int = 8) -> T5EncoderModel:
+    """A random T5 encoder over ``tokenizer``'s vocabulary (T5 v1.1 style gated GELU, as FLUX and SD3 use)."""
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    ).eval()  # fmt: skip
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers, num_heads=heads,
+        relative_attention_num_buckets=8 if d_model < 256 else 32, feed_forward_proj="gated-gelu",
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )  # fmt: skip
+    return T5EncoderModel(config).eval()
+
+
+def kl_vae(latent_channels: int, widths: tuple[int, ...], layers: int, **config: object) -> AutoencoderKL:
+    """An ``AutoencoderKL`` with 4 blocks (VAE factor 8) of ``widths``."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=widths,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=layers,
+        norm_num_groups=min(32, widths[0] // 2), **config,
+    )  # fmt: skip
+
+
+def build_sdxl(seed: int = 0, real_widths: bool = False) -> StableDiffusionXLPipeline:
+    """A StableDiffusionXLPipeline with SDXL's structure (two CLIP text encoders, the second with a
+    projection for pooled embeddings; a text-time conditioned UNet; an upcast VAE; Euler): tiny widths, or
+    the real UNet and VAE with 2-layer text encoders of the real widths (for benchmarks)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    tokenizer = clip_tokenizer()
+    vocab, merges = clip_vocabulary()
+    tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="!")  # as SDXL's second
+    torch.manual_seed(seed)
+    if real_widths:  # stable-diffusion-xl-base-1.0: CLIP ViT-L and OpenCLIP ViT-bigG widths
+        text_encoder = clip_text_encoder(tokenizer, 768, 2, heads=12, intermediate_size=3072, hidden_act="quick_gelu")
+        text_encoder_2 = clip_text_encoder(tokenizer_2, 1280, 2, projection_dim=1280, heads=20, intermediate_size=5120)
+        unet = UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(5, 10, 20), use_linear_projection=True, transformer_layers_per_block=(1, 2, 10),
+            cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )  # fmt: skip
+        vae = kl_vae(4, (128, 256, 512, 512), 2, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+    else:
+        text_encoder = clip_text_encoder(tokenizer, 16, 3)
+        text_encoder_2 = clip_text_encoder(tokenizer_2, 32, 3, projection_dim=24)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+            norm_num_groups=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), use_linear_projection=True,
+            transformer_layers_per_block=(1, 2), cross_attention_dim=16 + 32, addition_embed_type="text_time",
+            addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 24,
+        )  # fmt: skip
+        vae = kl_vae(4, (8, 8, 16, 16), 1, sample_size=64, scaling_factor=0.13025, force_upcast=True)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+        unet=unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG), add_watermarker=False,
+    )  # fmt: skip
 
 
 # FLUX.1-dev's and FLUX.1-schnell's scheduler_config.json (FlowMatchEulerDiscreteScheduler).
@@ -316,28 +338,30 @@ FLUX_DEV_SCHEDULER_CONFIG = {
 FLUX_SCHNELL_SCHEDULER_CONFIG = {**FLUX_DEV_SCHEDULER_CONFIG, "shift": 1.0, "use_dynamic_shifting": False}
 
 
-def build_tiny_flux(seed: int = 0, schnell: bool = False) -> FluxPipeline:
+def build_flux(seed: int = 0, schnell: bool = False, real_widths: bool = False) -> FluxPipeline:
     """A FluxPipeline with FLUX.1's structure (CLIP pooled + T5 embeddings, packed 2x2 latents, VAE factor 8
-    with shift and scale, guidance embedding for dev, none for schnell) and tiny widths."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    with shift and scale, guidance embedding for dev, none for schnell): tiny widths, or FLUX.1's widths with
+    2 of its 19 double and 4 of its 38 single blocks and 2-layer text encoders (for benchmarks)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = tiny_clip_text_encoder(tokenizer, hidden_size=32, hidden_act="quick_gelu")
-    torch.manual_seed(seed + 1)
-    text_encoder_2 = tiny_t5_encoder(tokenizer_2, d_model=32)
-    torch.manual_seed(seed + 2)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=not schnell, axes_dims_rope=(4, 6, 6),
-    )  # fmt: skip
-    torch.manual_seed(seed + 3)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
-        norm_num_groups=4, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=0.3611, shift_factor=0.1159,
-    )  # fmt: skip
+    if real_widths:
+        text_encoder = clip_text_encoder(tokenizer, 768, 2, heads=12, intermediate_size=3072, hidden_act="quick_gelu")
+        text_encoder_2 = t5_encoder(tokenizer_2, 4096, d_ff=10240, heads=64, d_kv=64)
+        transformer = FluxTransformer2DModel(num_layers=2, num_single_layers=4, guidance_embeds=not schnell)
+        vae = kl_vae(16, (128, 256, 512, 512), 2, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
+                     scaling_factor=0.3611, shift_factor=0.1159)  # fmt: skip
+    else:
+        text_encoder = clip_text_encoder(tokenizer, 32, 2, hidden_act="quick_gelu")
+        text_encoder_2 = t5_encoder(tokenizer_2, 32)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=not schnell,
+            axes_dims_rope=(4, 6, 6),
+        )  # fmt: skip
+        vae = kl_vae(4, (8, 8, 16, 16), 1, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+                     scaling_factor=0.3611, shift_factor=0.1159)  # fmt: skip
     scheduler_config = FLUX_SCHNELL_SCHEDULER_CONFIG if schnell else FLUX_DEV_SCHEDULER_CONFIG
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler_config), vae=vae, text_encoder=text_encoder,
@@ -345,50 +369,44 @@ def build_tiny_flux(seed: int = 0, schnell: bool = False) -> FluxPipeline:
     )  # fmt: skip
 
 
-def build_tiny_flux_schnell(seed: int = 0) -> FluxPipeline:
-    """``build_tiny_flux`` as FLUX.1-schnell: no guidance embedding, no dynamic shifting."""
-    return build_tiny_flux(seed, schnell=True)
-
-
 # stable-diffusion-3.5's scheduler_config.json (FlowMatchEulerDiscreteScheduler, fixed shift).
 SD3_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}
 
 
-def build_tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
+def build_sd3(seed: int = 0, real_widths: bool = False) -> StableDiffusion3Pipeline:
     """A StableDiffusion3Pipeline with SD 3.5's structure (CLIP-L and CLIP-G with projections, T5, an MMDiT
-    with 2x2 patches and joint attention over CLIP+T5 tokens, VAE factor 8 with shift and scale) and tiny widths."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    with 2x2 patches and joint attention over CLIP+T5 tokens, VAE factor 8 with shift and scale): tiny
+    widths, or SD 3.5 Large's widths with 4 of its 38 blocks and 2-layer text encoders (for benchmarks)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    tokenizer, tokenizer_3 = clip_tokenizer(), t5_tokenizer()
-    vocab = tokenizer.get_vocab()
-    clip_config = dict(
-        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
-        hidden_size=16, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
-        vocab_size=len(vocab), hidden_act="gelu", projection_dim=16,
-    )  # fmt: skip
+    tokenizer, tokenizer_2, tokenizer_3 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip_config)).eval()
-    torch.manual_seed(seed + 1)
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_config)).eval()
-    torch.manual_seed(seed + 2)
-    text_encoder_3 = tiny_t5_encoder(tokenizer_3, d_model=32)  # CLIP-L + CLIP-G widths (16 + 16) fit in it
-    torch.manual_seed(seed + 3)
-    transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
-        pos_embed_max_size=32,
-    )  # fmt: skip
-    torch.manual_seed(seed + 4)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
-        norm_num_groups=4, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=1.5305, shift_factor=0.0609,
-    )  # fmt: skip
+    if real_widths:
+        text_encoder = clip_text_encoder(tokenizer, 768, 2, projection_dim=768, heads=12, intermediate_size=3072,
+                                         hidden_act="quick_gelu")  # fmt: skip
+        text_encoder_2 = clip_text_encoder(tokenizer_2, 1280, 2, projection_dim=1280, heads=20, intermediate_size=5120)
+        text_encoder_3 = t5_encoder(tokenizer_3, 4096, d_ff=10240, heads=64, d_kv=64)
+        transformer = SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=64,
+            num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
+            pos_embed_max_size=192, qk_norm="rms_norm",
+        )  # fmt: skip
+        vae = kl_vae(16, (128, 256, 512, 512), 2, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
+                     scaling_factor=1.5305, shift_factor=0.0609)  # fmt: skip
+    else:
+        text_encoder = clip_text_encoder(tokenizer, 16, 2, projection_dim=16)
+        text_encoder_2 = clip_text_encoder(tokenizer_2, 16, 2, projection_dim=16)
+        text_encoder_3 = t5_encoder(tokenizer_3, 32)  # CLIP-L + CLIP-G widths (16 + 16) fit in it
+        transformer = SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
+            pos_embed_max_size=32,
+        )  # fmt: skip
+        vae = kl_vae(4, (8, 8, 16, 16), 1, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+                     scaling_factor=1.5305, shift_factor=0.0609)  # fmt: skip
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG), vae=vae,
-        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer(),
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
         text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
     )  # fmt: skip
 
@@ -518,10 +536,13 @@ def build_qwenimage_size(seed: int = 0, transformer_layers: int = 4) -> QwenImag
 BUILDERS = {
     "sd": build_tiny_stable_diffusion,
     "sd15-size": build_sd15_size,
-    "sdxl": build_tiny_sdxl,
-    "flux": build_tiny_flux,
-    "flux-schnell": build_tiny_flux_schnell,
-    "sd3": build_tiny_sd3,
+    "sdxl": build_sdxl,
+    "sdxl-size": partial(build_sdxl, real_widths=True),
+    "flux": build_flux,
+    "flux-schnell": partial(build_flux, schnell=True),
+    "flux-size": partial(build_flux, real_widths=True),
+    "sd3": build_sd3,
+    "sd3-size": partial(build_sd3, real_widths=True),
     "qwenimage": build_tiny_qwenimage,
     "qwenimage-size": build_qwenimage_size,
 }
