@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import re
 import sys
 import threading
@@ -29,6 +30,8 @@ OPTIONAL_INPUTS = {
     "height": ("INT32", np.int32),
     "width": ("INT32", np.int32),
     "scheduler": ("BYTES", np.object_),
+    "output_format": ("BYTES", np.object_),
+    "jpeg_quality": ("INT32", np.int32),
 }
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
 
@@ -60,12 +63,26 @@ def slug(text: str, limit: int = 48) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "empty"
 
 
-def generate(client, module, prompt: str, options: dict[str, object], timeout: float | None = None) -> tuple[np.ndarray, int, float]:
-    """One txt2img call: (image [H, W, 3] uint8, seed used, seconds).
+def generate_file(client, module, prompt: str, options: dict[str, object], timeout: float | None = None) -> tuple[bytes, int, float]:
+    """One txt2img call that returns an encoded file: (PNG or JPEG bytes, seed used, seconds).
 
-    ``timeout`` is a gRPC deadline (the server stops the generation when it passes); an HTTP client
-    takes its timeout at construction (``network_timeout``).
+    ``options["output_format"]`` picks png (the default here) or jpeg. ``timeout`` is a gRPC deadline
+    (the server stops the generation when it passes); an HTTP client takes its timeout at construction
+    (``network_timeout``).
     """
+    started = time.perf_counter()
+    options = {**options, "output_format": options.get("output_format") or "png"}
+    kwargs = {"client_timeout": timeout} if timeout and module.__name__.endswith("grpc") else {}
+    result = client.infer("txt2img", build_inputs(module, prompt, options), **kwargs)
+    return result.as_numpy("image_bytes")[0], int(result.as_numpy("seed")[0]), time.perf_counter() - started
+
+
+def generate(client, module, prompt: str, options: dict[str, object], timeout: float | None = None) -> tuple[np.ndarray, int, float]:
+    """One txt2img call: (image [H, W, 3] uint8, seed used, seconds), sent as raw pixels unless
+    ``options["output_format"]`` asks for a file (decoded here). ``timeout`` as in ``generate_file``."""
+    if options.get("output_format") in ("png", "jpeg"):
+        encoded, seed, seconds = generate_file(client, module, prompt, options, timeout)
+        return np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB")), seed, seconds
     started = time.perf_counter()
     kwargs = {"client_timeout": timeout} if timeout and module.__name__.endswith("grpc") else {}
     result = client.infer("txt2img", build_inputs(module, prompt, options), **kwargs)
@@ -83,7 +100,7 @@ def generate_streaming(url: str, prompt: str, options: dict[str, object], previe
     import tritonclient.grpc as grpcclient
     from tqdm import tqdm
 
-    inputs = build_inputs(grpcclient, prompt, options)
+    inputs = build_inputs(grpcclient, prompt, {**options, "output_format": None})  # raw pixels: saved as PNG here
     if preview_every:
         tensor = grpcclient.InferInput("preview_every", [1], "INT32")
         tensor.set_data_from_numpy(np.array([preview_every], dtype=np.int32))
@@ -160,14 +177,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.stream:
                 image, seed, seconds = generate_streaming(args.url, prompt, options, args.preview_every, args.out)
-            else:
-                image, seed, seconds = generate(local.client, module, prompt, options, args.timeout)
+                encoded = io.BytesIO()
+                Image.fromarray(image).save(encoded, format="PNG")
+                encoded = encoded.getvalue()
+            else:  # the server encodes the file: a few hundred KB instead of megabytes of pixels
+                encoded, seed, seconds = generate_file(local.client, module, prompt, options, args.timeout)
         except InferenceServerException as error:
             print(f"rejected: {prompt!r}: {error.message()} (status {error.status()})", file=sys.stderr)
             return False
-        path = args.out / f"{slug(prompt)}-{seed}.png"
-        Image.fromarray(image).save(path)
-        print(f"{seconds:7.2f} s  {image.shape[1]}x{image.shape[0]}  seed {seed}  {path}", flush=True)
+        extension = "jpg" if options.get("output_format") == "jpeg" and not args.stream else "png"
+        path = args.out / f"{slug(prompt)}-{seed}.{extension}"
+        path.write_bytes(encoded)
+        width, height = Image.open(io.BytesIO(encoded)).size
+        print(f"{seconds:7.2f} s  {width}x{height}  seed {seed}  {path}", flush=True)
         return True
 
     with ThreadPoolExecutor(max(1, args.concurrency)) as pool:

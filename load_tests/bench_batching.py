@@ -39,6 +39,8 @@ sys.path.insert(0, str(REPO / "src"))
 import generate as txt2img_client  # noqa: E402
 
 from stepdiff import server as triton  # noqa: E402
+from stepdiff.adapters.loading import resolve_pipeline  # noqa: E402
+from stepdiff.repository import write_repository_for  # noqa: E402
 from stepdiff.runner import DenoiserRunner, Rows  # noqa: E402
 from stepdiff.settings import DTYPES, Settings  # noqa: E402
 
@@ -241,7 +243,8 @@ def start_server(args, log_verbose: int = 0, log_name: str = "tritonserver.log",
     (Settings fields), ready; returns it with its gRPC and metrics URLs."""
     ports = [args.port, args.port + 1, args.port + 2]
     configured = Settings(pipeline=str(args.pipeline), device=args.device, dtype=args.dtype, **settings)
-    options = triton.ServerOptions(REPO / "model_repository", *ports, log_verbose=log_verbose)
+    repository = write_repository_for(resolve_pipeline(str(args.pipeline)), args.port)
+    options = triton.ServerOptions(repository, *ports, log_verbose=log_verbose)
     process = triton.start_triton(options, configured.environment(), args.out / log_name)
     try:
         process.wait_ready()

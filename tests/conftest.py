@@ -64,7 +64,9 @@ class Server:
         return image, seed
 
 
-def start_launcher(pipeline: Path, log_file: Path, *extra: str, environ: dict[str, str] | None = None) -> tuple[subprocess.Popen, list[int]]:
+def start_launcher(
+    pipeline: Path, log_file: Path, *extra: str, environ: dict[str, str] | None = None, cwd: Path | None = None
+) -> tuple[subprocess.Popen, list[int]]:
     ports = free_ports(3)
     command = [
         sys.executable, "-m", "stepdiff", "serve", "--pipeline", str(pipeline),
@@ -72,7 +74,7 @@ def start_launcher(pipeline: Path, log_file: Path, *extra: str, environ: dict[st
         "--cpu-threads", str(CPU_THREADS), "--device", DEVICE, "--dtype", DTYPE, "--log-file", str(log_file), *extra,
     ]  # fmt: skip
     env = {**os.environ, "STEPDIFF_ADMIN_KEY": ADMIN_KEY, **(environ or {})}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
     return process, ports
 
 
@@ -91,9 +93,9 @@ def wait_for_line(process: subprocess.Popen, marker: str, timeout: float = 300) 
 
 
 @contextlib.contextmanager
-def running_server(pipeline: Path, log_file: Path, *extra: str, environ: dict[str, str] | None = None):
+def running_server(pipeline: Path, log_file: Path, *extra: str, environ: dict[str, str] | None = None, cwd: Path | None = None):
     """``stepdiff serve`` until the block ends; then SIGINT, which must stop it cleanly."""
-    process, (http_port, grpc_port, metrics_port) = start_launcher(pipeline, log_file, *extra, environ=environ)
+    process, (http_port, grpc_port, metrics_port) = start_launcher(pipeline, log_file, *extra, environ=environ, cwd=cwd)
     try:
         wait_for_line(process, "stepdiff: ready")
     except AssertionError:

@@ -35,8 +35,8 @@ def stream(server, prompt: str, cancel_after: int | None = None, preview_every: 
                     client.stop_stream(cancel_requests=True)
                     return progress, None
             if result.get_response().parameters["triton_final_response"].bool_param:
-                final = {name: result.as_numpy(name) for name in ("image", "seed")}
-                return progress, final if final["image"] is not None else None
+                final = {name: result.as_numpy(name) for name in ("image", "image_bytes", "seed")}
+                return progress, final if final["image"] is not None or final["image_bytes"] is not None else None
     finally:
         client.stop_stream()
         client.close()

@@ -38,6 +38,9 @@ BAD_REQUESTS = {
     "unknown scheduler": ({"scheduler": text(b"FancyScheduler")}, "scheduler='FancyScheduler' is not supported"),
     "non-UTF-8 prompt": ({"prompt": text(b"\xff\xfe cat")}, "prompt: not valid UTF-8"),
     "prompt over the byte limit": ({"prompt": text(b"a" * 5000)}, "prompt: 5000 bytes is over the limit of 4096"),
+    "unknown output format": ({"output_format": text(b"gif")}, "output_format='gif': allowed raw, png, jpeg"),
+    "JPEG quality out of range": ({"output_format": text(b"jpeg"), "jpeg_quality": (np.array([0], np.int32), "INT32")},
+                                  "jpeg_quality=0 is out of range: allowed 1..100"),
 }
 
 

@@ -14,15 +14,10 @@ from collections import deque
 from pathlib import Path
 
 from . import server
+from .repository import write_repository_for
 from .settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def default_model_repository() -> Path:
-    """The repository's ``model_repository/`` (source checkout or Docker image), else ./model_repository."""
-    bundled = REPO_ROOT / "model_repository"
-    return bundled if bundled.is_dir() else Path.cwd() / "model_repository"
 
 
 SERVE_FLAGS = (
@@ -33,7 +28,10 @@ SERVE_FLAGS = (
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", required=True, help="diffusers directory or hub id, e.g. runwayml/stable-diffusion-v1-5")
-    parser.add_argument("--model-repository", type=Path, default=None, help="Triton model repository (default: the bundled one)")
+    parser.add_argument(
+        "--model-repository", type=Path, default=None,
+        help="Triton model repository template (default: the one in the package); served with the pipeline's conditioning added",
+    )  # fmt: skip
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
@@ -70,21 +68,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def served_repository(args: argparse.Namespace, settings: Settings) -> Path:
-    """The template repository completed with the pipeline's conditioning (``stepdiff.repository``)."""
-    from .adapters import adapter_class
-    from .repository import write_served_repository
-
-    template = (args.model_repository or default_model_repository()).resolve()
-    target = Path.home() / ".cache" / "stepdiff" / "served" / f"model_repository-{args.http_port}"
-    return write_served_repository(template, target, adapter_class(Path(settings.pipeline)).conditioning)
-
-
 def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
     """Start tritonserver for ``args`` and wait until every model is ready."""
     settings = settings_from_args(args)
     options = server.ServerOptions(
-        model_repository=served_repository(args, settings),
+        model_repository=write_repository_for(Path(settings.pipeline), args.http_port, args.model_repository),
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
@@ -231,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.set_defaults(run=serve)
     tiny_parser = commands.add_parser("make-tiny", help="write a random pipeline offline, reproducibly")
     tiny_parser.add_argument(
-        "family", help="sd, sdxl or qwenimage (tiny, for tests), sd15-size or qwenimage-size (real widths, for benchmarks)"
+        "family",
+        help="sd, sdxl, sd3, flux, flux-schnell or qwenimage (tiny, for tests); sd15-size, sdxl-size, sd3-size, "
+        "flux-size or qwenimage-size (real widths with random weights, for benchmarks)",
     )
     tiny_parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="weights' dtype on disk")
     tiny_parser.add_argument("out_dir", type=Path)

@@ -18,7 +18,7 @@ import triton_python_backend_utils as pb_utils
 from .adapters import Stage, load_adapter
 from .engine import ServerBusy
 from .orchestrator import generate
-from .params import PARAM_NAMES, integer, parse_generation_params
+from .params import PARAM_NAMES, encode_image, integer, parse_generation_params, parse_output_options
 from .triton_io import bls_call, error_response, load_settings, numpy_inputs, release_triton_objects
 
 FINAL = "TRITONSERVER_RESPONSE_COMPLETE_FINAL"
@@ -66,8 +66,9 @@ class GenerationModel:
                     f"server busy: {self.active - 1} generations in progress "
                     f"(limit {self.settings.max_active_sequences}); retry later"
                 )
-            raw = numpy_inputs(request, (*PARAM_NAMES, "preview_every"))
+            raw = numpy_inputs(request, (*PARAM_NAMES, "preview_every", "output_format", "jpeg_quality"))
             params = parse_generation_params(raw, self.adapter.info, self.settings)
+            output = parse_output_options(raw)
             preview_every = integer(raw, "preview_every", 0, 0, self.settings.max_steps) if self.streaming else 0
             result = await generate(
                 bls_call,
@@ -81,10 +82,12 @@ class GenerationModel:
             if result is None:
                 self._cancelled(sender)
                 return
-            outputs = [
-                pb_utils.Tensor("image", result.image.as_numpy()[0]),
-                pb_utils.Tensor("seed", np.array([result.seed], dtype=np.int64)),
-            ]
+            image = result.image.as_numpy()[0]
+            if output.output_format == "raw":
+                image_output = pb_utils.Tensor("image", image)
+            else:
+                image_output = pb_utils.Tensor("image_bytes", np.array([encode_image(image, output)], dtype=np.object_))
+            outputs = [image_output, pb_utils.Tensor("seed", np.array([result.seed], dtype=np.int64))]
             response = pb_utils.InferenceResponse(output_tensors=outputs)
         except Exception as error:  # noqa: BLE001 - every error goes back to its own request
             if request.is_cancelled():  # a cancel can surface first as a failed progress send

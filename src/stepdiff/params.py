@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import math
 import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from .adapters.base import GenerationParams, InvalidInput, PipelineInfo
 from .settings import Settings
 
 SEED_LIMIT = 2**63
+OUTPUT_FORMATS = ("raw", "png", "jpeg")
+DEFAULT_JPEG_QUALITY = 90
 PARAM_NAMES = (
     "prompt",
     "negative_prompt",
@@ -111,3 +116,30 @@ def parse_generation_params(raw: Mapping[str, np.ndarray], info: PipelineInfo, s
         scheduler=scheduler,
         true_cfg_scale=real(raw, "true_cfg_scale", info.default_true_cfg_scale, 0.0, 100.0),
     )
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How txt2img returns the image: ``raw`` (UINT8 ``image``), or an encoded file in ``image_bytes``."""
+
+    output_format: str = "raw"
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY
+
+
+def parse_output_options(raw: Mapping[str, np.ndarray]) -> OutputOptions:
+    """``output_format`` (raw, png or jpeg) and ``jpeg_quality`` (1..100, jpeg only)."""
+    output_format = text(raw, "output_format", 16) or "raw"
+    if output_format not in OUTPUT_FORMATS:
+        raise InvalidInput(f"output_format={output_format!r}: allowed {', '.join(OUTPUT_FORMATS)}")
+    quality = integer(raw, "jpeg_quality", DEFAULT_JPEG_QUALITY, 1, 100)
+    return OutputOptions(output_format, quality)
+
+
+def encode_image(image: np.ndarray, options: OutputOptions) -> bytes:
+    """``image`` [H, W, 3] uint8 as a PNG (lossless: it decodes to exactly ``image``) or JPEG file."""
+    buffer = io.BytesIO()
+    if options.output_format == "png":
+        Image.fromarray(image).save(buffer, format="PNG")
+    else:
+        Image.fromarray(image).save(buffer, format="JPEG", quality=options.jpeg_quality)
+    return buffer.getvalue()

@@ -17,6 +17,7 @@ from tritonclient.grpc import model_config_pb2
 
 from .adapters.base import TensorSpec
 
+TEMPLATE = Path(__file__).resolve().parent / "model_repository"  # ships in the package
 PRODUCER = "text_encoder"  # outputs the conditioning
 CONSUMER = "denoise_step"  # takes it on START
 
@@ -57,3 +58,16 @@ def write_served_repository(template: Path, target: Path, conditioning: Sequence
             + text_format.MessageToString(config)
         )
     return target
+
+
+def served_repository_path(http_port: int) -> Path:
+    """Where ``stepdiff serve`` writes the repository of the server on ``http_port``."""
+    return Path.home() / ".cache" / "stepdiff" / "served" / f"model_repository-{http_port}"
+
+
+def write_repository_for(pipeline: Path, http_port: int, template: Path | None = None) -> Path:
+    """The served repository for ``pipeline`` (a resolved diffusers directory): ``template`` (default the
+    packaged one) with the conditioning its adapter declares."""
+    from .adapters import adapter_class
+
+    return write_served_repository((template or TEMPLATE).resolve(), served_repository_path(http_port), adapter_class(pipeline).conditioning)
