@@ -39,7 +39,16 @@ def perf_analyzer_command() -> tuple[str, dict[str, str]]:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libdir), env.get("LD_LIBRARY_PATH")]))
     except ImportError:
         pass  # a system CUDA runtime may be on the library path already
+    missing = missing_libraries(subprocess.run(["ldd", binary], capture_output=True, text=True, env=env, check=False).stdout)
+    if missing:
+        hint = " (Debian/Ubuntu: apt-get install libb64-0d)" if "libb64.so.0d" in missing else ""
+        raise SystemExit(f"perf_analyzer cannot start: this machine lacks {', '.join(missing)}{hint}")
     return binary, env
+
+
+def missing_libraries(ldd_output: str) -> list[str]:
+    """The shared libraries ``ldd`` reports as ``not found``."""
+    return [line.split("=>")[0].strip() for line in ldd_output.splitlines() if "=> not found" in line]
 
 
 def generation_inputs(args: argparse.Namespace, prompt: str, seed: int) -> dict[str, list]:

@@ -3,13 +3,12 @@ Kubernetes schemas (kubernetes-validate, offline); the Deployment has what servi
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, require_system
 
 OVERLAYS = sorted(path for path in (REPO / "deploy" / "overlays").iterdir() if (path / "kustomization.yaml").is_file())
 CUSTOM_RESOURCES = {"PodMonitor", "ServingRuntime", "InferenceService"}  # no built-in schema: checked by hand below
@@ -18,9 +17,7 @@ CUSTOM_RESOURCES = {"PodMonitor", "ServingRuntime", "InferenceService"}  # no bu
 def render(overlay) -> list[dict]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        if os.environ.get("STEPDIFF_REQUIRE_KUBECTL"):  # CI installs it: there a missing kubectl is a failure
-            pytest.fail("kubectl is not installed (apt-get install kubectl): it renders the kustomize overlays")
-        pytest.skip("kubectl is not installed (apt-get install kubectl); .ci/run installs it and runs this test")
+        require_system("kubectl (it renders the kustomize overlays)", "apt-get install kubectl")
     result = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     return [document for document in yaml.safe_load_all(result.stdout) if document]

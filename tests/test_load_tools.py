@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from conftest import REPO, require_system
 
 
 def test_locust_headless_run_has_requests_and_no_failures(server, tmp_path):
@@ -35,6 +35,13 @@ def test_locust_headless_run_has_requests_and_no_failures(server, tmp_path):
 
 
 def test_perf_analyzer_on_txt2img_and_denoise_step_sequences(server, tmp_path):
+    sys.path.insert(0, str(REPO / "load_tests"))
+    from perf_analyzer import perf_analyzer_command
+
+    try:
+        perf_analyzer_command()
+    except SystemExit as error:  # e.g. "perf_analyzer cannot start: this machine lacks libb64.so.0d (...)"
+        require_system(str(error).split(": ", 1)[-1], "apt-get install libb64-0d")
     command = [
         sys.executable, str(REPO / "load_tests" / "perf_analyzer.py"), "--url", server.grpc_url, "--out", str(tmp_path),
         "--concurrency", "1:2:1", "--sequences", "1:2:1", "--measurement-interval", "1500",
@@ -59,3 +66,12 @@ def report(tmp_path: Path, *args: str) -> str:
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return (tmp_path / "report" / "summary.md").read_text()
+
+
+def test_a_missing_library_is_named():
+    """perf_analyzer's check reads ldd: a machine without libb64 gets its name, not a cryptic exit code."""
+    sys.path.insert(0, str(REPO / "load_tests"))
+    from perf_analyzer import missing_libraries
+
+    ldd = "\tlibb64.so.0d => not found\n\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x7f)\n\tlibcudart.so.12 => not found\n"
+    assert missing_libraries(ldd) == ["libb64.so.0d", "libcudart.so.12"]
