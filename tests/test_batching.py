@@ -63,13 +63,11 @@ def test_request_joins_while_others_are_mid_way(server):
         longs = [pool.submit(run, f"long{i}", seed=i, **long_job) for i in range(3)]
         while server.metric("stepdiff_denoise_steps_total") - steps_before < 30:  # the long ones are under way
             time.sleep(0.01)
-        joined_at = time.monotonic()
         short = pool.submit(run, "short", seed=9, num_inference_steps=3, scheduler="DDIMScheduler", height=128, width=128)
         short.result()
         for future in longs:
             future.result()
     assert finished["short"] < min(finished[f"long{i}"] for i in range(3)), "the short request waited for the long ones"
-    assert finished["short"] - joined_at < min(finished[f"long{i}"] for i in range(3)) - joined_at
 
 
 def test_limits_busy_error_and_forward_cap(limited_server):
