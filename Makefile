@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP_OPTIONS ?=
 TINY_SD := build/tiny-sd
 
-.PHONY: install demo test test-gpu bench-gpu serve-tiny load-test perf load-report soak clean
+.PHONY: install demo test lint test-gpu bench-gpu serve-tiny load-test perf load-report soak clean
 # Against a running server (e.g. `make serve-tiny` in another terminal):
 HOST ?= localhost
 DURATION ?= 60s
@@ -46,8 +46,13 @@ load-report: $(VENV)/.installed
 soak: $(TINY_SD)/model_index.json
 	HF_HUB_OFFLINE=1 $(PY) load_tests/soak.py --pipeline $(TINY_SD) --duration $(SOAK_DURATION) --users $(SOAK_USERS) --out results/soak
 
-test: $(VENV)/.installed
+test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not gpu"
+
+# ruff's rules and line length are in pyproject.toml; `ruff format .` fixes the formatting
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # On a CUDA machine: the side-by-side benchmark (SD-1.5 size and QwenImage size, random weights) into BENCH_OUT
 BENCH_OUT ?= results/bench-$(shell date +%Y-%m-%d)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Generate images with stepdiff's ``txt2img`` model over HTTP or gRPC and save them as PNG.
 
-    python client/generate.py "a red panda on a tree branch" --seed 7 --num-inference-steps 30
-    python client/generate.py --prompts-file prompts.txt --protocol grpc --concurrency 4 --out outputs/
+python client/generate.py "a red panda on a tree branch" --seed 7 --num-inference-steps 30
+python client/generate.py --prompts-file prompts.txt --protocol grpc --concurrency 4 --out outputs/
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ def slug(text: str, limit: int = 48) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "empty"
 
 
-def generate_file(client, module, prompt: str, options: dict[str, object], timeout: float | None = None) -> tuple[bytes, int, float]:
+def generate_file(
+    client, module, prompt: str, options: dict[str, object], timeout: float | None = None
+) -> tuple[bytes, int, float]:
     """One txt2img call that returns an encoded file: (PNG or JPEG bytes, seed used, seconds).
 
     ``options["output_format"]`` picks png (the default here) or jpeg. ``timeout`` is a gRPC deadline
@@ -77,7 +79,9 @@ def generate_file(client, module, prompt: str, options: dict[str, object], timeo
     return result.as_numpy("image_bytes")[0], int(result.as_numpy("seed")[0]), time.perf_counter() - started
 
 
-def generate(client, module, prompt: str, options: dict[str, object], timeout: float | None = None) -> tuple[np.ndarray, int, float]:
+def generate(
+    client, module, prompt: str, options: dict[str, object], timeout: float | None = None
+) -> tuple[np.ndarray, int, float]:
     """One txt2img call: (image [H, W, 3] uint8, seed used, seconds), sent as raw pixels unless
     ``options["output_format"]`` asks for a file (decoded here). ``timeout`` as in ``generate_file``."""
     if options.get("output_format") in ("png", "jpeg"):
@@ -89,8 +93,9 @@ def generate(client, module, prompt: str, options: dict[str, object], timeout: f
     return result.as_numpy("image"), int(result.as_numpy("seed")[0]), time.perf_counter() - started
 
 
-def generate_streaming(url: str, prompt: str, options: dict[str, object], preview_every: int = 0,
-                       preview_dir: Path | None = None) -> tuple[np.ndarray | None, int, float]:
+def generate_streaming(
+    url: str, prompt: str, options: dict[str, object], preview_every: int = 0, preview_dir: Path | None = None
+) -> tuple[np.ndarray | None, int, float]:
     """One txt2img_stream call over gRPC with a tqdm bar per step; saves previews when asked.
 
     Returns (image or None when the stream ended without one, seed, seconds).
@@ -139,7 +144,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNG files")
     parser.add_argument("--timeout", type=float, default=None, help="client-side timeout per request, seconds")
     parser.add_argument("--stream", action="store_true", help="use txt2img_stream over gRPC: a progress bar per image")
-    parser.add_argument("--preview-every", type=int, default=0, help="with --stream: save a latent preview every K steps")
+    parser.add_argument(
+        "--preview-every", type=int, default=0, help="with --stream: save a latent preview every K steps"
+    )
     for name, (triton_type, _) in OPTIONAL_INPUTS.items():
         kind = {"BYTES": str, "INT64": int, "INT32": int, "FP32": float}[triton_type]
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"txt2img input {name}")

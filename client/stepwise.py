@@ -68,14 +68,23 @@ def run(client, args: argparse.Namespace) -> np.ndarray:
     conditioning = [output.name for output in client.get_model_metadata("text_encoder").outputs]
     embeddings = infer(client, "text_encoder", inputs, conditioning)
     sequence_id = random.getrandbits(63) + 1
-    started = infer(client, "denoise_step", {**inputs, **embeddings}, ["num_steps"], sequence_id=sequence_id, sequence_start=True)
+    started = infer(
+        client, "denoise_step", {**inputs, **embeddings}, ["num_steps"], sequence_id=sequence_id, sequence_start=True
+    )
     num_steps = int(started["num_steps"].reshape(-1)[0])
     finished = False
     try:
         for index in range(num_steps):
             last = index == num_steps - 1
             step = {"step": np.array([[index]], dtype=np.int32)}
-            result = infer(client, "denoise_step", step, ["latents" if last else "step_index"], sequence_id=sequence_id, sequence_end=last)
+            result = infer(
+                client,
+                "denoise_step",
+                step,
+                ["latents" if last else "step_index"],
+                sequence_id=sequence_id,
+                sequence_end=last,
+            )
             print(f"step {index + 1}/{num_steps}", file=sys.stderr, flush=True)
         finished = True
     finally:

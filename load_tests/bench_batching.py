@@ -72,14 +72,21 @@ def graph_unet(unet, mode: str, device: torch.device) -> DenoiserRunner:
     eager = unet.forward
 
     def forward(key, inputs):
-        return eager(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"], return_dict=False)[0]
+        return eager(
+            inputs["sample"],
+            inputs["timestep"],
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            return_dict=False,
+        )[0]
 
     runner = DenoiserRunner(forward, device, mode)
 
     def routed(sample, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
         timestep = torch.as_tensor(timestep, device=sample.device).to(torch.float32).expand(sample.shape[0])
         tensors = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
-        [output] = runner.run([Rows((tuple(sample.shape[1:]), tuple(encoder_hidden_states.shape[1:])), tensors)], separate=True)
+        [output] = runner.run(
+            [Rows((tuple(sample.shape[1:]), tuple(encoder_hidden_states.shape[1:])), tensors)], separate=True
+        )
         return (output,)
 
     unet.forward = routed
@@ -96,11 +103,16 @@ def in_process_baseline(args, device: torch.device, dtype: torch.dtype) -> dict:
     config = pipe.scheduler.config
 
     def run_pipeline(scheduler: str, seed: int = 0):
-        pipe.scheduler = getattr(diffusers, scheduler).from_config(config)
-        return pipe(
-            PROMPT, num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.size, width=args.size,
-            generator=torch.Generator().manual_seed(seed), output_type="np",
-        ).images[0]  # fmt: skip
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(config)  # noqa: F821
+        return pipe(  # noqa: F821
+            PROMPT,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            height=args.size,
+            width=args.size,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        ).images[0]
 
     latent = args.size // pipe.vae_scale_factor
     latency: dict[str, dict[str, float]] = {}
@@ -116,13 +128,17 @@ def in_process_baseline(args, device: torch.device, dtype: torch.dtype) -> dict:
         run_pipeline(args.schedulers[0])  # captures (and compiles) the batch-of-2 graph
         setup[variant] = time.perf_counter() - began
         for scheduler in args.schedulers:
-            latency.setdefault(variant, {})[scheduler] = timed(lambda: run_pipeline(scheduler), args.repeats, device)
+            latency.setdefault(variant, {})[scheduler] = timed(lambda: run_pipeline(scheduler), args.repeats, device)  # noqa: B023 - called at once
             print(f"in-process {variant:8s} {scheduler}: {latency[variant][scheduler] * 1e3:.0f} ms", flush=True)
             if variant == "eager":
-                references[scheduler] = {seed: (run_pipeline(scheduler, seed) * 255).round().astype(np.uint8) for seed in args.check_seeds}
+                references[scheduler] = {
+                    seed: (run_pipeline(scheduler, seed) * 255).round().astype(np.uint8) for seed in args.check_seeds
+                }
             else:
-                identical = all(np.array_equal((run_pipeline(scheduler, seed) * 255).round().astype(np.uint8), reference)
-                                for seed, reference in references[scheduler].items())  # fmt: skip
+                identical = all(
+                    np.array_equal((run_pipeline(scheduler, seed) * 255).round().astype(np.uint8), reference)
+                    for seed, reference in references[scheduler].items()
+                )
                 latency[variant][f"{scheduler}_identical_to_eager"] = identical
                 print(f"in-process {variant:8s} {scheduler}: images identical to eager: {identical}", flush=True)
         ceiling[variant] = {}
@@ -132,13 +148,23 @@ def in_process_baseline(args, device: torch.device, dtype: torch.dtype) -> dict:
                 sample = torch.randn(rows, pipe.unet.config.in_channels, latent, latent, device=device, dtype=dtype)
                 embeddings = torch.randn(rows, 77, pipe.unet.config.cross_attention_dim, device=device, dtype=dtype)
                 timesteps = torch.full((rows,), 500.0, device=device)
-                seconds = timed(lambda: pipe.unet(sample, timesteps, encoder_hidden_states=embeddings), args.repeats, device)
-                ceiling[variant][requests] = {"forward_ms": seconds * 1e3, "request_steps_per_s": requests / seconds,
-                                              "images_per_s": requests / seconds / args.steps}  # fmt: skip
-                print(f"ceiling {variant:8s}: {requests:3d} requests/forward  {seconds * 1e3:7.1f} ms  "
-                      f"{requests / seconds / args.steps:6.2f} images/s", flush=True)  # fmt: skip
+                seconds = timed(
+                    lambda: pipe.unet(sample, timesteps, encoder_hidden_states=embeddings),  # noqa: B023, F821
+                    args.repeats,
+                    device,
+                )
+                ceiling[variant][requests] = {
+                    "forward_ms": seconds * 1e3,
+                    "request_steps_per_s": requests / seconds,
+                    "images_per_s": requests / seconds / args.steps,
+                }
+                print(
+                    f"ceiling {variant:8s}: {requests:3d} requests/forward  {seconds * 1e3:7.1f} ms  "
+                    f"{requests / seconds / args.steps:6.2f} images/s",
+                    flush=True,
+                )
     pipe.unet.forward = eager_forward
-    del pipe
+    del pipe  # frees the GPU for the server started next (the closures above are done with it)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"pipeline_latency_s": latency, "ceiling": ceiling, "references": references, "setup_s": setup}
@@ -157,8 +183,14 @@ class Load:
     def request(self, seed: int, scheduler: str | None = None) -> tuple[float, np.ndarray]:
         if not hasattr(self.local, "client"):
             self.local.client = self.module.InferenceServerClient(self.url)
-        options = dict(seed=seed, num_inference_steps=self.args.steps, guidance_scale=self.args.guidance,
-                       height=self.args.size, width=self.args.size, scheduler=scheduler or self.args.schedulers[0])  # fmt: skip
+        options = dict(
+            seed=seed,
+            num_inference_steps=self.args.steps,
+            guidance_scale=self.args.guidance,
+            height=self.args.size,
+            width=self.args.size,
+            scheduler=scheduler or self.args.schedulers[0],
+        )
         image, _, seconds = txt2img_client.generate(self.local.client, self.module, PROMPT, options)
         return seconds, image
 
@@ -169,7 +201,9 @@ def metric(metrics_url: str, name: str) -> float:
 
 
 def forward_counters(metrics_url: str) -> tuple[float, float]:
-    return metric(metrics_url, "stepdiff_denoise_batch_size_sum"), metric(metrics_url, "stepdiff_denoise_batch_size_count")
+    return metric(metrics_url, "stepdiff_denoise_batch_size_sum"), metric(
+        metrics_url, "stepdiff_denoise_batch_size_count"
+    )
 
 
 def cpu_seconds(server_pid: int | None) -> dict[str, float]:
@@ -209,11 +243,16 @@ def closed_loop(load: Load, metrics_url: str, concurrency: int, duration: float,
     rows, forwards = forward_counters(metrics_url)
     cpu = cpu_seconds(server_pid)
     return {
-        "concurrency": concurrency, "requests": len(latencies), "seconds": elapsed,
-        "images_per_s": len(latencies) / elapsed, "p50_s": percentile(latencies, 50), "p99_s": percentile(latencies, 99),
-        "mean_forward_batch": (rows - rows0) / max(forwards - forwards0, 1), "step_calls_per_s": (rows - rows0) / elapsed,
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "seconds": elapsed,
+        "images_per_s": len(latencies) / elapsed,
+        "p50_s": percentile(latencies, 50),
+        "p99_s": percentile(latencies, 99),
+        "mean_forward_batch": (rows - rows0) / max(forwards - forwards0, 1),
+        "step_calls_per_s": (rows - rows0) / elapsed,
         "cpu_cores": {name: round((cpu[name] - cpu0[name]) / elapsed, 2) for name in cpu if name in cpu0},
-    }  # fmt: skip
+    }
 
 
 def open_loop(load: Load, metrics_url: str, rate: float, duration: float) -> dict:
@@ -232,13 +271,18 @@ def open_loop(load: Load, metrics_url: str, rate: float, duration: float) -> dic
     elapsed = time.monotonic() - start
     rows, forwards = forward_counters(metrics_url)
     return {
-        "offered_rate": rate, "requests": len(latencies), "images_per_s": len(latencies) / elapsed,
-        "p50_s": percentile(latencies, 50), "p99_s": percentile(latencies, 99),
+        "offered_rate": rate,
+        "requests": len(latencies),
+        "images_per_s": len(latencies) / elapsed,
+        "p50_s": percentile(latencies, 50),
+        "p99_s": percentile(latencies, 99),
         "mean_forward_batch": (rows - rows0) / max(forwards - forwards0, 1),
-    }  # fmt: skip
+    }
 
 
-def start_server(args, log_verbose: int = 0, log_name: str = "tritonserver.log", **settings) -> tuple[triton.TritonProcess, str, str]:
+def start_server(
+    args, log_verbose: int = 0, log_name: str = "tritonserver.log", **settings
+) -> tuple[triton.TritonProcess, str, str]:
     """tritonserver for ``args.pipeline`` on ports ``args.port``.. (log in ``args.out``) with ``settings``
     (Settings fields), ready; returns it with its gRPC and metrics URLs."""
     ports = [args.port, args.port + 1, args.port + 2]
@@ -263,9 +307,15 @@ def triton_statistics(grpc_url: str) -> dict[str, dict[str, float]]:
         for model in ("text_encoder", "denoise_step", "vae_decode"):
             found = client.get_inference_statistics(model).model_stats[0]
             inference = found.inference_stats
-            stats[model] = {"count": found.inference_count, "executions": found.execution_count, "queue_ns": inference.queue.ns,
-                            "infer_ns": inference.compute_infer.ns, "input_ns": inference.compute_input.ns,
-                            "output_ns": inference.compute_output.ns, "success_ns": inference.success.ns}  # fmt: skip
+            stats[model] = {
+                "count": found.inference_count,
+                "executions": found.execution_count,
+                "queue_ns": inference.queue.ns,
+                "infer_ns": inference.compute_infer.ns,
+                "input_ns": inference.compute_input.ns,
+                "output_ns": inference.compute_output.ns,
+                "success_ns": inference.success.ns,
+            }
     return stats
 
 
@@ -286,8 +336,9 @@ def step_breakdown(before: dict, after: dict, requests: int) -> dict[str, float]
 
 def through_triton(args, baseline: dict, mode: str) -> dict:
     began = time.perf_counter()
-    process, grpc_url, metrics_url = start_server(args, args.log_verbose, f"tritonserver-{mode}.log", denoiser=mode,
-                                                  warmup=f"{args.size}x{args.size}")  # fmt: skip
+    process, grpc_url, metrics_url = start_server(
+        args, args.log_verbose, f"tritonserver-{mode}.log", denoiser=mode, warmup=f"{args.size}x{args.size}"
+    )
     start_seconds = time.perf_counter() - began
     print(f"[{mode}] server ready in {start_seconds:.0f} s", flush=True)
     try:
@@ -296,32 +347,54 @@ def through_triton(args, baseline: dict, mode: str) -> dict:
         for scheduler in args.schedulers:
             for seed, reference in baseline["references"][scheduler].items():
                 _, image = load.request(seed, scheduler)
-                checks[f"{scheduler} seed {seed}"] = {"identical": bool(np.array_equal(image, reference)),
-                                                      "max_abs_diff": int(np.abs(image.astype(int) - reference).max())}  # fmt: skip
+                checks[f"{scheduler} seed {seed}"] = {
+                    "identical": bool(np.array_equal(image, reference)),
+                    "max_abs_diff": int(np.abs(image.astype(int) - reference).max()),
+                }
         print(f"[{mode}] images vs in-process eager diffusers: {checks}", flush=True)
         closed_loop(load, metrics_url, max(args.concurrency), 3)  # warm-up at every batch size
         for scheduler in args.schedulers:
             before = triton_statistics(grpc_url)
             latency_c1[scheduler] = statistics.median(load.request(seed, scheduler)[0] for seed in range(args.repeats))
             breakdown[scheduler] = step_breakdown(before, triton_statistics(grpc_url), args.repeats)
-            print(f"[{mode}] latency at concurrency 1, {scheduler}: {latency_c1[scheduler] * 1e3:.0f} ms; "
-                  f"breakdown {breakdown[scheduler]}", flush=True)  # fmt: skip
+            print(
+                f"[{mode}] latency at concurrency 1, {scheduler}: {latency_c1[scheduler] * 1e3:.0f} ms; "
+                f"breakdown {breakdown[scheduler]}",
+                flush=True,
+            )
         sweep = []
         for concurrency in args.concurrency:
             row = closed_loop(load, metrics_url, concurrency, args.duration, triton.tritonserver_pid(args.port))
             sweep.append(row)
-            print(f"[{mode}] closed loop c={concurrency:3d}: {row['images_per_s']:6.2f} images/s  p50 {row['p50_s']:.2f} s  "
-                  f"p99 {row['p99_s']:.2f} s  mean forward batch {row['mean_forward_batch']:.2f}  "
-                  f"step calls/s {row['step_calls_per_s']:.0f}  CPU cores {row['cpu_cores']}", flush=True)  # fmt: skip
+            print(
+                f"[{mode}] closed loop c={concurrency:3d}: {row['images_per_s']:6.2f} images/s  p50 "
+                f"{row['p50_s']:.2f} s  "
+                f"p99 {row['p99_s']:.2f} s  mean forward batch {row['mean_forward_batch']:.2f}  "
+                f"step calls/s {row['step_calls_per_s']:.0f}  CPU cores {row['cpu_cores']}",
+                flush=True,
+            )
         peak = max(row["images_per_s"] for row in sweep)
         poisson = open_loop(load, metrics_url, args.open_loop_fraction * peak, args.duration)
-        print(f"[{mode}] open loop at {poisson['offered_rate']:.2f}/s: {poisson['images_per_s']:.2f} images/s  "
-              f"p50 {poisson['p50_s']:.2f} s  p99 {poisson['p99_s']:.2f} s", flush=True)  # fmt: skip
-        graphs = {name: metric(metrics_url, name) for name in ("stepdiff_denoiser_graphs", "stepdiff_denoiser_graph_memory_bytes")}
+        print(
+            f"[{mode}] open loop at {poisson['offered_rate']:.2f}/s: {poisson['images_per_s']:.2f} images/s  "
+            f"p50 {poisson['p50_s']:.2f} s  p99 {poisson['p99_s']:.2f} s",
+            flush=True,
+        )
+        graphs = {
+            name: metric(metrics_url, name)
+            for name in ("stepdiff_denoiser_graphs", "stepdiff_denoiser_graph_memory_bytes")
+        }
     finally:
         process.stop()
-    return {"start_s": start_seconds, "latency_c1_s": latency_c1, "breakdown_c1": breakdown, "image_checks": checks,
-            "sweep": sweep, "open_loop": poisson, "graphs": graphs}  # fmt: skip
+    return {
+        "start_s": start_seconds,
+        "latency_c1_s": latency_c1,
+        "breakdown_c1": breakdown,
+        "image_checks": checks,
+        "sweep": sweep,
+        "open_loop": poisson,
+        "graphs": graphs,
+    }
 
 
 def report(result: dict, out: Path) -> None:
@@ -331,17 +404,24 @@ def report(result: dict, out: Path) -> None:
     latency = base["pipeline_latency_s"]
     ceiling = {variant: {int(k): v for k, v in table.items()} for variant, table in base["ceiling"].items()}
     lines = [
-        f"# stepdiff vs diffusers in-process ({cfg['date']}, {cfg['gpu']})", "",
+        f"# stepdiff vs diffusers in-process ({cfg['date']}, {cfg['gpu']})",
+        "",
         f"Pipeline: {cfg['pipeline_kind']}, {cfg['dtype']}, {cfg['size']}x{cfg['size']}, {cfg['steps']} steps, "
-        f"guidance {cfg['guidance']}. Command: `{cfg['command']}`", "",
-        "## Concurrency 1 (median latency, prompt to image)", "",
-        "| | " + " | ".join(schedulers) + " |", "|---|" + "---|" * len(schedulers),
-    ]  # fmt: skip
+        f"guidance {cfg['guidance']}. Command: `{cfg['command']}`",
+        "",
+        "## Concurrency 1 (median latency, prompt to image)",
+        "",
+        "| | " + " | ".join(schedulers) + " |",
+        "|---|" + "---|" * len(schedulers),
+    ]
     for variant, by_scheduler in latency.items():
         cells = []
         for scheduler in schedulers:
             same = by_scheduler.get(f"{scheduler}_identical_to_eager")
-            cells.append(f"{by_scheduler[scheduler] * 1e3:.0f} ms" + ("" if same is None else f" (images {'identical' if same else 'differ'})"))
+            cells.append(
+                f"{by_scheduler[scheduler] * 1e3:.0f} ms"
+                + ("" if same is None else f" (images {'identical' if same else 'differ'})")
+            )
         lines.append(f"| in-process diffusers, UNet {variant} | " + " | ".join(cells) + " |")
     for mode in modes:
         tri = result["triton"][mode]
@@ -357,35 +437,72 @@ def report(result: dict, out: Path) -> None:
         same = sum(check["identical"] for check in checks.values())
         worst = max(check["max_abs_diff"] for check in checks.values())
         lines.append(f"- `{mode}`: {same} of {len(checks)} byte-identical (max |diff| {worst}): {', '.join(checks)}")
-    lines += ["", "Per-step breakdown at concurrency 1 (Triton statistics; step calls overlap: the next waits in the "
-              "batcher while this one runs)", "",
-              "| mode, scheduler | text_encoder ms | vae_decode ms | step calls | queue ms/step | execute ms/step | I/O ms/step | in Triton ms/step |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "Per-step breakdown at concurrency 1 (Triton statistics; step calls overlap: the next waits in the "
+        "batcher while this one runs)",
+        "",
+        "| mode, scheduler | text_encoder ms | vae_decode ms | step calls | queue ms/step | execute ms/step | "
+        "I/O ms/step | in Triton ms/step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for mode in modes:
         for scheduler, b in result["triton"][mode]["breakdown_c1"].items():
-            lines.append(f"| {mode}, {scheduler} | {b['text_encoder_ms']:.1f} | {b['vae_decode_ms']:.1f} | {b['step_calls_per_request']:.0f} | "
-                         f"{b['step_queue_ms']:.2f} | {b['step_execute_ms']:.2f} | {b['step_io_ms']:.2f} | {b['step_in_triton_ms']:.2f} |")  # fmt: skip
+            lines.append(
+                f"| {mode}, {scheduler} | {b['text_encoder_ms']:.1f} | {b['vae_decode_ms']:.1f} | "
+                f"{b['step_calls_per_request']:.0f} | "
+                f"{b['step_queue_ms']:.2f} | {b['step_execute_ms']:.2f} | {b['step_io_ms']:.2f} | "
+                f"{b['step_in_triton_ms']:.2f} |"
+            )
     for mode in modes:
         tri, variant = result["triton"][mode], mode  # each mode against the in-process UNet run the same way
-        lines += ["", f"## Throughput, stepdiff `{mode}`, {schedulers[0]} (ceiling: in-process UNet {variant} at that batch)", "",
-                  "| concurrency | images/s | p50 s | p99 s | mean requests/forward | step calls/s | ceiling images/s | vs ceiling |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"## Throughput, stepdiff `{mode}`, {schedulers[0]} (ceiling: in-process UNet {variant} at that batch)",
+            "",
+            "| concurrency | images/s | p50 s | p99 s | mean requests/forward | step calls/s | ceiling images/s "
+            "| vs ceiling |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for row in tri["sweep"]:
             ceil = ceiling.get(variant, {}).get(row["concurrency"], {}).get("images_per_s")
             versus = f"{ceil:.2f} | {row['images_per_s'] / ceil:.2f}x" if ceil else "— | —"
-            lines.append(f"| {row['concurrency']} | {row['images_per_s']:.2f} | {row['p50_s']:.2f} | {row['p99_s']:.2f} | "
-                         f"{row['mean_forward_batch']:.2f} | {row.get('step_calls_per_s', float('nan')):.0f} | {versus} |")  # fmt: skip
+            lines.append(
+                f"| {row['concurrency']} | {row['images_per_s']:.2f} | {row['p50_s']:.2f} | {row['p99_s']:.2f} | "
+                f"{row['mean_forward_batch']:.2f} | {row.get('step_calls_per_s', float('nan')):.0f} | {versus} |"
+            )
         ol = tri["open_loop"]
-        lines += ["", f"Poisson arrivals at {ol['offered_rate']:.2f}/s (~{cfg['open_loop_fraction']:.0%} of peak): {ol['images_per_s']:.2f} images/s, "
-                  f"p50 {ol['p50_s']:.2f} s, p99 {ol['p99_s']:.2f} s, mean requests/forward {ol['mean_forward_batch']:.2f}. "
-                  f"Server start {tri['start_s']:.0f} s; {tri['graphs'].get('stepdiff_denoiser_graphs', 0):.0f} graphs, "
-                  f"{tri['graphs'].get('stepdiff_denoiser_graph_memory_bytes', 0) / 2**20:.0f} MiB reserved while capturing."]  # fmt: skip
+        lines += [
+            "",
+            f"Poisson arrivals at {ol['offered_rate']:.2f}/s (~{cfg['open_loop_fraction']:.0%} of peak): "
+            f"{ol['images_per_s']:.2f} images/s, "
+            f"p50 {ol['p50_s']:.2f} s, p99 {ol['p99_s']:.2f} s, mean requests/forward {ol['mean_forward_batch']:.2f}. "
+            f"Server start {tri['start_s']:.0f} s; {tri['graphs'].get('stepdiff_denoiser_graphs', 0):.0f} graphs, "
+            f"{tri['graphs'].get('stepdiff_denoiser_graph_memory_bytes', 0) / 2**20:.0f} MiB reserved while capturing.",
+        ]
     batches = sorted({b for table in ceiling.values() for b in table})
-    lines += ["", "## Ceilings: the UNet alone, requests per forward (2 rows each with guidance)", "",
-              "| requests | " + " | ".join(f"{v} ms | {v} images/s" for v in ceiling) + " |", "|---|" + "---|---|" * len(ceiling)]  # fmt: skip
+    lines += [
+        "",
+        "## Ceilings: the UNet alone, requests per forward (2 rows each with guidance)",
+        "",
+        "| requests | " + " | ".join(f"{v} ms | {v} images/s" for v in ceiling) + " |",
+        "|---|" + "---|---|" * len(ceiling),
+    ]
     for b in batches:
-        lines.append(f"| {b} | " + " | ".join(f"{ceiling[v][b]['forward_ms']:.1f} | {ceiling[v][b]['images_per_s']:.2f}" for v in ceiling if b in ceiling[v]) + " |")
-    lines += ["", "In-process first pipeline call (capture, compile), s: " + ", ".join(f"{k} {v:.1f}" for k, v in base["setup_s"].items())]
+        lines.append(
+            f"| {b} | "
+            + " | ".join(
+                f"{ceiling[v][b]['forward_ms']:.1f} | {ceiling[v][b]['images_per_s']:.2f}"
+                for v in ceiling
+                if b in ceiling[v]
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "In-process first pipeline call (capture, compile), s: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in base["setup_s"].items()),
+    ]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -401,7 +518,12 @@ def report(result: dict, out: Path) -> None:
         left.plot(cs, [row["images_per_s"] for row in sweep], "o-", label=f"stepdiff {mode}")
         right.plot(cs, [row["p50_s"] for row in sweep], "o-", label=f"stepdiff {mode} p50")
     for variant, table in ceiling.items():
-        left.plot(list(table), [v["images_per_s"] for v in table.values()], "s--", label=f"in-process UNet {variant} (ceiling)")
+        left.plot(
+            list(table),
+            [v["images_per_s"] for v in table.values()],
+            "s--",
+            label=f"in-process UNet {variant} (ceiling)",
+        )
     left.set(xscale="log", xlabel="concurrency (requests in flight)", ylabel="images/s", title="Throughput")
     left.legend(fontsize=7)
     right.axhline(latency["eager"][schedulers[0]], color="gray", linestyle=":", label="in-process eager, batch 1")
@@ -432,18 +554,30 @@ def sd_arguments(description: str) -> argparse.ArgumentParser:
 def main() -> int:
     parser = sd_arguments(__doc__)
     parser.add_argument("--pipeline-kind", default="SD-1.5 architecture, random weights")
-    parser.add_argument("--schedulers", type=csv_of(str), default=["EulerDiscreteScheduler", "PNDMScheduler"],
-                        help="the first also gets the throughput sweep")  # fmt: skip
-    parser.add_argument("--modes", type=csv_of(str), default=["exact", "compiled"], help="stepdiff --denoiser modes to serve")
-    parser.add_argument("--variants", type=csv_of(str), default=["eager", "exact", "compiled"],
-                        help="in-process UNet variants (eager first: it gives the reference images)")  # fmt: skip
+    parser.add_argument(
+        "--schedulers",
+        type=csv_of(str),
+        default=["EulerDiscreteScheduler", "PNDMScheduler"],
+        help="the first also gets the throughput sweep",
+    )
+    parser.add_argument(
+        "--modes", type=csv_of(str), default=["exact", "compiled"], help="stepdiff --denoiser modes to serve"
+    )
+    parser.add_argument(
+        "--variants",
+        type=csv_of(str),
+        default=["eager", "exact", "compiled"],
+        help="in-process UNet variants (eager first: it gives the reference images)",
+    )
     parser.add_argument("--concurrency", type=csv_of(int), default=[1, 4, 16, 32, 64])
     parser.add_argument("--ceiling-batches", type=csv_of(int), default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per concurrency level")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--check-seeds", type=csv_of(int), default=[0, 1, 2])
     parser.add_argument("--open-loop-fraction", type=float, default=0.8)
-    parser.add_argument("--clear-compile-cache", action="store_true", help="empty stepdiff's Inductor cache first (cold compile)")
+    parser.add_argument(
+        "--clear-compile-cache", action="store_true", help="empty stepdiff's Inductor cache first (cold compile)"
+    )
     parser.add_argument("--port", type=int, default=18100)
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose")
     args = parser.parse_args()
@@ -461,17 +595,27 @@ def main() -> int:
     served = {}
     for mode in args.modes:
         served[mode] = through_triton(args, baseline, mode)
-        partial.write_text(json.dumps({"triton": served, "baseline": {k: v for k, v in baseline.items() if k != "references"}}, indent=2))
+        partial.write_text(
+            json.dumps(
+                {"triton": served, "baseline": {k: v for k, v in baseline.items() if k != "references"}}, indent=2
+            )
+        )
     result = {
         "config": {
-            "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "pipeline_kind": args.pipeline_kind, "dtype": args.dtype, "size": args.size, "steps": args.steps,
-            "guidance": args.guidance, "schedulers": args.schedulers,
-            "open_loop_fraction": args.open_loop_fraction, "command": " ".join(sys.argv),
+            "date": time.strftime("%Y-%m-%d"),
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "pipeline_kind": args.pipeline_kind,
+            "dtype": args.dtype,
+            "size": args.size,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "schedulers": args.schedulers,
+            "open_loop_fraction": args.open_loop_fraction,
+            "command": " ".join(sys.argv),
         },
         "triton": served,
         "baseline": {k: v for k, v in baseline.items() if k != "references"},
-    }  # fmt: skip
+    }
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
     report(result, args.out)
     print((args.out / "results.md").read_text())

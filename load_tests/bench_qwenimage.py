@@ -22,13 +22,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import generate as txt2img_client
 import numpy as np
 import torch
 from bench_batching import metric, percentile, start_server  # also puts client/ and src/ on sys.path
 
-import generate as txt2img_client  # noqa: E402
-
-from stepdiff.settings import DTYPES  # noqa: E402
+from stepdiff.settings import DTYPES
 
 PROMPT = "a photo of an astronaut riding a horse on mars, cinematic lighting"
 NEGATIVE_PROMPT = "blurry, low quality"
@@ -50,10 +49,15 @@ def in_process_times(pipe, size: int, batch: int, args) -> tuple[list[float], fl
 
     def run(**extra) -> None:
         pipe(
-            [PROMPT] * batch, negative_prompt=[NEGATIVE_PROMPT] * batch if args.true_cfg_scale > 1 else None,
-            true_cfg_scale=args.true_cfg_scale, num_inference_steps=args.steps, height=size, width=size,
-            generator=torch.Generator().manual_seed(0), **extra,
-        )  # fmt: skip
+            [PROMPT] * batch,
+            negative_prompt=[NEGATIVE_PROMPT] * batch if args.true_cfg_scale > 1 else None,
+            true_cfg_scale=args.true_cfg_scale,
+            num_inference_steps=args.steps,
+            height=size,
+            width=size,
+            generator=torch.Generator().manual_seed(0),
+            **extra,
+        )
 
     latencies = []
     for _ in range(3):  # the first is a warm-up (kernel selection for this shape, VAE included)
@@ -68,7 +72,9 @@ def stream_step_times(url: str, seed: int, size: int, args) -> tuple[list[float]
     """(seconds between consecutive step responses, end-to-end seconds) of one streamed request."""
     import tritonclient.grpc as grpcclient
 
-    options = dict(seed=seed, num_inference_steps=args.steps, height=size, width=size, true_cfg_scale=args.true_cfg_scale)
+    options = dict(
+        seed=seed, num_inference_steps=args.steps, height=size, width=size, true_cfg_scale=args.true_cfg_scale
+    )
     if args.true_cfg_scale > 1:
         options["negative_prompt"] = NEGATIVE_PROMPT
     inputs = txt2img_client.build_inputs(grpcclient, PROMPT, options)
@@ -99,13 +105,17 @@ def summary(step_times: list[float]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", type=Path, required=True)
-    parser.add_argument("--pipeline-kind", default="QwenImage transformer width (24x128 heads), 4 layers, random weights")
+    parser.add_argument(
+        "--pipeline-kind", default="QwenImage transformer width (24x128 heads), 4 layers, random weights"
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     parser.add_argument("--sizes", type=lambda s: [int(c) for c in s.split(",")], default=[512, 1024])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--true-cfg-scale", type=float, default=4.0, help="> 1: with a negative prompt (two forwards per step)")
+    parser.add_argument(
+        "--true-cfg-scale", type=float, default=4.0, help="> 1: with a negative prompt (two forwards per step)"
+    )
     parser.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[1, 8])
     parser.add_argument("--rounds", type=int, default=3, help="requests each Triton client sends one after another")
     parser.add_argument("--port", type=int, default=18200)
@@ -136,7 +146,10 @@ def main() -> int:
                 forwards0 = metric(metrics_url, "stepdiff_denoise_batch_size_count")
                 with ThreadPoolExecutor(concurrency) as pool:
                     per_client = pool.map(
-                        lambda client: [stream_step_times(url, client * 1000 + n, size, args) for n in range(args.rounds)],
+                        lambda client: [
+                            stream_step_times(url, client * 1000 + n, size, args)  # noqa: B023 - map runs now
+                            for n in range(args.rounds)
+                        ],
                         range(concurrency),
                     )
                     runs = [run for client_runs in per_client for run in client_runs]
@@ -144,30 +157,40 @@ def main() -> int:
                 rows = metric(metrics_url, "stepdiff_denoise_batch_size_sum") - rows0
                 forwards = metric(metrics_url, "stepdiff_denoise_batch_size_count") - forwards0
                 served[f"{size}/{concurrency}"] = {
-                    **summary(steps), "latency_s_median": statistics.median(total for _, total in runs),
+                    **summary(steps),
+                    "latency_s_median": statistics.median(total for _, total in runs),
                     "mean_requests_per_batched_step": rows / max(forwards, 1),
-                }  # fmt: skip
+                }
                 print(f"triton {size}px concurrency {concurrency}: {served[f'{size}/{concurrency}']}", flush=True)
     finally:
         process.stop()
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    result = {"config": {**{k: str(v) for k, v in vars(args).items()}, "gpu": gpu, "date": time.strftime("%Y-%m-%d")},
-              "in_process": in_process, "triton": served}  # fmt: skip
+    result = {
+        "config": {**{k: str(v) for k, v in vars(args).items()}, "gpu": gpu, "date": time.strftime("%Y-%m-%d")},
+        "in_process": in_process,
+        "triton": served,
+    }
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
     lines = [
-        f"# QwenImage per-step time ({result['config']['date']}, {gpu})", "",
+        f"# QwenImage per-step time ({result['config']['date']}, {gpu})",
+        "",
         f"{args.pipeline_kind}; {args.dtype}, {args.steps} steps, true_cfg_scale {args.true_cfg_scale}"
-        f"{' with a negative prompt' if args.true_cfg_scale > 1 else ''}. Command: `{' '.join(sys.argv)}`", "",
-        "| size | requests | in-process ms/step (median) | Triton ms/step (median) | Triton / in-process | Triton p90 ms | "
+        f"{' with a negative prompt' if args.true_cfg_scale > 1 else ''}. Command: `{' '.join(sys.argv)}`",
+        "",
+        "| size | requests | in-process ms/step (median) | Triton ms/step (median) | Triton / in-process | "
+        "Triton p90 ms | "
         "in-process latency s | Triton latency s (median) | requests per batched step |",
         "|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for key, row in served.items():
         size, concurrency = key.split("/")
         base = in_process[key]["step_ms_median"]
-        lines.append(f"| {size} | {concurrency} | {base:.1f} | {row['step_ms_median']:.1f} | {row['step_ms_median'] / base:.2f}x | "
-                     f"{row['step_ms_p90']:.1f} | {in_process[key]['latency_s']:.2f} | {row['latency_s_median']:.2f} | "
-                     f"{row['mean_requests_per_batched_step']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {size} | {concurrency} | {base:.1f} | {row['step_ms_median']:.1f} | "
+            f"{row['step_ms_median'] / base:.2f}x | "
+            f"{row['step_ms_p90']:.1f} | {in_process[key]['latency_s']:.2f} | {row['latency_s_median']:.2f} | "
+            f"{row['mean_requests_per_batched_step']:.2f} |"
+        )
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -6,9 +6,10 @@
 Each request draws a prompt, size, step count, scheduler and seed from a small weighted mix
 (tune it with --steps / --sizes for the pipeline you serve). With --cancel-fraction, that share of
 gRPC requests is given a client deadline (--cancel-after) that ends it mid-way: the server stops the
-generation at the next step; such requests count as successes when the deadline cut them off. Requests show up in locust's statistics
-as "txt2img <protocol> <height>x<width>", with the latency as response time and the image size in
-bytes as response length; errors count as failures, named by their Triton status.
+generation at the next step; such requests count as successes when the deadline cut them off.
+Requests show up in locust's statistics as "txt2img <protocol> <height>x<width>", with the latency
+as response time and the image size in bytes as response length; errors count as failures, named by
+their Triton status.
 """
 
 from __future__ import annotations
@@ -40,13 +41,17 @@ def _add_arguments(parser) -> None:
     parser.add_argument("--grpc-url", default="localhost:8001", help="Triton gRPC endpoint for the gRPC user")
     parser.add_argument("--steps", default="4,8,12", help="num_inference_steps values to draw from")
     parser.add_argument("--sizes", default="64x64,64x48", help="HEIGHTxWIDTH values to draw from")
-    parser.add_argument("--cancel-fraction", type=float, default=0.0,
-                        help="share of requests cancelled mid-way (a client deadline of --cancel-after seconds)")
+    parser.add_argument(
+        "--cancel-fraction",
+        type=float,
+        default=0.0,
+        help="share of requests cancelled mid-way (a client deadline of --cancel-after seconds)",
+    )
     parser.add_argument("--cancel-after", type=float, default=0.03, help="seconds before a cancelled request gives up")
 
 
 def weighted(choices: list[tuple[str, int]]) -> str:
-    values, weights = zip(*choices)
+    values, weights = zip(*choices, strict=True)
     return random.choices(values, weights)[0]
 
 
@@ -89,7 +94,7 @@ class Txt2ImgUser(User):
             if cancel:
                 exception = RuntimeError(f"finished within the {parsed.cancel_after} s deadline; nothing was cancelled")
         except Exception as error:  # noqa: BLE001 - every failure is reported to locust
-            if not (cancel and "deadline" in str(error).lower() or cancel and "timed out" in str(error).lower()):
+            if not ((cancel and "deadline" in str(error).lower()) or (cancel and "timed out" in str(error).lower())):
                 exception = error
         self.environment.events.request.fire(
             request_type=self.protocol,

@@ -39,7 +39,9 @@ def perf_analyzer_command() -> tuple[str, dict[str, str]]:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libdir), env.get("LD_LIBRARY_PATH")]))
     except ImportError:
         pass  # a system CUDA runtime may be on the library path already
-    missing = missing_libraries(subprocess.run(["ldd", binary], capture_output=True, text=True, env=env, check=False).stdout)
+    missing = missing_libraries(
+        subprocess.run(["ldd", binary], capture_output=True, text=True, env=env, check=False).stdout
+    )
     if missing:
         hint = " (Debian/Ubuntu: apt-get install libb64-0d)" if "libb64.so.0d" in missing else ""
         raise SystemExit(f"perf_analyzer cannot start: this machine lacks {', '.join(missing)}{hint}")
@@ -83,7 +85,11 @@ def denoise_sequence_data(args: argparse.Namespace) -> dict:
                     array = array.astype(np.int32)
                 elif array.dtype == np.float64:
                     array = array.astype(np.float32)
-                tensor = grpcclient.InferInput(name, list(array.shape), "BYTES" if array.dtype == np.object_ else grpcclient.np_to_triton_dtype(array.dtype))
+                tensor = grpcclient.InferInput(
+                    name,
+                    list(array.shape),
+                    "BYTES" if array.dtype == np.object_ else grpcclient.np_to_triton_dtype(array.dtype),
+                )
                 tensor.set_data_from_numpy(array)
                 tensors.append(tensor)
             outputs = [grpcclient.InferRequestedOutput(name) for name in conditioning]
@@ -124,13 +130,40 @@ def main(argv: list[str] | None = None) -> int:
     common = ["-u", args.url, "-i", "grpc", "-p", str(args.measurement_interval), "--max-trials", "5", "-s", "50"]
     (args.out / "txt2img_input.json").write_text(json.dumps(txt2img_data(args)))
     (args.out / "denoise_step_input.json").write_text(json.dumps(denoise_sequence_data(args)))
-    txt2img = run(binary, env, ["-m", "txt2img", *common, "--input-data", str(args.out / "txt2img_input.json"),
-                                "--concurrency-range", args.concurrency, "-f", str(args.out / "txt2img.csv")],
-                  args.out / "txt2img.log")  # fmt: skip
-    denoise = run(binary, env, ["-m", "denoise_step", *common, "--input-data", str(args.out / "denoise_step_input.json"),
-                                "--concurrency-range", args.sequences, "--sequence-id-range", "1000000:2000000",
-                                "-f", str(args.out / "denoise_step.csv")],
-                  args.out / "denoise_step.log")  # fmt: skip
+    txt2img = run(
+        binary,
+        env,
+        [
+            "-m",
+            "txt2img",
+            *common,
+            "--input-data",
+            str(args.out / "txt2img_input.json"),
+            "--concurrency-range",
+            args.concurrency,
+            "-f",
+            str(args.out / "txt2img.csv"),
+        ],
+        args.out / "txt2img.log",
+    )
+    denoise = run(
+        binary,
+        env,
+        [
+            "-m",
+            "denoise_step",
+            *common,
+            "--input-data",
+            str(args.out / "denoise_step_input.json"),
+            "--concurrency-range",
+            args.sequences,
+            "--sequence-id-range",
+            "1000000:2000000",
+            "-f",
+            str(args.out / "denoise_step.csv"),
+        ],
+        args.out / "denoise_step.log",
+    )
     return txt2img or denoise
 
 

@@ -25,16 +25,25 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def perf_table(title: str, rows: list[dict[str, str]], unit: str) -> list[str]:
     lines = [f"## perf_analyzer: {title}", "", f"| concurrency | {unit}/s | p50 ms | p99 ms |", "|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['Concurrency']} | {float(row['Inferences/Second']):.2f} | "
-                     f"{int(row['p50 latency']) / 1000:.1f} | {int(row['p99 latency']) / 1000:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {row['Concurrency']} | {float(row['Inferences/Second']):.2f} | "
+            f"{int(row['p50 latency']) / 1000:.1f} | {int(row['p99 latency']) / 1000:.1f} |"
+        )
     return [*lines, ""]
 
 
 def locust_table(rows: list[dict[str, str]]) -> list[str]:
-    lines = ["## locust", "", "| request | count | failures | requests/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
+    lines = [
+        "## locust",
+        "",
+        "| request | count | failures | requests/s | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in rows:
-        lines.append(f"| {row['Name']} | {row['Request Count']} | {row['Failure Count']} | "
-                     f"{float(row['Requests/s']):.2f} | {row['50%']} | {row['99%']} |")  # fmt: skip
+        lines.append(
+            f"| {row['Name']} | {row['Request Count']} | {row['Failure Count']} | "
+            f"{float(row['Requests/s']):.2f} | {row['50%']} | {row['99%']} |"
+        )
     return [*lines, ""]
 
 

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,9 @@ from locust.env import Environment
 from tritonclient.utils import InferenceServerException
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import locustfile  # noqa: E402  (load_tests/locustfile.py: the txt2img users; sets up gRPC for gevent)
+import locustfile  # load_tests/locustfile.py: the txt2img users; sets up gRPC for gevent
 
-from stepdiff.server import free_ports, stub_processes, tritonserver_pid  # noqa: E402
+from stepdiff.server import free_ports, stub_processes, tritonserver_pid
 
 txt2img_client = locustfile.txt2img_client  # client/generate.py
 BAD_INPUTS = {  # type -> (txt2img options, what the error message must name)
@@ -120,14 +120,32 @@ def parse_duration(text: str) -> float:
 def start_server(args: argparse.Namespace) -> subprocess.Popen:
     """`stepdiff serve` on free ports (sets args.url, grpc_url, metrics_url); its output goes to serve.log."""
     http, grpc, metrics = free_ports(3)
-    args.url, args.grpc_url, args.metrics_url = f"localhost:{http}", f"localhost:{grpc}", f"http://localhost:{metrics}/metrics"
+    args.url, args.grpc_url, args.metrics_url = (
+        f"localhost:{http}",
+        f"localhost:{grpc}",
+        f"http://localhost:{metrics}/metrics",
+    )
     command = [
-        sys.executable, "-m", "stepdiff", "serve", "--pipeline", str(args.pipeline), "--http-port", str(http),
-        "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--cpu-threads", str(args.cpu_threads),
-        "--log-file", str(args.out / "tritonserver.log"),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "stepdiff",
+        "serve",
+        "--pipeline",
+        str(args.pipeline),
+        "--http-port",
+        str(http),
+        "--grpc-port",
+        str(grpc),
+        "--metrics-port",
+        str(metrics),
+        "--cpu-threads",
+        str(args.cpu_threads),
+        "--log-file",
+        str(args.out / "tritonserver.log"),
+    ]
     log_path = args.out / "serve.log"
-    process = subprocess.Popen(command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    log = log_path.open("w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
     while "stepdiff: ready" not in log_path.read_text():
         if process.poll() is not None or time.monotonic() > deadline:
@@ -186,10 +204,21 @@ def kind_of(name: str) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The load, the samples and the summary."""
-    options = parse_options([
-        "--headless", "--grpc-url", args.grpc_url, "--steps", args.steps, "--sizes", args.sizes,
-        "--cancel-fraction", str(args.cancel_fraction), "--cancel-after", str(args.cancel_after),
-    ])  # fmt: skip  (locust's own options plus the locustfile's)
+    options = parse_options(
+        [
+            "--headless",
+            "--grpc-url",
+            args.grpc_url,
+            "--steps",
+            args.steps,
+            "--sizes",
+            args.sizes,
+            "--cancel-fraction",
+            str(args.cancel_fraction),
+            "--cancel-after",
+            str(args.cancel_after),
+        ]
+    )  # fmt: skip  (locust's own options plus the locustfile's)
     env = Environment(
         user_classes=[SoakHttpUser, SoakGrpcUser, BadInputUser],
         host=f"http://{args.url}",
@@ -259,12 +288,14 @@ def summarize(args: argparse.Namespace, env: Environment, samples: list[dict], l
     first, last = samples[0], samples[-1]
     total = env.stats.total
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "server": f"own (`stepdiff serve --pipeline {args.pipeline}`)" if args.pipeline else f"attached ({args.url})",
         "duration_s": round(load_seconds, 1),
         "cpu_count": os.cpu_count(),
         "users": {"total": args.users, "weights": {"http": 1, "grpc": 2, "invalid inputs": 1}},
-        "options": {key: getattr(args, key) for key in ("steps", "sizes", "cancel_fraction", "cancel_after", "cpu_threads")},
+        "options": {
+            key: getattr(args, key) for key in ("steps", "sizes", "cancel_fraction", "cancel_after", "cpu_threads")
+        },
         "total_requests": total.num_requests,
         "requests_per_s": round(total.num_requests / load_seconds, 2),
         "unexpected_errors": total.num_failures,
@@ -288,12 +319,16 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Soak run, {report['date']}",
         "",
-        f"Server: {report['server']}, {report['cpu_count']} CPUs. {report['duration_s']:.0f} s of load, {report['users']['total']} locust users "
+        f"Server: {report['server']}, {report['cpu_count']} CPUs. {report['duration_s']:.0f} s of load, "
+        f"{report['users']['total']} locust users "
         f"(weights HTTP 1 : gRPC 2 : invalid inputs 1); options {report['options']}.",
         "",
         "| kind | requests | unexpected errors |",
         "|---|---|---|",
-        *(f"| {kind} | {row['count']} | {row['unexpected_errors']} |" for kind, row in sorted(report["by_kind"].items())),
+        *(
+            f"| {kind} | {row['count']} | {row['unexpected_errors']} |"
+            for kind, row in sorted(report["by_kind"].items())
+        ),
         f"| **all** | {report['total_requests']} ({report['requests_per_s']}/s) | {report['unexpected_errors']} |",
         "",
         "Invalid inputs, each expected to be rejected with INVALID_ARG naming the field: "
@@ -314,7 +349,8 @@ def markdown(report: dict[str, Any]) -> str:
     memory = report["memory"]
     if memory:
         lines += [
-            "Resident memory of tritonserver and its model processes (sum of RSS, MiB; shared pages count once per process):",
+            "Resident memory of tritonserver and its model processes (sum of RSS, MiB; shared pages count once "
+            "per process):",
             "",
             f"| start | after warm-up ({memory['warmup_s']:.0f} s) | end | max | end minus after warm-up |",
             "|---|---|---|---|---|",

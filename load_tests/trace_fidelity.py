@@ -28,9 +28,17 @@ def compare(name: str, served: np.ndarray, local: np.ndarray) -> dict:
     served, local = np.asarray(served), np.asarray(local)
     same_shape = served.shape == local.shape
     diff = np.abs(served.astype(np.float64) - local.astype(np.float64)) if same_shape else np.array([np.inf])
-    row = {"stage": name, "identical": bool(same_shape and np.array_equal(served, local)), "max_abs_diff": float(diff.max()),
-           "differing": int((diff > 0).sum())}  # fmt: skip
-    print(f"{name:28s} identical={row['identical']!s:5s} max|diff|={row['max_abs_diff']:.3g} differing={row['differing']}", flush=True)
+    row = {
+        "stage": name,
+        "identical": bool(same_shape and np.array_equal(served, local)),
+        "max_abs_diff": float(diff.max()),
+        "differing": int((diff > 0).sum()),
+    }
+    print(
+        f"{name:28s} identical={row['identical']!s:5s} max|diff|={row['max_abs_diff']:.3g} "
+        f"differing={row['differing']}",
+        flush=True,
+    )
     return row
 
 
@@ -51,9 +59,15 @@ def in_process(args, device, dtype) -> dict:
         return tensors
 
     image = pipe(
-        PROMPT, num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.size, width=args.size,
-        generator=torch.Generator().manual_seed(args.seed), output_type="np", callback_on_step_end=on_step_end,
-    ).images[0]  # fmt: skip
+        PROMPT,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=args.size,
+        width=args.size,
+        generator=torch.Generator().manual_seed(args.seed),
+        output_type="np",
+        callback_on_step_end=on_step_end,
+    ).images[0]
     result = {
         "prompt_embeds": cond.float().cpu().numpy(),
         "negative_prompt_embeds": uncond.float().cpu().numpy() if uncond is not None else None,
@@ -69,22 +83,38 @@ def served(args, grpc_url: str, local_final: np.ndarray) -> dict:
     import stepwise  # client/stepwise.py (bench_batching put client/ on sys.path)
     import tritonclient.grpc as grpcclient
 
-    options = argparse.Namespace(prompt=PROMPT, negative_prompt=None, seed=args.seed, num_inference_steps=args.steps,
-                                 guidance_scale=args.guidance, true_cfg_scale=None, height=args.size, width=args.size,
-                                 scheduler=args.scheduler)  # fmt: skip
+    options = argparse.Namespace(
+        prompt=PROMPT,
+        negative_prompt=None,
+        seed=args.seed,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        true_cfg_scale=None,
+        height=args.size,
+        width=args.size,
+        scheduler=args.scheduler,
+    )
     with grpcclient.InferenceServerClient(grpc_url) as client:
         inputs = stepwise.generation_inputs(options)
         embeddings = stepwise.infer(client, "text_encoder", inputs, stepwise.EMBEDDING_OUTPUTS)
         sequence = random.getrandbits(63) + 1
-        started = stepwise.infer(client, "denoise_step", {**inputs, **embeddings}, ["num_steps"], sequence_id=sequence, sequence_start=True)
+        started = stepwise.infer(
+            client, "denoise_step", {**inputs, **embeddings}, ["num_steps"], sequence_id=sequence, sequence_start=True
+        )
         steps = []
         num_steps = int(started["num_steps"].reshape(-1)[0])  # PNDM takes one more than asked
         for index in range(num_steps):
             last = index == num_steps - 1
             step = {"step": np.array([[index]], dtype=np.int32)}
-            steps.append(stepwise.infer(client, "denoise_step", step, ["latents"], sequence_id=sequence, sequence_end=last)["latents"])
+            steps.append(
+                stepwise.infer(client, "denoise_step", step, ["latents"], sequence_id=sequence, sequence_end=last)[
+                    "latents"
+                ]
+            )
         image = stepwise.infer(client, "vae_decode", {"latents": steps[-1]}, ["image"])["image"][0]
-        local_latents_image = stepwise.infer(client, "vae_decode", {"latents": local_final.astype(np.float32)}, ["image"])["image"][0]
+        local_latents_image = stepwise.infer(
+            client, "vae_decode", {"latents": local_final.astype(np.float32)}, ["image"]
+        )["image"][0]
     return {"embeddings": embeddings, "steps": steps, "image": image, "image_of_local_latents": local_latents_image}
 
 
@@ -105,13 +135,26 @@ def main() -> int:
         process.stop()
     rows = [compare("prompt_embeds", remote["embeddings"]["prompt_embeds"], local["prompt_embeds"])]
     if local["negative_prompt_embeds"] is not None:
-        rows.append(compare("negative_prompt_embeds", remote["embeddings"]["negative_prompt_embeds"], local["negative_prompt_embeds"]))
-    rows += [compare(f"latents after step {i + 1}", s, l) for i, (s, l) in enumerate(zip(remote["steps"], local["steps"]))]
+        rows.append(
+            compare(
+                "negative_prompt_embeds",
+                remote["embeddings"]["negative_prompt_embeds"],
+                local["negative_prompt_embeds"],
+            )
+        )
+    rows += [
+        compare(f"latents after step {i + 1}", served, in_process)
+        for i, (served, in_process) in enumerate(zip(remote["steps"], local["steps"], strict=True))
+    ]
     rows.append(compare("vae_decode(in-process latents)", remote["image_of_local_latents"], local["image"]))
     rows.append(compare("image", remote["image"], local["image"]))
     first = next((row["stage"] for row in rows if not row["identical"]), None)
     print(f"first stage that differs: {first}", flush=True)
-    (args.out / "trace.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "first_difference": first}, indent=2))
+    (args.out / "trace.json").write_text(
+        json.dumps(
+            {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "first_difference": first}, indent=2
+        )
+    )
     return 0
 
 

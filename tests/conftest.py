@@ -79,10 +79,28 @@ def start_launcher(
 ) -> tuple[subprocess.Popen, list[int]]:
     ports = free_ports(3)
     command = [
-        sys.executable, "-m", "stepdiff", "serve", "--pipeline", str(pipeline),
-        "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
-        "--cpu-threads", str(CPU_THREADS), "--device", DEVICE, "--dtype", DTYPE, "--log-file", str(log_file), *extra,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "stepdiff",
+        "serve",
+        "--pipeline",
+        str(pipeline),
+        "--http-port",
+        str(ports[0]),
+        "--grpc-port",
+        str(ports[1]),
+        "--metrics-port",
+        str(ports[2]),
+        "--cpu-threads",
+        str(CPU_THREADS),
+        "--device",
+        DEVICE,
+        "--dtype",
+        DTYPE,
+        "--log-file",
+        str(log_file),
+        *extra,
+    ]
     env = {**os.environ, "STEPDIFF_ADMIN_KEY": ADMIN_KEY, **(environ or {})}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
     return process, ports
@@ -103,7 +121,9 @@ def wait_for_line(process: subprocess.Popen, marker: str, timeout: float = 300) 
 
 
 @contextlib.contextmanager
-def running_server(pipeline: Path, log_file: Path, *extra: str, environ: dict[str, str] | None = None, cwd: Path | None = None):
+def running_server(
+    pipeline: Path, log_file: Path, *extra: str, environ: dict[str, str] | None = None, cwd: Path | None = None
+):
     """``stepdiff serve`` until the block ends; then SIGINT, which must stop it cleanly."""
     process, (http_port, grpc_port, metrics_port) = start_launcher(pipeline, log_file, *extra, environ=environ, cwd=cwd)
     try:
@@ -112,7 +132,9 @@ def running_server(pipeline: Path, log_file: Path, *extra: str, environ: dict[st
         process.kill()
         raise
     try:
-        yield Server(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", log_file)
+        yield Server(
+            f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", log_file
+        )
     finally:  # also when the test failed: never leave a server behind
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=120)

@@ -14,9 +14,14 @@ from stepdiff.adapters import GenerationParams, Stage, load_adapter
 def image_alone(pipeline: Path, params: GenerationParams) -> np.ndarray:
     """One request through the three stages' adapters, as the served models run it alone."""
     cpu = torch.device("cpu")
-    encoder, denoiser, decoder = (load_adapter(str(pipeline), stage, cpu, torch.float32) for stage in (Stage.TEXT_ENCODER, Stage.DENOISE, Stage.DECODE))
+    encoder, denoiser, decoder = (
+        load_adapter(str(pipeline), stage, cpu, torch.float32)
+        for stage in (Stage.TEXT_ENCODER, Stage.DENOISE, Stage.DECODE)
+    )
     with torch.inference_mode():
-        state = denoiser.prepare(1, params, {name: value.float() for name, value in encoder.encode_prompt(params).items()})
+        state = denoiser.prepare(
+            1, params, {name: value.float() for name, value in encoder.encode_prompt(params).items()}
+        )
         while not state.done:
             outputs = [denoiser.forward(rows.key, rows.tensors) for rows in denoiser.denoiser_rows(state)]
             denoiser.step(state, denoiser.guide(state, outputs))
@@ -47,7 +52,9 @@ def test_lcm_unet_gets_the_guidance_embedding_as_diffusers_builds_it(tmp_path):
     for guidance_scale in (8.0, 2.0):
         params = GenerationParams("a photo of a cat", None, 4, 4, guidance_scale, 64, 48, "LCMScheduler")
         image = image_alone(path, params)
-        expected = reference_image(pipe, params.prompt, 4, num_inference_steps=4, guidance_scale=guidance_scale, height=64, width=48)
+        expected = reference_image(
+            pipe, params.prompt, 4, num_inference_steps=4, guidance_scale=guidance_scale, height=64, width=48
+        )
         assert np.array_equal(image, expected), f"max abs diff {np.abs(image.astype(int) - expected).max()}"
         images.append(image)
     assert not np.array_equal(*images)  # the embedded guidance scale reaches the UNet
@@ -56,6 +63,15 @@ def test_lcm_unet_gets_the_guidance_embedding_as_diffusers_builds_it(tmp_path):
 def test_sdxl_alone_is_byte_identical_in_process(tiny_sdxl, sdxl_reference):
     """The adapter slices without Triton in between (the served matrix is tests/test_sdxl.py)."""
     params = GenerationParams("a red panda", "blurry", 7, 3, 6.0, 48, 64, "EulerAncestralDiscreteScheduler")
-    expected = reference_image(sdxl_reference, "a red panda", 7, "EulerAncestralDiscreteScheduler", negative_prompt="blurry",
-                               num_inference_steps=3, guidance_scale=6.0, height=48, width=64)  # fmt: skip
+    expected = reference_image(
+        sdxl_reference,
+        "a red panda",
+        7,
+        "EulerAncestralDiscreteScheduler",
+        negative_prompt="blurry",
+        num_inference_steps=3,
+        guidance_scale=6.0,
+        height=48,
+        width=64,
+    )
     assert np.array_equal(image_alone(tiny_sdxl, params), expected)

@@ -25,10 +25,16 @@ def denoise_counts(server) -> tuple[int, int]:
 
 def test_concurrent_mixed_requests_share_forwards_and_match_solo_runs(server):
     jobs = [
-        dict(seed=100 + i, num_inference_steps=8 + i, scheduler=SCHEDULERS[i % 4],
-             guidance_scale=7.5 if i % 3 else 1.0, height=128, width=128)
+        dict(
+            seed=100 + i,
+            num_inference_steps=8 + i,
+            scheduler=SCHEDULERS[i % 4],
+            guidance_scale=7.5 if i % 3 else 1.0,
+            height=128,
+            width=128,
+        )
         for i in range(8)
-    ]  # fmt: skip
+    ]
     solo = [server.txt2img("a photo of a cat", **job)[0] for job in jobs]
     inferences_before, executions_before = denoise_counts(server)
     forwards_before = server.metric("stepdiff_denoise_batch_size_count")
@@ -45,7 +51,7 @@ def test_concurrent_mixed_requests_share_forwards_and_match_solo_runs(server):
     # Every request-step ran in some forward; PNDM (skip_prk_steps) has num_inference_steps + 1 timesteps.
     expected_steps = sum(job["num_inference_steps"] + (job["scheduler"] == "PNDMScheduler") for job in jobs)
     assert server.metric("stepdiff_denoise_batch_size_sum") - rows_before == expected_steps
-    for job, alone, together in zip(jobs, solo, batched):
+    for job, alone, together in zip(jobs, solo, batched, strict=True):
         assert psnr(alone, together) >= 40, job
     assert server.metric("stepdiff_active_sequences") == 0
 
@@ -63,7 +69,9 @@ def test_request_joins_while_others_are_mid_way(server):
         longs = [pool.submit(run, f"long{i}", seed=i, **long_job) for i in range(3)]
         while server.metric("stepdiff_denoise_steps_total") - steps_before < 30:  # the long ones are under way
             time.sleep(0.01)
-        short = pool.submit(run, "short", seed=9, num_inference_steps=3, scheduler="DDIMScheduler", height=128, width=128)
+        short = pool.submit(
+            run, "short", seed=9, num_inference_steps=3, scheduler="DDIMScheduler", height=128, width=128
+        )
         short.result()
         for future in longs:
             future.result()
@@ -88,8 +96,11 @@ def test_limits_busy_error_and_forward_cap(limited_server):
     assert "busy" in outcomes and "ok" in outcomes
     assert limited_server.metric("stepdiff_active_sequences") == 0
     text = urllib.request.urlopen(limited_server.metrics_url, timeout=5).read().decode()
-    buckets = {line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
-               for line in text.splitlines() if line.startswith("stepdiff_denoise_batch_size_bucket")}  # fmt: skip
+    buckets = {
+        line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("stepdiff_denoise_batch_size_bucket")
+    }
     assert buckets["1"] == buckets["+Inf"] > 0, "a forward held more than --max-batch-size requests"
     image, _ = limited_server.txt2img("a cat", seed=1, num_inference_steps=4)  # still serving
     assert image.shape == (64, 64, 3)

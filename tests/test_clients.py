@@ -9,23 +9,54 @@ import numpy as np
 from conftest import REPO, free_ports
 from PIL import Image
 
-OPTIONS = ["--seed", "21", "--num-inference-steps", "6", "--height", "48", "--width", "64", "--scheduler", "EulerAncestralDiscreteScheduler"]
+OPTIONS = [
+    "--seed",
+    "21",
+    "--num-inference-steps",
+    "6",
+    "--height",
+    "48",
+    "--width",
+    "64",
+    "--scheduler",
+    "EulerAncestralDiscreteScheduler",
+]
 
 
 def client(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "client" / script), *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(REPO / "client" / script), *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_stepwise_loop_gives_the_txt2img_image(server, tmp_path):
     for guidance in ("7.5", "1.0"):
         out = tmp_path / f"stepwise-{guidance}.png"
-        result = client("stepwise.py", "a red panda", "--url", server.grpc_url, "--negative-prompt", "blurry",
-                        "--guidance-scale", guidance, *OPTIONS, "--out", str(out))  # fmt: skip
+        result = client(
+            "stepwise.py",
+            "a red panda",
+            "--url",
+            server.grpc_url,
+            "--negative-prompt",
+            "blurry",
+            "--guidance-scale",
+            guidance,
+            *OPTIONS,
+            "--out",
+            str(out),
+        )
         assert result.returncode == 0, result.stderr
         assert "step 7/7" not in result.stderr and "step 6/6" in result.stderr
-        expected, _ = server.txt2img("a red panda", negative_prompt="blurry", guidance_scale=float(guidance),
-                                     seed=21, num_inference_steps=6, height=48, width=64,
-                                     scheduler="EulerAncestralDiscreteScheduler")  # fmt: skip
+        expected, _ = server.txt2img(
+            "a red panda",
+            negative_prompt="blurry",
+            guidance_scale=float(guidance),
+            seed=21,
+            num_inference_steps=6,
+            height=48,
+            width=64,
+            scheduler="EulerAncestralDiscreteScheduler",
+        )
         assert np.array_equal(np.asarray(Image.open(out)), expected)
     assert server.metric("stepdiff_active_sequences") == 0
 
@@ -33,14 +64,32 @@ def test_stepwise_loop_gives_the_txt2img_image(server, tmp_path):
 def test_generate_saves_pngs_named_by_prompt_and_seed(server, tmp_path):
     for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
         out = tmp_path / protocol
-        result = client("generate.py", "a photo of a cat", "", "--url", url, "--protocol", protocol,
-                        "--concurrency", "2", "--out", str(out), *OPTIONS)  # fmt: skip
+        result = client(
+            "generate.py",
+            "a photo of a cat",
+            "",
+            "--url",
+            url,
+            "--protocol",
+            protocol,
+            "--concurrency",
+            "2",
+            "--out",
+            str(out),
+            *OPTIONS,
+        )
         assert result.returncode == 0, result.stderr
         saved = sorted(path.name for path in out.iterdir())
         assert saved == ["a-photo-of-a-cat-21.png", "empty-21.png"]
         image = np.asarray(Image.open(out / "a-photo-of-a-cat-21.png"))
-        expected, _ = server.txt2img("a photo of a cat", seed=21, num_inference_steps=6, height=48, width=64,
-                                     scheduler="EulerAncestralDiscreteScheduler")  # fmt: skip
+        expected, _ = server.txt2img(
+            "a photo of a cat",
+            seed=21,
+            num_inference_steps=6,
+            height=48,
+            width=64,
+            scheduler="EulerAncestralDiscreteScheduler",
+        )
         assert np.array_equal(image, expected)
         assert result.stdout.count(" s  64x48  seed 21  ") == 2
 
@@ -54,22 +103,59 @@ def test_generate_reports_rejections_and_a_server_that_is_down(server, tmp_path)
 
 
 def test_generate_streams_with_progress_and_previews(server, tmp_path):
-    result = client("generate.py", "a red panda", "--url", server.grpc_url, "--stream", "--preview-every", "2",
-                    "--out", str(tmp_path), *OPTIONS)  # fmt: skip
+    result = client(
+        "generate.py",
+        "a red panda",
+        "--url",
+        server.grpc_url,
+        "--stream",
+        "--preview-every",
+        "2",
+        "--out",
+        str(tmp_path),
+        *OPTIONS,
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == [
-        "a-red-panda-21.png", "a-red-panda-step002.png", "a-red-panda-step004.png"
+        "a-red-panda-21.png",
+        "a-red-panda-step002.png",
+        "a-red-panda-step004.png",
     ]
     assert "6/6" in result.stderr  # tqdm's bar reached the last step
-    expected, _ = server.txt2img("a red panda", seed=21, num_inference_steps=6, height=48, width=64,
-                                 scheduler="EulerAncestralDiscreteScheduler")  # fmt: skip
+    expected, _ = server.txt2img(
+        "a red panda", seed=21, num_inference_steps=6, height=48, width=64, scheduler="EulerAncestralDiscreteScheduler"
+    )
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a-red-panda-21.png")), expected)
 
 
 def test_generate_timeout_works_over_both_protocols(server, tmp_path):
     for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
-        ok = client("generate.py", "a cat", "--url", url, "--protocol", protocol, "--timeout", "60", "--out", str(tmp_path), *OPTIONS)
+        ok = client(
+            "generate.py",
+            "a cat",
+            "--url",
+            url,
+            "--protocol",
+            protocol,
+            "--timeout",
+            "60",
+            "--out",
+            str(tmp_path),
+            *OPTIONS,
+        )
         assert ok.returncode == 0, ok.stderr
-    cut = client("generate.py", "a cat", "--url", server.grpc_url, "--protocol", "grpc", "--timeout", "0.05",
-                 "--num-inference-steps", "150", "--out", str(tmp_path / "cut"))  # fmt: skip
+    cut = client(
+        "generate.py",
+        "a cat",
+        "--url",
+        server.grpc_url,
+        "--protocol",
+        "grpc",
+        "--timeout",
+        "0.05",
+        "--num-inference-steps",
+        "150",
+        "--out",
+        str(tmp_path / "cut"),
+    )
     assert cut.returncode == 1 and "Deadline" in cut.stderr

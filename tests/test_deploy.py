@@ -18,7 +18,9 @@ def render(overlay) -> list[dict]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         require_system("kubectl (it renders the kustomize overlays)", "apt-get install kubectl")
-    result = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stderr
     return [document for document in yaml.safe_load_all(result.stdout) if document]
 
@@ -44,7 +46,11 @@ def test_single_gpu_deployment_serves_safely():
     [container] = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     probes = {name: container[name]["httpGet"]["path"] for name in ("startupProbe", "readinessProbe", "livenessProbe")}
-    assert probes == {"startupProbe": "/v2/health/ready", "readinessProbe": "/v2/health/ready", "livenessProbe": "/v2/health/live"}
+    assert probes == {
+        "startupProbe": "/v2/health/ready",
+        "readinessProbe": "/v2/health/ready",
+        "livenessProbe": "/v2/health/live",
+    }
     mounts = {mount["mountPath"] for mount in container["volumeMounts"]}
     assert {"/dev/shm", "/home/stepdiff/.cache"} <= mounts
     assert next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"]["medium"] == "Memory"
@@ -60,4 +66,6 @@ def test_autoscaling_keys_on_a_metric_stepdiff_exports():
     name = metric["pods"]["metric"]["name"]
     rules = yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])["rules"]
     assert any(rule["name"].get("as") == name for rule in rules)
-    assert f'"{name}"' in (REPO / "src" / "stepdiff" / "model_repository" / "denoise_step" / "1" / "model.py").read_text()
+    assert (
+        f'"{name}"' in (REPO / "src" / "stepdiff" / "model_repository" / "denoise_step" / "1" / "model.py").read_text()
+    )

@@ -45,7 +45,12 @@ class Family:
     bad_inputs: list[tuple[dict, str]]  # (inputs, a substring of the INVALID_ARG message)
     mixed: dict = field(default_factory=dict)  # per-request options of the concurrent test
     conditioning: set[str] = field(
-        default_factory=lambda: {"prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"}
+        default_factory=lambda: {
+            "prompt_embeds",
+            "negative_prompt_embeds",
+            "pooled_prompt_embeds",
+            "negative_pooled_prompt_embeds",
+        }
     )
 
 
@@ -55,7 +60,10 @@ FLUX_OPTIONS = [
     dict(negative_prompt=NEGATIVE, true_cfg_scale=1.0, guidance_scale=1.0),  # negative unused; other guidance embedding
 ]
 FLUX_BAD_INPUTS = [
-    ({"height": int32(40)}, "height=40 is not a multiple of 16, which FluxPipeline requires (VAE factor 8 x 2x2 latent patches)"),
+    (
+        {"height": int32(40)},
+        "height=40 is not a multiple of 16, which FluxPipeline requires (VAE factor 8 x 2x2 latent patches)",
+    ),
     ({"scheduler": text(b"EulerDiscreteScheduler")}, "allowed FlowMatchEulerDiscreteScheduler"),
     ({"true_cfg_scale": fp32(-1)}, "true_cfg_scale=-1.0 is out of range"),
 ]
@@ -93,17 +101,24 @@ FAMILIES = {
         mixed=dict(true_cfg_scale=3.0),
     ),
     "sd3": Family(
-        options=[dict(negative_prompt=NEGATIVE, guidance_scale=7.0), dict(guidance_scale=4.0), dict(guidance_scale=1.0)],
+        options=[
+            dict(negative_prompt=NEGATIVE, guidance_scale=7.0),
+            dict(guidance_scale=4.0),
+            dict(guidance_scale=1.0),
+        ],
         distinct=[0, 1, 2],
         defaults={},  # the transformer's sample size x 8, 28 steps, guidance 7.0
         bad_inputs=[
-            ({"width": int32(72)}, "width=72 is not a multiple of 16, which StableDiffusion3Pipeline requires "
-                                   "(VAE factor 8 x transformer patch size 2)"),
+            (
+                {"width": int32(72)},
+                "width=72 is not a multiple of 16, which StableDiffusion3Pipeline requires "
+                "(VAE factor 8 x transformer patch size 2)",
+            ),
             ({"scheduler": text(b"DDIMScheduler")}, "allowed FlowMatchEulerDiscreteScheduler"),
             ({"num_inference_steps": int32(0)}, "num_inference_steps=0 is out of range"),
         ],
     ),
-}  # fmt: skip
+}
 STEPS = 4
 
 
@@ -132,7 +147,9 @@ def test_image_is_byte_identical_to_diffusers(family, family_server, family_refe
 def test_options_and_seed_change_the_image(family, family_server):
     """The matrix compares against images that really depend on its options and the seed."""
     spec, size = FAMILIES[family], dict(num_inference_steps=STEPS, height=64, width=64)
-    images = [family_server.txt2img("a photo of a cat", seed=1, **size, **spec.options[index])[0] for index in spec.distinct]
+    images = [
+        family_server.txt2img("a photo of a cat", seed=1, **size, **spec.options[index])[0] for index in spec.distinct
+    ]
     images.append(family_server.txt2img("a photo of a cat", seed=2, **size, **spec.options[0])[0])
     assert len({image.tobytes() for image in images}) == len(images)
 
@@ -159,7 +176,9 @@ def test_bad_inputs_are_rejected_and_service_continues(family, family_server, fa
         assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
         assert message in raised.value.message()
     image, _ = family_server.txt2img("a cat", seed=3, num_inference_steps=2, height=32, width=32)
-    assert np.array_equal(image, reference_image(family_reference, "a cat", 3, num_inference_steps=2, height=32, width=32))
+    assert np.array_equal(
+        image, reference_image(family_reference, "a cat", 3, num_inference_steps=2, height=32, width=32)
+    )
     assert family_server.metric("stepdiff_active_sequences") == 0
 
 
@@ -170,11 +189,18 @@ def test_concurrent_mixed_requests_share_forwards_and_match_solo_runs(family, fa
     generations overlap less (Flux: mean forward 1.4 at 5-7 steps).
     """
     jobs = [
-        dict(prompt=PROMPTS[i % 4], seed=500 + i, num_inference_steps=12 + i % 3, height=64, width=48,
-             guidance_scale=1.0 if i % 4 == 3 else 2.0 + i, negative_prompt=NEGATIVE if i % 2 else None,
-             **FAMILIES[family].mixed)
+        dict(
+            prompt=PROMPTS[i % 4],
+            seed=500 + i,
+            num_inference_steps=12 + i % 3,
+            height=64,
+            width=48,
+            guidance_scale=1.0 if i % 4 == 3 else 2.0 + i,
+            negative_prompt=NEGATIVE if i % 2 else None,
+            **FAMILIES[family].mixed,
+        )
         for i in range(8)
-    ]  # fmt: skip
+    ]
 
     def run(job):
         return family_server.txt2img(**job)[0]
@@ -187,7 +213,7 @@ def test_concurrent_mixed_requests_share_forwards_and_match_solo_runs(family, fa
     mean_batch = (inferences - inferences_before) / (executions - executions_before)
     print(f"{family}: mean denoise_step batch {mean_batch:.2f}")
     assert mean_batch >= 2.0
-    for job, alone, batched in zip(jobs, solo, together):
+    for job, alone, batched in zip(jobs, solo, together, strict=True):
         assert psnr(alone, batched) >= 40, job
     assert family_server.metric("stepdiff_active_sequences") == 0
 
@@ -202,10 +228,29 @@ def test_stream_and_stepwise_client_give_the_txt2img_image(family, family_server
     assert np.array_equal(final["image"], image)
     # client/stepwise.py learns the family's conditioning from text_encoder's metadata
     out = tmp_path / "stepwise.png"
-    flags = ["--seed", "5", "--num-inference-steps", "4", "--height", "48", "--width", "64", "--negative-prompt", "blurry",
-             "--true-cfg-scale", "3.0"]  # fmt: skip
+    flags = [
+        "--seed",
+        "5",
+        "--num-inference-steps",
+        "4",
+        "--height",
+        "48",
+        "--width",
+        "64",
+        "--negative-prompt",
+        "blurry",
+        "--true-cfg-scale",
+        "3.0",
+    ]
     result = client("stepwise.py", "a photo of a cat", "--url", family_server.grpc_url, *flags, "--out", str(out))
     assert result.returncode == 0, result.stderr
-    expected, _ = family_server.txt2img("a photo of a cat", seed=5, num_inference_steps=4, height=48, width=64,
-                                        negative_prompt="blurry", true_cfg_scale=3.0)  # fmt: skip
+    expected, _ = family_server.txt2img(
+        "a photo of a cat",
+        seed=5,
+        num_inference_steps=4,
+        height=48,
+        width=64,
+        negative_prompt="blurry",
+        true_cfg_scale=3.0,
+    )
     assert np.array_equal(np.asarray(Image.open(out)), expected)

@@ -81,8 +81,8 @@ def test_killed_denoise_step_fails_requests_in_flight_and_the_launcher_restarts_
         assert {stub.model for stub in stub_processes(triton_pid(server))} == set(MODELS)
         dead = stubs["denoise_step"]
         assert (
-            f"stepdiff: restarting tritonserver: model denoise_step's process died (pid {dead.pid}, instance denoise_step_0_0)"
-            in log_file.read_text(errors="replace")
+            f"stepdiff: restarting tritonserver: model denoise_step's process died (pid {dead.pid}, instance "
+            f"denoise_step_0_0)" in log_file.read_text(errors="replace")
         )
         assert not any((Path("/dev/shm") / stub.shm_region).exists() for stub in stubs.values())
 

@@ -16,12 +16,18 @@ from stepdiff.runner import DenoiserRunner, Rows
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 SD_SCHEDULERS = [
-    "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler",
-    "DDIMScheduler", "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "PNDMScheduler",
+    "DDIMScheduler",
+    "LMSDiscreteScheduler",
     # diffusers' UniPC copies CPU sigma scalars to the device every step (.to(device)): stalls we cannot
     # remove without changing UniPC itself (its sigmas on the device would change its arithmetic).
-    pytest.param("UniPCMultistepScheduler", marks=pytest.mark.xfail(strict=True, reason="UniPC copies sigmas host->device")),
-]  # fmt: skip
+    pytest.param(
+        "UniPCMultistepScheduler", marks=pytest.mark.xfail(strict=True, reason="UniPC copies sigmas host->device")
+    ),
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,14 +53,16 @@ def syncs_per_step(engine: StepEngine, encoder, params: GenerationParams) -> lis
             finally:
                 torch.cuda.set_sync_debug_mode(0)
         assert result.error is None, result.error
-        if 0 < index and not last:  # the first step may look up its index; the last returns the latents
+        if index > 0 and not last:  # the first step may look up its index; the last returns the latents
             counts.append(sum("synchroniz" in str(warning.message) for warning in caught))
     return counts
 
 
 @pytest.fixture(scope="module")
 def sd(tiny_sd):
-    return load_adapter(str(tiny_sd), Stage.TEXT_ENCODER, CUDA, torch.float16), load_adapter(str(tiny_sd), Stage.DENOISE, CUDA, torch.float16)
+    return load_adapter(str(tiny_sd), Stage.TEXT_ENCODER, CUDA, torch.float16), load_adapter(
+        str(tiny_sd), Stage.DENOISE, CUDA, torch.float16
+    )
 
 
 @pytest.mark.parametrize("scheduler", SD_SCHEDULERS)
@@ -84,10 +92,20 @@ def test_graph_replay_is_byte_identical_to_stock_diffusers(tiny_sd, sd, schedule
 
     encoder, denoiser = sd
     decoder = load_adapter(str(tiny_sd), Stage.DECODE, CUDA, torch.float16)
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_sd, dtype=torch.float16, safety_checker=None, requires_safety_checker=False).to(CUDA)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        tiny_sd, dtype=torch.float16, safety_checker=None, requires_safety_checker=False
+    ).to(CUDA)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
-    stock = pipe("a cat", num_inference_steps=10, guidance_scale=7.5, height=64, width=64, generator=torch.Generator().manual_seed(seed), output_type="np").images
+    stock = pipe(
+        "a cat",
+        num_inference_steps=10,
+        guidance_scale=7.5,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).images
     engine = StepEngine(denoiser, 8, 8, 60)
     params = GenerationParams("a cat", None, seed, 10, 7.5, 64, 64, scheduler)
     with torch.inference_mode():

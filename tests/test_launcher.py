@@ -72,8 +72,8 @@ def test_model_load_failure_exits_with_tritons_reason(tiny_sd, tmp_path):
 
 def test_load_failures_parses_tritons_log_lines():
     log = (
-        'E1121 06:21:06.301768 3095 model_lifecycle.cc:642] "failed to load \'denoise_step\' version 1: '
-        "Internal: TypeError: boom\\n\\nAt:\\n  model.py(25): initialize\\n\"\n"
+        "E1121 06:21:06.301768 3095 model_lifecycle.cc:642] \"failed to load 'denoise_step' version 1: "
+        'Internal: TypeError: boom\\n\\nAt:\\n  model.py(25): initialize\\n"\n'
         "I1121 06:21:06 other line\n"
     )
     assert load_failures(log) == ["denoise_step: Internal: TypeError: boom"]

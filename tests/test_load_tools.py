@@ -14,18 +14,41 @@ def test_locust_headless_run_has_requests_and_no_failures(server, tmp_path):
     """15 s, 4 users over HTTP and gRPC, 30% of gRPC requests cut off mid-way by a deadline."""
     cancelled_before = server.metric("stepdiff_cancelled_requests_total")
     command = [
-        str(Path(sys.executable).parent / "locust"), "-f", str(REPO / "load_tests" / "locustfile.py"),
-        "--headless", "-u", "4", "-r", "4", "-t", "15s", "--host", f"http://{server.http_url}",
-        "--grpc-url", server.grpc_url, "--csv", str(tmp_path / "locust"), "--html", str(tmp_path / "report.html"),
-        "--only-summary", "--cancel-fraction", "0.3", "--cancel-after", "0.03", "--steps", "8,12",
-    ]  # fmt: skip
+        str(Path(sys.executable).parent / "locust"),
+        "-f",
+        str(REPO / "load_tests" / "locustfile.py"),
+        "--headless",
+        "-u",
+        "4",
+        "-r",
+        "4",
+        "-t",
+        "15s",
+        "--host",
+        f"http://{server.http_url}",
+        "--grpc-url",
+        server.grpc_url,
+        "--csv",
+        str(tmp_path / "locust"),
+        "--html",
+        str(tmp_path / "report.html"),
+        "--only-summary",
+        "--cancel-fraction",
+        "0.3",
+        "--cancel-after",
+        "0.03",
+        "--steps",
+        "8,12",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "locust_stats.csv") as handle:
         rows = {row["Name"]: row for row in csv.DictReader(handle)}
     total = rows["Aggregated"]
     assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
-    assert any(name.startswith("txt2img grpc") for name in rows) and any(name.startswith("txt2img http") for name in rows)
+    assert any(name.startswith("txt2img grpc") for name in rows) and any(
+        name.startswith("txt2img http") for name in rows
+    )
     assert (tmp_path / "report.html").stat().st_size > 1000
     cancelled = [row for name, row in rows.items() if name.endswith("cancelled")]
     assert cancelled and sum(int(row["Request Count"]) for row in cancelled) > 0
@@ -43,9 +66,19 @@ def test_perf_analyzer_on_txt2img_and_denoise_step_sequences(server, tmp_path):
     except SystemExit as error:  # e.g. "perf_analyzer cannot start: this machine lacks libb64.so.0d (...)"
         require_system(str(error).split(": ", 1)[-1], "apt-get install libb64-0d")
     command = [
-        sys.executable, str(REPO / "load_tests" / "perf_analyzer.py"), "--url", server.grpc_url, "--out", str(tmp_path),
-        "--concurrency", "1:2:1", "--sequences", "1:2:1", "--measurement-interval", "1500",
-    ]  # fmt: skip
+        sys.executable,
+        str(REPO / "load_tests" / "perf_analyzer.py"),
+        "--url",
+        server.grpc_url,
+        "--out",
+        str(tmp_path),
+        "--concurrency",
+        "1:2:1",
+        "--sequences",
+        "1:2:1",
+        "--measurement-interval",
+        "1500",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     for model in ("txt2img", "denoise_step"):
@@ -73,5 +106,9 @@ def test_a_missing_library_is_named():
     sys.path.insert(0, str(REPO / "load_tests"))
     from perf_analyzer import missing_libraries
 
-    ldd = "\tlibb64.so.0d => not found\n\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x7f)\n\tlibcudart.so.12 => not found\n"
+    ldd = (
+        "\tlibb64.so.0d => not found\n"
+        "\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x7f)\n"
+        "\tlibcudart.so.12 => not found\n"
+    )
     assert missing_libraries(ldd) == ["libb64.so.0d", "libcudart.so.12"]

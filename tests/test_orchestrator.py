@@ -60,7 +60,12 @@ def test_two_calls_in_flight_previews_and_end_go_alone():
     assert alone == [3, 7, 9]  # previews after steps 4 and 8, and the last step (END)
     assert all(steps[index]["in_flight_before"] == 0 for index in alone)
     assert [index for index, call in enumerate(steps) if call["end"]] == [9]
-    assert [index for index, call in enumerate(steps) if call["in_flight_before"] == 1] == [1, 2, 5, 6]  # overlapped (8 follows a preview)
+    assert [index for index, call in enumerate(steps) if call["in_flight_before"] == 1] == [
+        1,
+        2,
+        5,
+        6,
+    ]  # overlapped (8 follows a preview)
     assert progress == [(step, step in (4, 8)) for step in range(1, 11)]
 
 
@@ -76,8 +81,12 @@ def test_a_cancel_stops_within_one_step_and_aborts_after_the_calls_in_flight():
     async def on_step(step, num_steps, latents):
         progress.append(step)
 
-    cancelled = lambda: len(progress) >= 3
-    result = asyncio.run(generate(stages, PARAMS, ["prompt_embeds"], on_step=on_step, is_cancelled=cancelled, lookahead=2))
+    def cancelled():
+        return len(progress) >= 3
+
+    result = asyncio.run(
+        generate(stages, PARAMS, ["prompt_embeds"], on_step=on_step, is_cancelled=cancelled, lookahead=2)
+    )
     assert result is None
     *steps, abort = stages.calls
     assert "abort" in abort["inputs"] and abort["end"] and abort["in_flight_before"] == 0

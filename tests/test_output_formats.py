@@ -19,7 +19,9 @@ def test_png_decodes_to_exactly_the_raw_image_and_is_smaller(server, protocol):
     raw, seed = server.txt2img("a photo of a cat", protocol, **OPTIONS)
     module, client = server.client(protocol)
     with client:
-        encoded, png_seed, _ = txt2img_client.generate_file(client, module, "a photo of a cat", {**OPTIONS, "output_format": "png"})
+        encoded, png_seed, _ = txt2img_client.generate_file(
+            client, module, "a photo of a cat", {**OPTIONS, "output_format": "png"}
+        )
     assert encoded[:8] == b"\x89PNG\r\n\x1a\n" and png_seed == seed
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(encoded))), raw)
     assert len(encoded) < raw.nbytes
@@ -29,10 +31,18 @@ def test_jpeg_has_the_size_and_follows_the_quality(server):
     raw, _ = server.txt2img("a photo of a cat", **OPTIONS)
     sizes = {}
     for quality in (20, 95):
-        inputs = {"prompt": text(b"a photo of a cat"), "output_format": text(b"jpeg"),
-                  "jpeg_quality": (np.array([quality], np.int32), "INT32"),
-                  **{name: (np.array([value], np.int64 if name == "seed" else np.int32), "INT64" if name == "seed" else "INT32")
-                     for name, value in OPTIONS.items()}}  # fmt: skip
+        inputs = {
+            "prompt": text(b"a photo of a cat"),
+            "output_format": text(b"jpeg"),
+            "jpeg_quality": (np.array([quality], np.int32), "INT32"),
+            **{
+                name: (
+                    np.array([value], np.int64 if name == "seed" else np.int32),
+                    "INT64" if name == "seed" else "INT32",
+                )
+                for name, value in OPTIONS.items()
+            },
+        }
         result = raw_infer(server, inputs)
         assert result.as_numpy("image") is None  # the file replaces the pixels
         encoded = result.as_numpy("image_bytes")[0]
@@ -66,7 +76,9 @@ def test_the_client_readme_curl_recipe_cuts_out_the_png(server):
         ],
         "outputs": [{"name": "image_bytes", "parameters": {"binary_data": True}}, {"name": "seed"}],
     }
-    request = urllib.request.Request(f"http://{server.http_url}/v2/models/txt2img/infer", data=json.dumps(body).encode())
+    request = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/txt2img/infer", data=json.dumps(body).encode()
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
         header = int(response.headers["Inference-Header-Content-Length"])
         payload = response.read()

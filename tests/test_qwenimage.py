@@ -26,7 +26,9 @@ def reference_image(pipe, prompt: str, seed: int, **kwargs) -> np.ndarray:
     return (images[0] * 255).round().astype(np.uint8)
 
 
-@pytest.mark.parametrize(("prompt_index", "size", "true_cfg"), list(itertools.product(range(5), RESOLUTIONS, [True, False])))
+@pytest.mark.parametrize(
+    ("prompt_index", "size", "true_cfg"), list(itertools.product(range(5), RESOLUTIONS, [True, False]))
+)
 def test_image_is_byte_identical_to_diffusers(qwen_server, qwen_reference, prompt_index, size, true_cfg):
     prompt, (height, width), seed = PROMPTS[prompt_index], size, 2000 + prompt_index
     options = dict(seed=seed, num_inference_steps=STEPS, height=height, width=width, true_cfg_scale=4.0)
@@ -49,7 +51,9 @@ def test_true_cfg_scale_and_seed_change_the_image(qwen_server, qwen_reference):
     other_seed, _ = qwen_server.txt2img("a photo of a cat", seed=2, true_cfg_scale=4.0, **options)
     assert len({image.tobytes() for image in (guided, weaker, off, other_seed)}) == 4
     # true_cfg_scale <= 1 turns true CFG off even with a negative prompt, as in diffusers.
-    assert np.array_equal(off, reference_image(qwen_reference, "a photo of a cat", 1, num_inference_steps=STEPS, height=64, width=64))
+    assert np.array_equal(
+        off, reference_image(qwen_reference, "a photo of a cat", 1, num_inference_steps=STEPS, height=64, width=64)
+    )
 
 
 def test_defaults_follow_the_pipeline(qwen_server, qwen_reference):
@@ -62,7 +66,10 @@ def test_defaults_follow_the_pipeline(qwen_server, qwen_reference):
 @pytest.mark.parametrize(
     ("inputs", "message"),
     [
-        ({"height": (np.array([40], np.int32), "INT32")}, "height=40 is not a multiple of 16, which QwenImagePipeline requires (VAE factor 8 x 2x2 latent patches)"),
+        (
+            {"height": (np.array([40], np.int32), "INT32")},
+            "height=40 is not a multiple of 16, which QwenImagePipeline requires (VAE factor 8 x 2x2 latent patches)",
+        ),
         ({"width": (np.array([72], np.int32), "INT32")}, "width=72 is not a multiple of 16"),
         ({"num_inference_steps": (np.array([1], np.int32), "INT32")}, "num_inference_steps=1 is out of range"),
         ({"scheduler": text(b"DDIMScheduler")}, "allowed FlowMatchEulerDiscreteScheduler"),
@@ -75,7 +82,9 @@ def test_bad_inputs_are_rejected_and_service_continues(qwen_server, qwen_referen
     assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert message in raised.value.message()
     image, _ = qwen_server.txt2img("a cat", seed=3, num_inference_steps=2, height=32, width=32)
-    assert np.array_equal(image, reference_image(qwen_reference, "a cat", 3, num_inference_steps=2, height=32, width=32))
+    assert np.array_equal(
+        image, reference_image(qwen_reference, "a cat", 3, num_inference_steps=2, height=32, width=32)
+    )
     assert qwen_server.metric("stepdiff_active_sequences") == 0
 
 
@@ -84,10 +93,17 @@ def test_concurrent_cfg_and_plain_requests_batch_and_match_solo_runs(qwen_server
     in the same step never corrupt each other."""
     prompts = ["a photo of a cat", "a photo of a dog", "a red panda sitting on a tree branch", "a photo of a cat"]
     jobs = [
-        dict(prompt=prompts[i % 4], seed=300 + i, num_inference_steps=8 + i % 3, height=64, width=48,
-             negative_prompt=NEGATIVE_PROMPT if i % 2 else None, true_cfg_scale=2.0 + i)
+        dict(
+            prompt=prompts[i % 4],
+            seed=300 + i,
+            num_inference_steps=8 + i % 3,
+            height=64,
+            width=48,
+            negative_prompt=NEGATIVE_PROMPT if i % 2 else None,
+            true_cfg_scale=2.0 + i,
+        )
         for i in range(8)
-    ]  # fmt: skip
+    ]
 
     def run(job):
         return qwen_server.txt2img(**job)[0]
@@ -100,7 +116,7 @@ def test_concurrent_cfg_and_plain_requests_batch_and_match_solo_runs(qwen_server
     mean_batch = (inferences - inferences_before) / (executions - executions_before)
     print(f"mean denoise_step batch {mean_batch:.2f}")
     assert mean_batch >= 2.0
-    for job, alone, batched in zip(jobs, solo, together):
+    for job, alone, batched in zip(jobs, solo, together, strict=True):
         assert psnr(alone, batched) >= 40, job
     assert qwen_server.metric("stepdiff_active_sequences") == 0
 
@@ -120,7 +136,9 @@ def test_stepwise_client_gives_the_txt2img_image(qwen_server, tmp_path):
     from test_clients import client
 
     out = tmp_path / "stepwise.png"
-    options = dict(seed=12, num_inference_steps=4, height=48, width=64, negative_prompt=NEGATIVE_PROMPT, true_cfg_scale=3.0)
+    options = dict(
+        seed=12, num_inference_steps=4, height=48, width=64, negative_prompt=NEGATIVE_PROMPT, true_cfg_scale=3.0
+    )
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in options.items()]
     result = client("stepwise.py", "a photo of a cat", "--url", qwen_server.grpc_url, *flags, "--out", str(out))
     assert result.returncode == 0, result.stderr
@@ -136,7 +154,9 @@ def qwen_stages(tiny_qwen):
     from stepdiff.adapters import Stage, load_adapter
 
     cpu = torch.device("cpu")
-    return load_adapter(str(tiny_qwen), Stage.TEXT_ENCODER, cpu, torch.float32), load_adapter(str(tiny_qwen), Stage.DENOISE, cpu, torch.float32)
+    return load_adapter(str(tiny_qwen), Stage.TEXT_ENCODER, cpu, torch.float32), load_adapter(
+        str(tiny_qwen), Stage.DENOISE, cpu, torch.float32
+    )
 
 
 def qwen_params(prompt: str, negative: str | None = None, height: int = 64, width: int = 48, seed: int = 0):
@@ -150,7 +170,9 @@ def started_engine(encoder, denoiser, requests: dict[int, object]):
 
     engine = StepEngine(denoiser, 16, 16, 60)
     with torch.inference_mode():
-        calls = [StepCall(cid, start=True, params=p, conditioning=encoder.encode_prompt(p)) for cid, p in requests.items()]
+        calls = [
+            StepCall(cid, start=True, params=p, conditioning=encoder.encode_prompt(p)) for cid, p in requests.items()
+        ]
     assert all(result.error is None for result in engine.run(calls))
     return engine
 
@@ -190,7 +212,7 @@ def test_rows_share_forwards_by_patch_grid_and_text_length(qwen_stages, monkeypa
     assert shared[1] == grid != transposed
     assert sorted(key[1] for key, _ in forwards) == sorted([grid, grid, grid, transposed])
     assert len({key for key, _ in forwards}) == 4
-    for cid, result in zip(requests, results):
+    for cid, result in zip(requests, results, strict=True):
         assert result.error is None
         torch.testing.assert_close(result.latents, solo[cid], rtol=0, atol=1e-5)
 
@@ -210,11 +232,18 @@ def test_a_partial_mask_is_kept_and_matches_diffusers(qwen_stages, qwen_referenc
     for index in range(3):
         [result] = engine.run([StepCall(9, step=index)])
     expected = qwen_reference(
-        prompt_embeds=embeds, prompt_embeds_mask=mask, num_inference_steps=3, height=32, width=32,
-        generator=torch.Generator().manual_seed(6), output_type="latent",
-    ).images  # fmt: skip
+        prompt_embeds=embeds,
+        prompt_embeds_mask=mask,
+        num_inference_steps=3,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(6),
+        output_type="latent",
+    ).images
     assert result.error is None and result.done
-    torch.testing.assert_close(result.latents, qwen_reference._unpack_latents(expected, 32, 32, 8)[:, :, 0], rtol=0, atol=0)
+    torch.testing.assert_close(
+        result.latents, qwen_reference._unpack_latents(expected, 32, 32, 8)[:, :, 0], rtol=0, atol=0
+    )
 
 
 def test_malformed_embeddings_fail_at_start_naming_the_input(qwen_stages):
@@ -225,7 +254,10 @@ def test_malformed_embeddings_fail_at_start_naming_the_input(qwen_stages):
     params = qwen_params("a cat")
     bad = {
         "prompt_embeds: expected shape [1, tokens, 32]": {"prompt_embeds": torch.zeros(1, 5, 16)},
-        "prompt_embeds_mask: expected shape [1, 5]": {"prompt_embeds": torch.zeros(1, 5, 32), "prompt_embeds_mask": torch.ones(1, 7, dtype=torch.long)},
+        "prompt_embeds_mask: expected shape [1, 5]": {
+            "prompt_embeds": torch.zeros(1, 5, 32),
+            "prompt_embeds_mask": torch.ones(1, 7, dtype=torch.long),
+        },
     }
     for message, conditioning in bad.items():
         [result] = engine.run([StepCall(5, start=True, params=params, conditioning=conditioning)])

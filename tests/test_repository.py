@@ -16,7 +16,11 @@ def entries(config, field: str) -> dict[str, tuple[str, list[int], bool]]:
     from tritonclient.grpc import model_config_pb2
 
     return {
-        entry.name: (model_config_pb2.DataType.Name(entry.data_type), list(entry.dims), getattr(entry, "optional", False))
+        entry.name: (
+            model_config_pb2.DataType.Name(entry.data_type),
+            list(entry.dims),
+            getattr(entry, "optional", False),
+        )
         for entry in getattr(config, field)
     }
 
@@ -33,7 +37,9 @@ def test_conditioning_becomes_text_encoder_outputs_and_optional_denoise_step_inp
     assert {"prompt", "seed", "step", "abort"} <= set(inputs)  # the template's inputs stay
     template_config = read_config(TEMPLATE / "denoise_step" / "config.pbtxt")
     assert read_config(served / "denoise_step" / "config.pbtxt").sequence_batching == template_config.sequence_batching
-    assert (served / "denoise_step" / "1" / "model.py").read_text() == (TEMPLATE / "denoise_step" / "1" / "model.py").read_text()
+    assert (served / "denoise_step" / "1" / "model.py").read_text() == (
+        TEMPLATE / "denoise_step" / "1" / "model.py"
+    ).read_text()
 
 
 def test_served_copy_replaces_an_older_one_and_leaves_the_template_alone(tmp_path):
@@ -49,5 +55,5 @@ def test_served_copy_replaces_an_older_one_and_leaves_the_template_alone(tmp_pat
 def test_a_directory_without_the_stage_models_is_refused(tmp_path):
     (tmp_path / "text_encoder").mkdir()
     (tmp_path / "text_encoder" / "config.pbtxt").write_text((TEMPLATE / "text_encoder" / "config.pbtxt").read_text())
-    with pytest.raises(ValueError, match="denoise_step/config.pbtxt is missing"):
+    with pytest.raises(ValueError, match=r"denoise_step/config\.pbtxt is missing"):
         write_served_repository(tmp_path, tmp_path / "served", StableDiffusionXLAdapter.conditioning)

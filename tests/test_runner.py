@@ -18,7 +18,9 @@ def unet_rows(adapter, count: int, seed: int, size: int = 64) -> Rows:
     """``count`` random UNet rows of the tiny pipeline, keyed as the adapter keys them."""
     generator = torch.Generator().manual_seed(seed)
     [example] = adapter.warmup_rows(size, size)
-    tensors = {name: torch.randn((count, *value.shape[1:]), generator=generator) for name, value in example.tensors.items()}
+    tensors = {
+        name: torch.randn((count, *value.shape[1:]), generator=generator) for name, value in example.tensors.items()
+    }
     tensors["timestep"] = torch.randint(1, 999, (count,), generator=generator).float()
     return Rows(example.key, tensors)
 
@@ -42,7 +44,11 @@ def test_a_lone_request_runs_the_stock_call_unpadded(adapter):
     with torch.inference_mode():
         [output] = runner.run([rows], separate=True)
         # StableDiffusionPipeline passes the step's timestep as a scalar tensor
-        stock = adapter.pipe.unet(rows.tensors["sample"], rows.tensors["timestep"][0], encoder_hidden_states=rows.tensors["encoder_hidden_states"])[0]
+        stock = adapter.pipe.unet(
+            rows.tensors["sample"],
+            rows.tensors["timestep"][0],
+            encoder_hidden_states=rows.tensors["encoder_hidden_states"],
+        )[0]
     assert runner.stats.padded_rows == 0 and runner.stats.forwards == [2]
     assert torch.equal(output, stock)
 
@@ -56,7 +62,9 @@ def test_padding_rows_do_not_change_real_rows(adapter):
         out_first, out_second = runner.run([first, second])
     assert runner.stats.forwards == [3] and runner.stats.padded_rows == 1
     other = unet_rows(adapter, 1, seed=4)
-    batch = {name: torch.cat([first.tensors[name], second.tensors[name], other.tensors[name]]) for name in first.tensors}
+    batch = {
+        name: torch.cat([first.tensors[name], second.tensors[name], other.tensors[name]]) for name in first.tensors
+    }
     reference = direct(adapter, batch)
     assert torch.equal(torch.cat([out_first, out_second]), reference[:3])
     assert not torch.equal(reference[3], reference[0])  # the padding differed from the first row: a real check

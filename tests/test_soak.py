@@ -11,10 +11,27 @@ from conftest import REPO
 
 def test_short_soak_reports_errors_memory_and_active_sequences(server, tmp_path):
     command = [
-        sys.executable, str(REPO / "load_tests" / "soak.py"), "--url", server.http_url, "--grpc-url", server.grpc_url,
-        "--metrics-url", server.metrics_url, "--duration", "10s", "--users", "4", "--sample-every", "2",
-        "--warmup", "0", "--steps", "8,12", "--out", str(tmp_path),
-    ]  # fmt: skip
+        sys.executable,
+        str(REPO / "load_tests" / "soak.py"),
+        "--url",
+        server.http_url,
+        "--grpc-url",
+        server.grpc_url,
+        "--metrics-url",
+        server.metrics_url,
+        "--duration",
+        "10s",
+        "--users",
+        "4",
+        "--sample-every",
+        "2",
+        "--warmup",
+        "0",
+        "--steps",
+        "8,12",
+        "--out",
+        str(tmp_path),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "soak.json").read_text())
@@ -26,9 +43,13 @@ def test_short_soak_reports_errors_memory_and_active_sequences(server, tmp_path)
     assert report["requests_per_s"] > 0 and report["triton_restarts_seen"] == 0
     memory = report["memory"]
     assert set(memory["by_process_end_mib"]) == {
-        "tritonserver", "denoise_step_0_0", "text_encoder_0_0", "txt2img_stream_0_0", "vae_decode_0_0",
+        "tritonserver",
+        "denoise_step_0_0",
+        "text_encoder_0_0",
+        "txt2img_stream_0_0",
+        "vae_decode_0_0",
         *(f"txt2img_0_{index}" for index in range(4)),  # txt2img runs four instances
-    }  # fmt: skip
+    }
     assert 0 < memory["rss_start_mib"] <= memory["rss_max_mib"] and memory["rss_end_mib"] <= memory["rss_max_mib"]
     summary = (tmp_path / "soak.md").read_text()
     assert "| **all** |" in summary and "Unexpected errors: none." in summary

@@ -30,7 +30,9 @@ def stream(server, prompt: str, cancel_after: int | None = None, preview_every: 
             result, error = responses.get(timeout=120)
             assert error is None, error
             if result.as_numpy("step") is not None:
-                progress.append((int(result.as_numpy("step")[0]), int(result.as_numpy("num_steps")[0]), result.as_numpy("preview")))
+                progress.append(
+                    (int(result.as_numpy("step")[0]), int(result.as_numpy("num_steps")[0]), result.as_numpy("preview"))
+                )
                 if cancel_after is not None and progress[-1][0] == cancel_after:
                     client.stop_stream(cancel_requests=True)
                     return progress, None
@@ -63,7 +65,10 @@ def test_progress_in_order_previews_and_the_last_response_carries_the_image(serv
 def test_half_of_twenty_streams_cancelled_others_unaffected(server):
     cancelled_before = server.metric("stepdiff_cancelled_requests_total")
     rng = random.Random(0)
-    jobs = [dict(seed=300 + i, num_inference_steps=12, scheduler="EulerAncestralDiscreteScheduler", height=64, width=64) for i in range(20)]
+    jobs = [
+        dict(seed=300 + i, num_inference_steps=12, scheduler="EulerAncestralDiscreteScheduler", height=64, width=64)
+        for i in range(20)
+    ]
     cancel_at = {i: rng.randint(2, 8) for i in range(0, 20, 2)}
     solo = {i: server.txt2img("a photo of a cat", **jobs[i])[0] for i in range(1, 20, 2)}
     with ThreadPoolExecutor(20) as pool:
@@ -85,8 +90,11 @@ def test_sequence_never_ended_is_swept_after_the_idle_ttl(limited_server):
 
     prompt = (np.array([[b"a cat"]], dtype=np.object_), "BYTES")
     encoded = raw_infer(limited_server, {"prompt": prompt}, model="text_encoder")
-    inputs = {"prompt": prompt, "prompt_embeds": (encoded.as_numpy("prompt_embeds"), "FP32"),
-              "negative_prompt_embeds": (encoded.as_numpy("negative_prompt_embeds"), "FP32")}  # fmt: skip
+    inputs = {
+        "prompt": prompt,
+        "prompt_embeds": (encoded.as_numpy("prompt_embeds"), "FP32"),
+        "negative_prompt_embeds": (encoded.as_numpy("negative_prompt_embeds"), "FP32"),
+    }
     raw_infer(limited_server, inputs, model="denoise_step", sequence_id=777, sequence_start=True)
     assert limited_server.metric("stepdiff_active_sequences") == 1
     assert wait_for_metric(limited_server, "stepdiff_active_sequences", 0, timeout=10) == 0
@@ -100,8 +108,9 @@ def test_client_timeout_behaves_like_a_cancel(server):
     module, client = server.client("grpc")
     with client:
         try:
-            txt2img_client.generate(client, module, "a slow cat", dict(seed=1, num_inference_steps=200, height=128, width=128),
-                                    timeout=0.5)  # fmt: skip
+            txt2img_client.generate(
+                client, module, "a slow cat", dict(seed=1, num_inference_steps=200, height=128, width=128), timeout=0.5
+            )
             raise AssertionError("a 200-step request finished within 0.5 s")
         except InferenceServerException as error:
             assert "Deadline" in error.message() or "DEADLINE" in str(error.status())

@@ -65,7 +65,14 @@ def test_qwenimage_is_reproducible_and_loads_offline_like_qwen_image(tiny_qwen, 
     assert scheduler.config.use_dynamic_shifting and scheduler.config.time_shift_type == "exponential"
     assert scheduler.config.shift_terminal == 0.02
     assert pipe.vae_scale_factor == 8 and pipe.transformer.config.patch_size == 2
-    image = pipe("a cat", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0), output_type="np").images
+    image = pipe(
+        "a cat",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all() and image.std() > 0
 
 
@@ -77,11 +84,18 @@ def test_the_other_families_are_reproducible_and_have_their_structure(tmp_path):
     from stepdiff.tiny import make_tiny as build
 
     expectations = {
-        "sdxl": lambda pipe: pipe.unet.config.addition_embed_type == "text_time" and pipe.vae.config.force_upcast
-        and pipe.tokenizer_2.pad_token == "!",
+        "sdxl": lambda pipe: (
+            pipe.unet.config.addition_embed_type == "text_time"
+            and pipe.vae.config.force_upcast
+            and pipe.tokenizer_2.pad_token == "!"
+        ),
         "flux": lambda pipe: pipe.transformer.config.guidance_embeds and pipe.scheduler.config.use_dynamic_shifting,
-        "flux-schnell": lambda pipe: not pipe.transformer.config.guidance_embeds and not pipe.scheduler.config.use_dynamic_shifting,
-        "sd3": lambda pipe: pipe.transformer.config.patch_size == 2 and pipe.vae.config.shift_factor == pytest.approx(0.0609),
+        "flux-schnell": lambda pipe: (
+            not pipe.transformer.config.guidance_embeds and not pipe.scheduler.config.use_dynamic_shifting
+        ),
+        "sd3": lambda pipe: (
+            pipe.transformer.config.patch_size == 2 and pipe.vae.config.shift_factor == pytest.approx(0.0609)
+        ),
     }
     for family, check in expectations.items():
         first, second = build(family, tmp_path / f"{family}-a"), build(family, tmp_path / f"{family}-b")
@@ -90,4 +104,15 @@ def test_the_other_families_are_reproducible_and_have_their_structure(tmp_path):
         assert pipe.vae_scale_factor == 8 and check(pipe), family
         if family != "sdxl":  # the offline T5 tokenizer: tiny words are one piece, others fall back to characters
             t5 = pipe.tokenizer_2 if family.startswith("flux") else pipe.tokenizer_3
-            assert t5.convert_ids_to_tokens(t5("a photo of a zebra").input_ids) == ["▁a", "▁photo", "▁of", "▁a", "▁z", "e", "b", "r", "a", "</s>"]
+            assert t5.convert_ids_to_tokens(t5("a photo of a zebra").input_ids) == [
+                "▁a",
+                "▁photo",
+                "▁of",
+                "▁a",
+                "▁z",
+                "e",
+                "b",
+                "r",
+                "a",
+                "</s>",
+            ]

@@ -16,7 +16,13 @@ PROMPTS = [
     "",  # unconditional generation
 ]
 RESOLUTIONS = [(64, 64), (48, 80), (96, 56)]
-SCHEDULERS = ["PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"]
+SCHEDULERS = [
+    "PNDMScheduler",
+    "DDIMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+]
 GUIDANCE = [7.5, 1.0]
 MATRIX = list(itertools.product(range(len(PROMPTS)), RESOLUTIONS, SCHEDULERS, GUIDANCE))
 
@@ -28,12 +34,21 @@ def test_image_is_byte_identical_to_diffusers(server, reference, prompt_index, s
     seed = 1000 + prompt_index
     negative = "blurry, low quality" if prompt_index % 2 == 0 else None
     protocol = "http" if prompt_index % 2 else "grpc"
-    options = dict(seed=seed, num_inference_steps=7, guidance_scale=guidance_scale, height=height, width=width, scheduler=scheduler)
+    options = dict(
+        seed=seed, num_inference_steps=7, guidance_scale=guidance_scale, height=height, width=width, scheduler=scheduler
+    )
     image, used_seed = server.txt2img(prompt, protocol, negative_prompt=negative, **options)
     expected = reference_image(
-        reference, prompt, seed, scheduler, negative_prompt=negative, num_inference_steps=7,
-        guidance_scale=guidance_scale, height=height, width=width,
-    )  # fmt: skip
+        reference,
+        prompt,
+        seed,
+        scheduler,
+        negative_prompt=negative,
+        num_inference_steps=7,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+    )
     assert used_seed == seed
     assert image.dtype == np.uint8 and image.shape == (height, width, 3)
     assert np.array_equal(image, expected), f"max abs diff {np.abs(image.astype(int) - expected).max()}"
@@ -41,7 +56,7 @@ def test_image_is_byte_identical_to_diffusers(server, reference, prompt_index, s
 
 def test_defaults_come_from_the_pipeline(server, reference):
     """Only the prompt: the pipeline's default size (sample_size x 8), scheduler (PNDM), steps and guidance."""
-    image, seed = server.txt2img("a photo of a cat", seed=5)
+    image, _seed = server.txt2img("a photo of a cat", seed=5)
     assert np.array_equal(image, reference_image(reference, "a photo of a cat", 5))
 
 

@@ -28,10 +28,19 @@ BAD_REQUESTS = {
     "height not a multiple of 8": ({"height": (np.array([60], np.int32), "INT32")}, "height=60 is not a multiple of 8"),
     "zero width": ({"width": (np.array([0], np.int32), "INT32")}, "width=0 is out of range"),
     "negative height": ({"height": (np.array([-64], np.int32), "INT32")}, "height=-64 is out of range"),
-    "too many pixels": ({"height": (np.array([4096], np.int32), "INT32"), "width": (np.array([4096], np.int32), "INT32")}, "over the limit"),
-    "zero steps": ({"num_inference_steps": (np.array([0], np.int32), "INT32")}, "num_inference_steps=0 is out of range: allowed 1..200"),
+    "too many pixels": (
+        {"height": (np.array([4096], np.int32), "INT32"), "width": (np.array([4096], np.int32), "INT32")},
+        "over the limit",
+    ),
+    "zero steps": (
+        {"num_inference_steps": (np.array([0], np.int32), "INT32")},
+        "num_inference_steps=0 is out of range: allowed 1..200",
+    ),
     "too many steps": ({"num_inference_steps": (np.array([100000], np.int32), "INT32")}, "num_inference_steps=100000"),
-    "NaN guidance": ({"guidance_scale": (np.array([np.nan], np.float32), "FP32")}, "guidance_scale=nan is out of range"),
+    "NaN guidance": (
+        {"guidance_scale": (np.array([np.nan], np.float32), "FP32")},
+        "guidance_scale=nan is out of range",
+    ),
     "infinite guidance": ({"guidance_scale": (np.array([np.inf], np.float32), "FP32")}, "guidance_scale=inf"),
     "negative guidance": ({"guidance_scale": (np.array([-1], np.float32), "FP32")}, "guidance_scale=-1.0"),
     "negative seed": ({"seed": (np.array([-5], np.int64), "INT64")}, "seed=-5 is out of range"),
@@ -39,8 +48,10 @@ BAD_REQUESTS = {
     "non-UTF-8 prompt": ({"prompt": text(b"\xff\xfe cat")}, "prompt: not valid UTF-8"),
     "prompt over the byte limit": ({"prompt": text(b"a" * 5000)}, "prompt: 5000 bytes is over the limit of 4096"),
     "unknown output format": ({"output_format": text(b"gif")}, "output_format='gif': allowed raw, png, jpeg"),
-    "JPEG quality out of range": ({"output_format": text(b"jpeg"), "jpeg_quality": (np.array([0], np.int32), "INT32")},
-                                  "jpeg_quality=0 is out of range: allowed 1..100"),
+    "JPEG quality out of range": (
+        {"output_format": text(b"jpeg"), "jpeg_quality": (np.array([0], np.int32), "INT32")},
+        "jpeg_quality=0 is out of range: allowed 1..100",
+    ),
 }
 
 

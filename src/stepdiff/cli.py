@@ -21,36 +21,74 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 SERVE_FLAGS = (
-    "device", "dtype", "cpu_threads", "max_batch_size", "max_active_sequences", "max_steps", "max_pixels", "denoiser",
-    "warmup", "step_lookahead",
-)  # fmt: skip
+    "device",
+    "dtype",
+    "cpu_threads",
+    "max_batch_size",
+    "max_active_sequences",
+    "max_steps",
+    "max_pixels",
+    "denoiser",
+    "warmup",
+    "step_lookahead",
+)
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pipeline", required=True, help="diffusers directory or hub id, e.g. runwayml/stable-diffusion-v1-5")
     parser.add_argument(
-        "--model-repository", type=Path, default=None,
-        help="Triton model repository template (default: the one in the package); served with the pipeline's conditioning added",
-    )  # fmt: skip
+        "--pipeline", required=True, help="diffusers directory or hub id, e.g. runwayml/stable-diffusion-v1-5"
+    )
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
+        default=None,
+        help="Triton model repository template (default: the one in the package); served with the pipeline's "
+        "conditioning added",
+    )
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     # Flags left out keep the STEPDIFF_* environment variable, else the default shown.
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto: CUDA when available)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="default auto: float16 on CUDA, float32 on CPU")
-    parser.add_argument("--cpu-threads", type=int, help="torch intra-op threads in every model (default 0: torch's own)")
-    parser.add_argument("--max-batch-size", type=int, help="most requests in one denoiser forward (default 0: denoise_step's max_batch_size, 32)")
-    parser.add_argument("--max-active-sequences", type=int, help=f"concurrent generations before 'server busy' (default {Settings.max_active_sequences})")
-    parser.add_argument("--max-steps", type=int, help=f"largest num_inference_steps accepted (default {Settings.max_steps})")
-    parser.add_argument("--max-pixels", type=int, help=f"largest height x width accepted (default {Settings.max_pixels})")
     parser.add_argument(
-        "--denoiser", choices=["exact", "compiled", "eager"],
+        "--dtype",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="default auto: float16 on CUDA, float32 on CPU",
+    )
+    parser.add_argument(
+        "--cpu-threads", type=int, help="torch intra-op threads in every model (default 0: torch's own)"
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        help="most requests in one denoiser forward (default 0: denoise_step's max_batch_size, 32)",
+    )
+    parser.add_argument(
+        "--max-active-sequences",
+        type=int,
+        help=f"concurrent generations before 'server busy' (default {Settings.max_active_sequences})",
+    )
+    parser.add_argument(
+        "--max-steps", type=int, help=f"largest num_inference_steps accepted (default {Settings.max_steps})"
+    )
+    parser.add_argument(
+        "--max-pixels", type=int, help=f"largest height x width accepted (default {Settings.max_pixels})"
+    )
+    parser.add_argument(
+        "--denoiser",
+        choices=["exact", "compiled", "eager"],
         help="exact (default): the eager denoiser replayed as CUDA graphs, byte-identical to diffusers; compiled: "
         "torch.compile + CUDA graphs, faster in large batches, not byte-identical; eager: no graphs",
-    )  # fmt: skip
-    parser.add_argument("--warmup", help="image sizes whose graphs are captured at start, e.g. 512x512,768x512 (default: on first use)")
-    parser.add_argument("--step-lookahead", type=int, help="step calls txt2img keeps in flight per generation, 1..8 (default 2)")
-    parser.add_argument("--log-file", type=Path, default=None, help="tritonserver log (default: ~/.cache/stepdiff/logs/)")
+    )
+    parser.add_argument(
+        "--warmup", help="image sizes whose graphs are captured at start, e.g. 512x512,768x512 (default: on first use)"
+    )
+    parser.add_argument(
+        "--step-lookahead", type=int, help="step calls txt2img keeps in flight per generation, 1..8 (default 2)"
+    )
+    parser.add_argument(
+        "--log-file", type=Path, default=None, help="tritonserver log (default: ~/.cache/stepdiff/logs/)"
+    )
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
 
 
@@ -80,14 +118,23 @@ def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
         admin_key=os.environ.get("STEPDIFF_ADMIN_KEY", ""),
     )
     log_file = args.log_file or Path.home() / ".cache" / "stepdiff" / "logs" / f"tritonserver-{args.http_port}.log"
-    print(f"stepdiff: starting tritonserver {server.TRITON_VERSION} for {settings.pipeline} (log: {log_file})", flush=True)
     print(
-        f"stepdiff: device {settings.torch_device()}, dtype {str(settings.torch_dtype()).removeprefix('torch.')}; limits: max_steps {settings.max_steps}, "
+        f"stepdiff: starting tritonserver {server.TRITON_VERSION} for {settings.pipeline} (log: {log_file})", flush=True
+    )
+    print(
+        f"stepdiff: device {settings.torch_device()}, dtype "
+        f"{str(settings.torch_dtype()).removeprefix('torch.')}; limits: max_steps {settings.max_steps}, "
         f"max_pixels {settings.max_pixels}, max_prompt_bytes {settings.max_prompt_bytes}, "
-        f"max_active_sequences {settings.max_active_sequences}, max_batch_size {settings.max_batch_size or 'model config'}; "
-        f"denoiser {settings.denoiser}, warm-up {settings.warmup or 'on first use'}, step lookahead {settings.step_lookahead}; "
+        f"max_active_sequences {settings.max_active_sequences}, max_batch_size "
+        f"{settings.max_batch_size or 'model config'}; "
+        f"denoiser {settings.denoiser}, warm-up {settings.warmup or 'on first use'}, step lookahead "
+        f"{settings.step_lookahead}; "
         f"admin endpoints ({server.RESTRICTED_APIS}) "
-        + (f"need header {server.ADMIN_HEADER}: $STEPDIFF_ADMIN_KEY" if options.admin_key else "are closed (set STEPDIFF_ADMIN_KEY to use them)"),
+        + (
+            f"need header {server.ADMIN_HEADER}: $STEPDIFF_ADMIN_KEY"
+            if options.admin_key
+            else "are closed (set STEPDIFF_ADMIN_KEY to use them)"
+        ),
         flush=True,
     )
     process = server.start_triton(options, settings.environment(), log_file)
@@ -126,8 +173,12 @@ def warn_unwatched(process: server.TritonProcess) -> None:
     """Say so when the watchdog cannot see a model's process (e.g. $TRITONSERVER is a wrapper script)."""
     missing = sorted(set(server.MODELS) - {stub.model for stub in process.stubs})
     if missing:
-        print(f"stepdiff: warning: no process found for {', '.join(missing)}; the watchdog cannot restart after "
-              "their processes die", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"stepdiff: warning: no process found for {', '.join(missing)}; the watchdog cannot restart after "
+            "their processes die",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def print_ready(args: argparse.Namespace, restarts: int = 0) -> None:
@@ -156,12 +207,17 @@ def serve(args: argparse.Namespace) -> int:
     budget = RestartBudget()
     while not stop.wait(1.0):
         if process.process.poll() is not None:
-            print(f"stepdiff: tritonserver exited with code {process.process.returncode} (log: {process.log_path})", file=sys.stderr)
+            print(
+                f"stepdiff: tritonserver exited with code {process.process.returncode} (log: {process.log_path})",
+                file=sys.stderr,
+            )
             return process.process.returncode or 1
         dead = process.dead_stubs()
         if not dead:
             continue
-        reason = "; ".join(f"model {stub.model}'s process died (pid {stub.pid}, instance {stub.instance})" for stub in dead)
+        reason = "; ".join(
+            f"model {stub.model}'s process died (pid {stub.pid}, instance {stub.instance})" for stub in dead
+        )
         if not budget.take(time.monotonic()):
             print(
                 f"stepdiff: {reason}; giving up after {budget.limit} restarts within {budget.window / 60:.0f} minutes "
@@ -199,10 +255,18 @@ def demo(args: argparse.Namespace) -> int:
     process = start_from_args(args)
     try:
         command = [
-            sys.executable, str(REPO_ROOT / "client" / "generate.py"),
-            "--url", f"localhost:{args.http_port}", "--out", str(args.out),
-            "--num-inference-steps", str(args.steps), "--seed", "0", args.prompt,
-        ]  # fmt: skip
+            sys.executable,
+            str(REPO_ROOT / "client" / "generate.py"),
+            "--url",
+            f"localhost:{args.http_port}",
+            "--out",
+            str(args.out),
+            "--num-inference-steps",
+            str(args.steps),
+            "--seed",
+            "0",
+            args.prompt,
+        ]
         code = subprocess.call(command)
     finally:
         process.stop()
@@ -223,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         help="sd, sdxl, sd3, flux, flux-schnell or qwenimage (tiny, for tests); sd15-size, sdxl-size, sd3-size, "
         "flux-size or qwenimage-size (real widths with random weights, for benchmarks)",
     )
-    tiny_parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="weights' dtype on disk")
+    tiny_parser.add_argument(
+        "--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="weights' dtype on disk"
+    )
     tiny_parser.add_argument("out_dir", type=Path)
     tiny_parser.add_argument("--seed", type=int, default=0)
     tiny_parser.set_defaults(run=make_tiny_command)

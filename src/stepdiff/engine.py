@@ -95,7 +95,7 @@ class StepEngine:
             passes[occurrence].append(index)
         results: list[StepResult] = [StepResult() for _ in calls]
         for members in passes:
-            for index, result in zip(members, self._run_pass([calls[index] for index in members])):
+            for index, result in zip(members, self._run_pass([calls[index] for index in members]), strict=True):
                 results[index] = result
         return results
 
@@ -142,7 +142,9 @@ class StepEngine:
                 raise InvalidInput("START: the sequence's first call must carry the generation inputs")
             self._finish(call.correlation_id)  # a reused id restarts cleanly
             if len(self.states) >= self.max_active_sequences:
-                raise ServerBusy(f"server busy: {len(self.states)} active sequences (limit {self.max_active_sequences}); retry later")
+                raise ServerBusy(
+                    f"server busy: {len(self.states)} active sequences (limit {self.max_active_sequences}); retry later"
+                )
             self.states[call.correlation_id] = self.adapter.prepare(call.correlation_id, call.params, call.conditioning)
             return None
         state = self.states.get(call.correlation_id)
@@ -150,7 +152,10 @@ class StepEngine:
             raise InvalidInput(f"sequence {call.correlation_id}: unknown or already finished (send START first)")
         state.last_active = time.monotonic()
         if call.step is not None and call.step != state.step_index:
-            raise InvalidInput(f"step={call.step} but sequence {call.correlation_id} is at step {state.step_index} of {state.num_steps}")
+            raise InvalidInput(
+                f"step={call.step} but sequence {call.correlation_id} is at step {state.step_index} of "
+                f"{state.num_steps}"
+            )
         if state.done:
             raise InvalidInput(f"sequence {call.correlation_id} already took all {state.num_steps} steps")
         return state
@@ -177,7 +182,7 @@ class StepEngine:
                         results[index].error = error
                     continue
                 self.forward_batch_sizes.append(len(chunk))
-                for (index, state), request in zip(chunk, rows):
+                for (index, state), request in zip(chunk, rows, strict=True):
                     mine, outputs = outputs[: len(request)], outputs[len(request) :]
                     try:
                         self.adapter.step(state, self.adapter.guide(state, mine))

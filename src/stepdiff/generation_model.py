@@ -31,7 +31,9 @@ class GenerationModel:
 
     def initialize(self, args: dict[str, Any]) -> None:
         self.settings = load_settings(args)
-        self.adapter = load_adapter(self.settings.pipeline, Stage.INFO, self.settings.torch_device(), self.settings.torch_dtype())
+        self.adapter = load_adapter(
+            self.settings.pipeline, Stage.INFO, self.settings.torch_device(), self.settings.torch_dtype()
+        )
         self.tasks: set[asyncio.Task] = set()
         self.executor: ThreadPoolExecutor | None = None
         self.active = 0
@@ -106,8 +108,9 @@ class GenerationModel:
             if self.streaming:
                 sender.send(flags=final)
             else:
-                error = pb_utils.TritonError("the request was cancelled by the client (or timed out); no image",
-                                             pb_utils.TritonError.CANCELLED)
+                error = pb_utils.TritonError(
+                    "the request was cancelled by the client (or timed out); no image", pb_utils.TritonError.CANCELLED
+                )
                 sender.send(pb_utils.InferenceResponse(error=error), flags=final)
 
     async def _progress(self, sender: Any, step: int, num_steps: int, latents: Any) -> None:

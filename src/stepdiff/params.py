@@ -99,12 +99,18 @@ def parse_generation_params(raw: Mapping[str, np.ndarray], info: PipelineInfo, s
     height = image_side(raw, "height", info.default_height, info, settings)
     width = image_side(raw, "width", info.default_width, info, settings)
     if height * width > settings.max_pixels:
-        raise InvalidInput(f"height x width = {height}x{width} = {height * width} pixels is over the limit of {settings.max_pixels}")
+        raise InvalidInput(
+            f"height x width = {height}x{width} = {height * width} pixels is over the limit of {settings.max_pixels}"
+        )
     scheduler = text(raw, "scheduler", 256) or info.default_scheduler
     if scheduler not in info.schedulers:
-        raise InvalidInput(f"scheduler={scheduler!r} is not supported by {info.pipeline_class}: allowed {', '.join(info.schedulers)}")
+        raise InvalidInput(
+            f"scheduler={scheduler!r} is not supported by {info.pipeline_class}: allowed {', '.join(info.schedulers)}"
+        )
     seed = integer(raw, "seed", -1, 0, SEED_LIMIT - 1)
-    steps = integer(raw, "num_inference_steps", info.default_steps, info.min_steps, settings.max_steps, info.min_steps_reason)
+    steps = integer(
+        raw, "num_inference_steps", info.default_steps, info.min_steps, settings.max_steps, info.min_steps_reason
+    )
     return GenerationParams(
         prompt=prompt,
         negative_prompt=text(raw, "negative_prompt", settings.max_prompt_bytes),

@@ -54,8 +54,8 @@ def write_served_repository(template: Path, target: Path, conditioning: Sequence
         config = read_config(path)
         _with_tensors(getattr(config, field), conditioning, optional)
         path.write_text(
-            f"# Written by `stepdiff serve` from {template / model / 'config.pbtxt'}, with the pipeline's conditioning.\n"
-            + text_format.MessageToString(config)
+            f"# Written by `stepdiff serve` from {template / model / 'config.pbtxt'}, with the pipeline's "
+            f"conditioning.\n" + text_format.MessageToString(config)
         )
     return target
 
@@ -70,4 +70,6 @@ def write_repository_for(pipeline: Path, http_port: int, template: Path | None =
     packaged one) with the conditioning its adapter declares."""
     from .adapters import adapter_class
 
-    return write_served_repository((template or TEMPLATE).resolve(), served_repository_path(http_port), adapter_class(pipeline).conditioning)
+    return write_served_repository(
+        (template or TEMPLATE).resolve(), served_repository_path(http_port), adapter_class(pipeline).conditioning
+    )

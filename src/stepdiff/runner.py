@@ -150,7 +150,10 @@ class DenoiserRunner:
 
     def _allocate(self, example: Rows, size: int) -> dict[str, torch.Tensor]:
         with torch.inference_mode(False):  # plain tensors: writable under inference mode and no_grad alike
-            buffers = {name: torch.empty((size, *value.shape[1:]), dtype=value.dtype, device=value.device) for name, value in example.tensors.items()}
+            buffers = {
+                name: torch.empty((size, *value.shape[1:]), dtype=value.dtype, device=value.device)
+                for name, value in example.tensors.items()
+            }
         if self.mode == "compiled" and size > 1:  # one compiled graph serves every bucket of a key (size 1 is its own)
             for buffer in buffers.values():
                 torch._dynamo.mark_dynamic(buffer, 0)
@@ -201,7 +204,9 @@ class DenoiserRunner:
         for size in sizes:
             if size > self.max_rows:
                 continue
-            tensors = {name: value[:1].expand(size, *value.shape[1:]).contiguous() for name, value in rows.tensors.items()}
+            tensors = {
+                name: value[:1].expand(size, *value.shape[1:]).contiguous() for name, value in rows.tensors.items()
+            }
             self._forward([Rows(rows.key, tensors)])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

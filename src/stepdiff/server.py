@@ -131,7 +131,8 @@ def locate_triton() -> TritonInstallation:
         libraries = (wheel.parent / "nvidia_pytriton.libs",)
     else:
         raise LaunchError(
-            "no tritonserver found: set $TRITONSERVER, put tritonserver on PATH, or `pip install nvidia-pytriton==0.7.0`"
+            "no tritonserver found: set $TRITONSERVER, put tritonserver on PATH, or `pip install "
+            "nvidia-pytriton==0.7.0`"
         )
     stub = _wheel_stub(wheel) or python_backend / "triton_python_backend_stub"
     if not stub.is_file():
@@ -295,7 +296,7 @@ class TritonProcess:
         self.http_url = f"http://127.0.0.1:{http_port}"
         self.stubs: list[StubProcess] = []  # found when the server last became ready
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._launch(open(log_path, "wb"))
+        self._launch(open(log_path, "wb"))  # noqa: SIM115 - the server writes it until stop() closes it
 
     def _launch(self, log: BinaryIO) -> None:
         self._log = log
@@ -317,8 +318,7 @@ class TritonProcess:
                 reasons = load_failures(self.log_text())
                 detail = "\n  ".join(reasons) or self._log_tail()
                 raise LaunchError(
-                    f"tritonserver exited with code {self.process.returncode}:\n  {detail}\n"
-                    f"(full log: {self.log_path})"
+                    f"tritonserver exited with code {self.process.returncode}:\n  {detail}\n(full log: {self.log_path})"
                 )
             if _http_ok(f"{self.http_url}/v2/health/ready") and all(
                 _http_ok(f"{self.http_url}/v2/models/{name}/ready") for name in models
@@ -366,7 +366,7 @@ class TritonProcess:
         self.stop(timeout=DEAD_MODEL_GRACE)
         if stop and stop.is_set():
             return
-        log = open(self.log_path, "ab")  # one log across restarts
+        log = open(self.log_path, "ab")  # noqa: SIM115 - one log across restarts, closed by stop()
         log.write(f"stepdiff: restarting tritonserver: {reason}\n".encode())
         log.flush()
         self._launch(log)

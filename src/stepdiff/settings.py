@@ -50,7 +50,9 @@ class Settings:
             try:
                 values[field.name] = type(field.default)(raw)
             except ValueError:
-                raise ValueError(f"setting {field.name}={raw!r} is not a valid {type(field.default).__name__}") from None
+                raise ValueError(
+                    f"setting {field.name}={raw!r} is not a valid {type(field.default).__name__}"
+                ) from None
         settings = cls(**values)
         settings.validate()
         return settings
@@ -80,7 +82,9 @@ class Settings:
         for item in filter(None, (part.strip() for part in self.warmup.split(","))):
             height, _, width = item.partition("x")
             if not (height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
-                raise ValueError(f"warmup={self.warmup!r}: expected sizes HEIGHTxWIDTH separated by commas, e.g. 512x512,768x512")
+                raise ValueError(
+                    f"warmup={self.warmup!r}: expected sizes HEIGHTxWIDTH separated by commas, e.g. 512x512,768x512"
+                )
             sizes.append((int(height), int(width)))
         return sizes
 

@@ -6,6 +6,7 @@ serving code loads them through the same ``from_pretrained`` path as a real chec
 
 from __future__ import annotations
 
+import itertools
 import os
 from functools import partial
 from pathlib import Path
@@ -16,8 +17,8 @@ import torch
 if TYPE_CHECKING:
     from diffusers import (
         AutoencoderKL,
-        FluxPipeline,
         AutoencoderKLQwenImage,
+        FluxPipeline,
         QwenImagePipeline,
         QwenImageTransformer2DModel,
         StableDiffusion3Pipeline,
@@ -62,7 +63,7 @@ SD15_SCHEDULER_CONFIG = {
 def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Byte-pair encoding of one word: merge the best-ranked adjacent pair until none applies."""
     while len(pieces) > 1:
-        pairs = [(ranks.get(pair, len(ranks)), index) for index, pair in enumerate(zip(pieces, pieces[1:]))]
+        pairs = [(ranks.get(pair, len(ranks)), index) for index, pair in enumerate(itertools.pairwise(pieces))]
         rank, index = min(pairs)
         if rank == len(ranks):
             break
@@ -235,8 +236,13 @@ SDXL_SCHEDULER_CONFIG = {
 
 
 def clip_text_encoder(
-    tokenizer: CLIPTokenizer, hidden_size: int, layers: int, projection_dim: int | None = None, heads: int = 4,
-    intermediate_size: int = 37, hidden_act: str = "gelu",
+    tokenizer: CLIPTokenizer,
+    hidden_size: int,
+    layers: int,
+    projection_dim: int | None = None,
+    heads: int = 4,
+    intermediate_size: int = 37,
+    hidden_act: str = "gelu",
 ) -> CLIPTextModel | CLIPTextModelWithProjection:
     """A random CLIP text encoder over ``tokenizer``'s vocabulary; with a projection (pooled ``text_embeds``,
     as SDXL's second and SD3's encoders) when ``projection_dim`` is given."""
@@ -244,11 +250,18 @@ def clip_text_encoder(
 
     vocab = tokenizer.get_vocab()
     config = CLIPTextConfig(
-        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
-        hidden_size=hidden_size, intermediate_size=intermediate_size, num_attention_heads=heads,
-        num_hidden_layers=layers, max_position_embeddings=77, vocab_size=len(vocab), hidden_act=hidden_act,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        max_position_embeddings=77,
+        vocab_size=len(vocab),
+        hidden_act=hidden_act,
         projection_dim=projection_dim or hidden_size,
-    )  # fmt: skip
+    )
     model_class = CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection
     return model_class(config).eval()
 
@@ -263,19 +276,29 @@ def t5_tokenizer() -> T5TokenizerFast:
     pieces = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "\u2581": -2.0}
     pieces |= {f"\u2581{word}": -1.0 for word in TINY_WORDS}
     pieces |= {f"\u2581{character}": -4.0 for character in characters if f"\u2581{character}" not in pieces}
-    pieces |= {character: -5.0 for character in characters}
+    pieces |= dict.fromkeys(characters, -5.0)
     return T5TokenizerFast(vocab=list(pieces.items()), extra_ids=0)
 
 
-def t5_encoder(tokenizer: T5TokenizerFast, d_model: int, layers: int = 2, d_ff: int = 37, heads: int = 4, d_kv: int = 8) -> T5EncoderModel:
+def t5_encoder(
+    tokenizer: T5TokenizerFast, d_model: int, layers: int = 2, d_ff: int = 37, heads: int = 4, d_kv: int = 8
+) -> T5EncoderModel:
     """A random T5 encoder over ``tokenizer``'s vocabulary (T5 v1.1 style gated GELU, as FLUX and SD3 use)."""
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
-        vocab_size=len(tokenizer), d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers, num_heads=heads,
-        relative_attention_num_buckets=8 if d_model < 256 else 32, feed_forward_proj="gated-gelu",
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=d_kv,
+        d_ff=d_ff,
+        num_layers=layers,
+        num_heads=heads,
+        relative_attention_num_buckets=8 if d_model < 256 else 32,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     return T5EncoderModel(config).eval()
 
 
@@ -284,10 +307,16 @@ def kl_vae(latent_channels: int, widths: tuple[int, ...], layers: int, **config:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=widths,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=layers,
-        norm_num_groups=min(32, widths[0] // 2), **config,
-    )  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=widths,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=layers,
+        norm_num_groups=min(32, widths[0] // 2),
+        **config,
+    )
 
 
 def build_sdxl(seed: int = 0, real_widths: bool = False) -> StableDiffusionXLPipeline:
@@ -305,36 +334,63 @@ def build_sdxl(seed: int = 0, real_widths: bool = False) -> StableDiffusionXLPip
         text_encoder = clip_text_encoder(tokenizer, 768, 2, heads=12, intermediate_size=3072, hidden_act="quick_gelu")
         text_encoder_2 = clip_text_encoder(tokenizer_2, 1280, 2, projection_dim=1280, heads=20, intermediate_size=5120)
         unet = UNet2DConditionModel(
-            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(5, 10, 20), use_linear_projection=True, transformer_layers_per_block=(1, 2, 10),
-            cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+            attention_head_dim=(5, 10, 20),
+            use_linear_projection=True,
+            transformer_layers_per_block=(1, 2, 10),
+            cross_attention_dim=2048,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816,
-        )  # fmt: skip
+        )
         vae = kl_vae(4, (128, 256, 512, 512), 2, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
     else:
         text_encoder = clip_text_encoder(tokenizer, 16, 3)
         text_encoder_2 = clip_text_encoder(tokenizer_2, 32, 3, projection_dim=24)
         unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-            norm_num_groups=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), use_linear_projection=True,
-            transformer_layers_per_block=(1, 2), cross_attention_dim=16 + 32, addition_embed_type="text_time",
-            addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 24,
-        )  # fmt: skip
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            transformer_layers_per_block=(1, 2),
+            cross_attention_dim=16 + 32,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=4,
+            projection_class_embeddings_input_dim=6 * 4 + 24,
+        )
         vae = kl_vae(4, (8, 8, 16, 16), 1, sample_size=64, scaling_factor=0.13025, force_upcast=True)
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-        unet=unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG), add_watermarker=False,
-    )  # fmt: skip
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        add_watermarker=False,
+    )
 
 
 # FLUX.1-dev's and FLUX.1-schnell's scheduler_config.json (FlowMatchEulerDiscreteScheduler).
 FLUX_DEV_SCHEDULER_CONFIG = {
-    "base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
-    "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
-}  # fmt: skip
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
 FLUX_SCHNELL_SCHEDULER_CONFIG = {**FLUX_DEV_SCHEDULER_CONFIG, "shift": 1.0, "use_dynamic_shifting": False}
 
 
@@ -350,23 +406,51 @@ def build_flux(seed: int = 0, schnell: bool = False, real_widths: bool = False) 
         text_encoder = clip_text_encoder(tokenizer, 768, 2, heads=12, intermediate_size=3072, hidden_act="quick_gelu")
         text_encoder_2 = t5_encoder(tokenizer_2, 4096, d_ff=10240, heads=64, d_kv=64)
         transformer = FluxTransformer2DModel(num_layers=2, num_single_layers=4, guidance_embeds=not schnell)
-        vae = kl_vae(16, (128, 256, 512, 512), 2, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
-                     scaling_factor=0.3611, shift_factor=0.1159)  # fmt: skip
+        vae = kl_vae(
+            16,
+            (128, 256, 512, 512),
+            2,
+            sample_size=1024,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+        )
     else:
         text_encoder = clip_text_encoder(tokenizer, 32, 2, hidden_act="quick_gelu")
         text_encoder_2 = t5_encoder(tokenizer_2, 32)
         transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=not schnell,
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=not schnell,
             axes_dims_rope=(4, 6, 6),
-        )  # fmt: skip
-        vae = kl_vae(4, (8, 8, 16, 16), 1, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
-                     scaling_factor=0.3611, shift_factor=0.1159)  # fmt: skip
+        )
+        vae = kl_vae(
+            4,
+            (8, 8, 16, 16),
+            1,
+            sample_size=64,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+        )
     scheduler_config = FLUX_SCHNELL_SCHEDULER_CONFIG if schnell else FLUX_DEV_SCHEDULER_CONFIG
     return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler_config), vae=vae, text_encoder=text_encoder,
-        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
-    )  # fmt: skip
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler_config),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
 
 
 # stable-diffusion-3.5's scheduler_config.json (FlowMatchEulerDiscreteScheduler, fixed shift).
@@ -382,33 +466,73 @@ def build_sd3(seed: int = 0, real_widths: bool = False) -> StableDiffusion3Pipel
     tokenizer, tokenizer_2, tokenizer_3 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
     torch.manual_seed(seed)
     if real_widths:
-        text_encoder = clip_text_encoder(tokenizer, 768, 2, projection_dim=768, heads=12, intermediate_size=3072,
-                                         hidden_act="quick_gelu")  # fmt: skip
+        text_encoder = clip_text_encoder(
+            tokenizer, 768, 2, projection_dim=768, heads=12, intermediate_size=3072, hidden_act="quick_gelu"
+        )
         text_encoder_2 = clip_text_encoder(tokenizer_2, 1280, 2, projection_dim=1280, heads=20, intermediate_size=5120)
         text_encoder_3 = t5_encoder(tokenizer_3, 4096, d_ff=10240, heads=64, d_kv=64)
         transformer = SD3Transformer2DModel(
-            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=64,
-            num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
-            pos_embed_max_size=192, qk_norm="rms_norm",
-        )  # fmt: skip
-        vae = kl_vae(16, (128, 256, 512, 512), 2, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
-                     scaling_factor=1.5305, shift_factor=0.0609)  # fmt: skip
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=4,
+            attention_head_dim=64,
+            num_attention_heads=38,
+            joint_attention_dim=4096,
+            caption_projection_dim=2432,
+            pooled_projection_dim=2048,
+            pos_embed_max_size=192,
+            qk_norm="rms_norm",
+        )
+        vae = kl_vae(
+            16,
+            (128, 256, 512, 512),
+            2,
+            sample_size=1024,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+        )
     else:
         text_encoder = clip_text_encoder(tokenizer, 16, 2, projection_dim=16)
         text_encoder_2 = clip_text_encoder(tokenizer_2, 16, 2, projection_dim=16)
         text_encoder_3 = t5_encoder(tokenizer_3, 32)  # CLIP-L + CLIP-G widths (16 + 16) fit in it
         transformer = SD3Transformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-            num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=32,
+            caption_projection_dim=32,
+            pooled_projection_dim=32,
             pos_embed_max_size=32,
-        )  # fmt: skip
-        vae = kl_vae(4, (8, 8, 16, 16), 1, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
-                     scaling_factor=1.5305, shift_factor=0.0609)  # fmt: skip
+        )
+        vae = kl_vae(
+            4,
+            (8, 8, 16, 16),
+            1,
+            sample_size=64,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+        )
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG), vae=vae,
-        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
-        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
-    )  # fmt: skip
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
 
 
 # Qwen-Image's scheduler_config.json: flow matching with resolution-dependent (exponential) shift.
@@ -430,8 +554,14 @@ QWEN_TEMPLATE_WORDS = (
     "of objects and background user assistant"
 ).split()
 QWEN_SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
-)  # fmt: skip
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
 
 
 def qwen_tokenizer() -> Qwen2Tokenizer:
@@ -444,7 +574,9 @@ def qwen_tokenizer() -> Qwen2Tokenizer:
         return list(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(text)[0][0])
 
     words = dict.fromkeys([*QWEN_TEMPLATE_WORDS, *TINY_WORDS])
-    pieces, merges = bpe_vocabulary([byte_level(prefix + word) for word in words for prefix in ("", " ")], _byte_level_alphabet())
+    pieces, merges = bpe_vocabulary(
+        [byte_level(prefix + word) for word in words for prefix in ("", " ")], _byte_level_alphabet()
+    )
     vocab = {piece: index for index, piece in enumerate(dict.fromkeys([*pieces, *QWEN_SPECIAL_TOKENS]))}
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
     tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
@@ -474,13 +606,19 @@ def qwen_text_encoder(
             "eos_token_id": vocab["<|im_end|>"],
             "pad_token_id": vocab["<|endoftext|>"],
         },
-        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
-                       "out_hidden_size": hidden_size, "fullatt_block_indexes": [0]},
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_heads": 2,
+            "out_hidden_size": hidden_size,
+            "fullatt_block_indexes": [0],
+        },
         image_token_id=vocab["<|image_pad|>"],
         video_token_id=vocab["<|video_pad|>"],
         vision_start_token_id=vocab["<|vision_start|>"],
         vision_end_token_id=vocab["<|vision_end|>"],
-    )  # fmt: skip
+    )
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
@@ -494,7 +632,9 @@ def qwenimage_pipeline(
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(QWENIMAGE_SCHEDULER_CONFIG)
-    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    return QwenImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
 
 
 def build_tiny_qwenimage(seed: int = 0) -> QwenImagePipeline:
@@ -507,14 +647,25 @@ def build_tiny_qwenimage(seed: int = 0) -> QwenImagePipeline:
     text_encoder = qwen_text_encoder(tokenizer, hidden_size=32, intermediate_size=64, layers=2, heads=2)
     torch.manual_seed(seed + 1)
     transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
-    )  # fmt: skip
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 6, 6),
+    )
     torch.manual_seed(seed + 2)
     vae = AutoencoderKLQwenImage(
-        base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
-        latents_mean=[0.1, -0.2, 0.05, 0.3], latents_std=[1.5, 0.8, 1.2, 2.0],
-    )  # fmt: skip
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.05, 0.3],
+        latents_std=[1.5, 0.8, 1.2, 2.0],
+    )
     return qwenimage_pipeline(text_encoder, tokenizer, transformer, vae)
 
 
@@ -528,8 +679,12 @@ def build_qwenimage_size(seed: int = 0, transformer_layers: int = 4) -> QwenImag
     text_encoder = qwen_text_encoder(tokenizer, hidden_size=3584, intermediate_size=4096, layers=2, heads=28)
     transformer = QwenImageTransformer2DModel(num_layers=transformer_layers)
     vae = AutoencoderKLQwenImage(
-        base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True],
-    )  # fmt: skip
+        base_dim=96,
+        z_dim=16,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=2,
+        temperal_downsample=[False, True, True],
+    )
     return qwenimage_pipeline(text_encoder, tokenizer, transformer, vae)
 
 

@@ -109,7 +109,9 @@ async def bls_call(
         flags |= pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
     if end:
         flags |= pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
-    tensors = [value if isinstance(value, pb_utils.Tensor) else output_tensor(name, value) for name, value in inputs.items()]
+    tensors = [
+        value if isinstance(value, pb_utils.Tensor) else output_tensor(name, value) for name, value in inputs.items()
+    ]
     request = pb_utils.InferenceRequest(
         model_name=model,
         inputs=tensors,

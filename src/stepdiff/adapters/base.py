@@ -20,9 +20,18 @@ import torch
 from ..runner import Rows
 
 STEP_METHODS = (
-    "encode_prompt", "prepare", "batch_key", "denoiser_rows", "forward", "guide", "step", "output_latents", "preview",
-    "check_latents", "decode",
-)  # fmt: skip
+    "encode_prompt",
+    "prepare",
+    "batch_key",
+    "denoiser_rows",
+    "forward",
+    "guide",
+    "step",
+    "output_latents",
+    "preview",
+    "check_latents",
+    "decode",
+)
 
 
 @dataclass(frozen=True)
@@ -130,7 +139,9 @@ class StepAdapter(Protocol):
     def encode_prompt(self, params: GenerationParams) -> dict[str, torch.Tensor]:
         """Prompt -> conditioning tensors [1, ...], negative ones only when guidance is on."""
 
-    def prepare(self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]) -> RequestState:
+    def prepare(
+        self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]
+    ) -> RequestState:
         """Initial latents from the seeded generator, a fresh scheduler with its timesteps."""
 
     def batch_key(self, state: RequestState) -> Hashable:
@@ -187,7 +198,11 @@ def host_schedule(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
     values without waiting for the GPU. The start index is the one the scheduler would look up itself.
     """
     host = timesteps.cpu()
-    if getattr(scheduler, "begin_index", None) is None and hasattr(scheduler, "set_begin_index") and hasattr(scheduler, "index_for_timestep"):
+    if (
+        getattr(scheduler, "begin_index", None) is None
+        and hasattr(scheduler, "set_begin_index")
+        and hasattr(scheduler, "index_for_timestep")
+    ):
         scheduler.set_begin_index(scheduler.index_for_timestep(host[0], host))
     return host
 

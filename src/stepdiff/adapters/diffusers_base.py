@@ -46,7 +46,9 @@ class DiffusersAdapter:
         self.path = path
         self.device = device
         self.dtype = dtype
-        self.pipe = load_stage_pipeline(self.pipeline_class, path, self.stage_components[stage], device, dtype, **self.load_kwargs)
+        self.pipe = load_stage_pipeline(
+            self.pipeline_class, path, self.stage_components[stage], device, dtype, **self.load_kwargs
+        )
         self.scheduler_config = load_component_config(path, "scheduler")
         self.info = self.pipeline_info()
 
@@ -95,7 +97,9 @@ class DiffusersAdapter:
         """InvalidInput unless START brought every conditioning tensor the request needs."""
         require_conditioning(conditioning, self.required_conditioning(self.uses_cfg(params)))
 
-    def guided_conditioning(self, params: GenerationParams, conditioning: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def guided_conditioning(
+        self, params: GenerationParams, conditioning: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """Each conditioning tensor on the device, ``negative_*`` prepended (uncond rows first) with CFG."""
         kept = {}
         for spec in self.conditioning:
@@ -117,7 +121,9 @@ class DiffusersAdapter:
 
     def step(self, state: RequestState, model_output: torch.Tensor) -> None:
         kwargs = scheduler_step_kwargs(state.scheduler, state.generator) if self.step_takes_generator else {}
-        state.latents = state.scheduler.step(model_output, state.host_timestep, state.latents, **kwargs, return_dict=False)[0]
+        state.latents = state.scheduler.step(
+            model_output, state.host_timestep, state.latents, **kwargs, return_dict=False
+        )[0]
         state.step_index += 1
 
     def latent_channels(self) -> int:

@@ -41,17 +41,32 @@ STAGE_COMPONENTS = {
 }
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default max_sequence_length
 # Each text's conditioning keys (T5 embeddings, CLIP pooled embeddings), in the pipeline's order: cond, uncond
-TEXTS = {"prompt": ("prompt_embeds", "pooled_prompt_embeds"), "negative_prompt": ("negative_prompt_embeds", "negative_pooled_prompt_embeds")}
+TEXTS = {
+    "prompt": ("prompt_embeds", "pooled_prompt_embeds"),
+    "negative_prompt": ("negative_prompt_embeds", "negative_pooled_prompt_embeds"),
+}
 # FLUX.1 latent channels -> RGB (ComfyUI's preview factors); tiny pipelines preview their first 3 channels.
 FLUX_LATENT_RGB_FACTORS = np.array(
     [
-        [-0.0346, 0.0244, 0.0681], [0.0034, 0.0210, 0.0687], [0.0275, -0.0668, -0.0433], [-0.0174, 0.0160, 0.0617],
-        [0.0859, 0.0721, 0.0329], [0.0004, 0.0383, 0.0115], [0.0405, 0.0861, 0.0915], [-0.0236, -0.0185, -0.0259],
-        [-0.0245, 0.0250, 0.1180], [0.1008, 0.0755, -0.0421], [-0.0515, 0.0201, 0.0011], [0.0428, -0.0012, -0.0036],
-        [0.0817, 0.0765, 0.0749], [-0.1264, -0.0522, -0.1103], [-0.0280, -0.0881, -0.0499], [-0.1262, -0.0982, -0.0778],
+        [-0.0346, 0.0244, 0.0681],
+        [0.0034, 0.0210, 0.0687],
+        [0.0275, -0.0668, -0.0433],
+        [-0.0174, 0.0160, 0.0617],
+        [0.0859, 0.0721, 0.0329],
+        [0.0004, 0.0383, 0.0115],
+        [0.0405, 0.0861, 0.0915],
+        [-0.0236, -0.0185, -0.0259],
+        [-0.0245, 0.0250, 0.1180],
+        [0.1008, 0.0755, -0.0421],
+        [-0.0515, 0.0201, 0.0011],
+        [0.0428, -0.0012, -0.0036],
+        [0.0817, 0.0765, 0.0749],
+        [-0.1264, -0.0522, -0.1103],
+        [-0.0280, -0.0881, -0.0499],
+        [-0.1262, -0.0982, -0.0778],
     ],
     dtype=np.float32,
-)  # fmt: skip
+)
 FLUX_LATENT_RGB_BIAS = np.array([-0.0329, -0.0718, -0.0851], dtype=np.float32)
 
 
@@ -105,17 +120,28 @@ class FluxAdapter(DiffusersAdapter):
         prompts = {"prompt": params.prompt, "negative_prompt": params.negative_prompt}
         for text in self._texts(self.uses_cfg(params)):
             embeds, pooled, _ = self.pipe.encode_prompt(
-                prompts[text], prompt_2=None, device=self.device, num_images_per_prompt=1, max_sequence_length=MAX_SEQUENCE_LENGTH
+                prompts[text],
+                prompt_2=None,
+                device=self.device,
+                num_images_per_prompt=1,
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
             )
-            conditioning |= dict(zip(TEXTS[text], (embeds, pooled)))
+            conditioning |= dict(zip(TEXTS[text], (embeds, pooled), strict=True))
         return conditioning
 
-    def prepare(self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]) -> RequestState:
+    def prepare(
+        self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]
+    ) -> RequestState:
         self.checked_conditioning(params, conditioning)
-        kept = {name: conditioning[name].to(self.device, self.dtype) for name in self.required_conditioning(self.uses_cfg(params))}
+        kept = {
+            name: conditioning[name].to(self.device, self.dtype)
+            for name in self.required_conditioning(self.uses_cfg(params))
+        }
         generator = self.seeded_generator(params)
         height, width = self._latent_size(params)
-        noise = randn_tensor((1, self.noise_channels, height, width), generator=generator, device=self.device, dtype=self.dtype)
+        noise = randn_tensor(
+            (1, self.noise_channels, height, width), generator=generator, device=self.device, dtype=self.dtype
+        )
         latents = pack_latents(noise)
         scheduler = self.new_scheduler(params)
         timesteps = flow_timesteps(scheduler, params.num_inference_steps, self.device, latents.shape[1])

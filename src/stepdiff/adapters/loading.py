@@ -36,7 +36,7 @@ def resolve_pipeline(path_or_hub_id: str) -> Path:
         return local.resolve()
     try:
         return Path(diffusers.DiffusionPipeline.download(path_or_hub_id, use_safetensors=True))
-    except Exception as error:  # noqa: BLE001 - the hub raises many types; the message is what matters
+    except Exception as error:  # the hub raises many types; the message is what matters
         raise ValueError(
             f"pipeline {path_or_hub_id!r} is neither a local directory nor a reachable hub id: {error}"
         ) from error
@@ -58,7 +58,9 @@ def load_component_config(path: Path, subfolder: str, component_class: Any = Non
     raise ValueError(f"{folder} has no config.json")
 
 
-def load_stage_pipeline(pipeline_class: Any, path: Path, components: tuple[str, ...], device: Any, dtype: Any, **kwargs: Any) -> Any:
+def load_stage_pipeline(
+    pipeline_class: Any, path: Path, components: tuple[str, ...], device: Any, dtype: Any, **kwargs: Any
+) -> Any:
     """``pipeline_class`` from ``path`` with only ``components`` loaded (every other one None), on
     ``device`` in ``dtype``, from safetensors, progress bars off."""
     index = json.loads((path / "model_index.json").read_text())
@@ -105,12 +107,19 @@ def new_scheduler(name: str, scheduler_config: dict[str, Any]) -> Any:
     return scheduler_class.from_config(scheduler_config)
 
 
-def randn_tensor_without_sync(shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, layout: Any = None) -> torch.Tensor:
+def randn_tensor_without_sync(
+    shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, layout: Any = None
+) -> torch.Tensor:
     """diffusers' ``randn_tensor`` as the schedulers call it, with the noise of a CPU generator copied to
     the GPU from pinned memory without waiting (diffusers' plain copy stalls the host at every step of
     ancestral/SDE schedulers). The same generator draws the same values."""
     device = torch.device(device) if device is not None else None
-    if device is None or device.type != "cuda" or not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+    if (
+        device is None
+        or device.type != "cuda"
+        or not isinstance(generator, torch.Generator)
+        or generator.device.type != "cpu"
+    ):
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype, layout=layout)
     noise = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=dtype, layout=layout)
     return noise.pin_memory().to(device, non_blocking=True)

@@ -42,13 +42,25 @@ TEXTS = ("prompt", "negative_prompt")  # conditioning keys: f"{text}_embeds", f"
 # ComfyUI's previews use); other channel counts (tiny test pipelines) preview their first 3 channels.
 WAN_LATENT_RGB_FACTORS = np.array(
     [
-        [-0.1299, -0.1692, 0.2932], [0.0671, 0.0406, 0.0442], [0.3568, 0.2548, 0.1747], [0.0372, 0.2344, 0.1420],
-        [0.0313, 0.0189, -0.0328], [0.0296, -0.0956, -0.0665], [-0.3477, -0.4059, -0.2925], [0.0166, 0.1902, 0.1975],
-        [-0.0412, 0.0267, -0.1364], [-0.1293, 0.0740, 0.1636], [0.0680, 0.3019, 0.1128], [0.0032, 0.0581, 0.0639],
-        [-0.1251, 0.0927, 0.1699], [0.0060, -0.0633, 0.0005], [0.3477, 0.2275, 0.2950], [0.1984, 0.0913, 0.1861],
+        [-0.1299, -0.1692, 0.2932],
+        [0.0671, 0.0406, 0.0442],
+        [0.3568, 0.2548, 0.1747],
+        [0.0372, 0.2344, 0.1420],
+        [0.0313, 0.0189, -0.0328],
+        [0.0296, -0.0956, -0.0665],
+        [-0.3477, -0.4059, -0.2925],
+        [0.0166, 0.1902, 0.1975],
+        [-0.0412, 0.0267, -0.1364],
+        [-0.1293, 0.0740, 0.1636],
+        [0.0680, 0.3019, 0.1128],
+        [0.0032, 0.0581, 0.0639],
+        [-0.1251, 0.0927, 0.1699],
+        [0.0060, -0.0633, 0.0005],
+        [0.3477, 0.2275, 0.2950],
+        [0.1984, 0.0913, 0.1861],
     ],
     dtype=np.float32,
-)  # fmt: skip
+)
 WAN_LATENT_RGB_BIAS = np.array([-0.1835, -0.0868, -0.3360], dtype=np.float32)
 
 
@@ -104,13 +116,19 @@ class QwenImageAdapter(DiffusersAdapter):
         conditioning = {}
         prompts = {"prompt": params.prompt, "negative_prompt": params.negative_prompt}
         for name in self._texts(self.uses_cfg(params)):
-            embeds, mask = self.pipe.encode_prompt(prompts[name], self.device, 1, max_sequence_length=MAX_SEQUENCE_LENGTH)
+            embeds, mask = self.pipe.encode_prompt(
+                prompts[name], self.device, 1, max_sequence_length=MAX_SEQUENCE_LENGTH
+            )
             conditioning[f"{name}_embeds"] = embeds
             # diffusers drops an all-ones mask (a single prompt has no padding); the stages pass it explicitly
-            conditioning[f"{name}_embeds_mask"] = torch.ones(embeds.shape[:2], dtype=torch.long) if mask is None else mask
+            conditioning[f"{name}_embeds_mask"] = (
+                torch.ones(embeds.shape[:2], dtype=torch.long) if mask is None else mask
+            )
         return conditioning
 
-    def prepare(self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]) -> RequestState:
+    def prepare(
+        self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]
+    ) -> RequestState:
         self.checked_conditioning(params, conditioning)
         kept = {}
         for text in self._texts(self.uses_cfg(params)):
@@ -123,21 +141,27 @@ class QwenImageAdapter(DiffusersAdapter):
         generator = self.seeded_generator(params)
         _, grid_height, grid_width = self._patch_grid(params)
         height, width = 2 * grid_height, 2 * grid_width  # latent size: 2x2 latent pixels per patch
-        noise = randn_tensor((1, 1, self.noise_channels, height, width), generator=generator, device=self.device, dtype=self.dtype)
+        noise = randn_tensor(
+            (1, 1, self.noise_channels, height, width), generator=generator, device=self.device, dtype=self.dtype
+        )
         latents = pack_latents(noise[:, 0])
         scheduler = self.new_scheduler(params)
         timesteps = flow_timesteps(scheduler, params.num_inference_steps, self.device, latents.shape[1])
         scheduler.set_begin_index(0)
         return self.new_state(correlation_id, params, kept, scheduler, timesteps, generator, latents)
 
-    def _checked_text(self, text: str, conditioning: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _checked_text(
+        self, text: str, conditioning: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The embeddings [1, L, D] of ``text`` and their mask [1, L] (if given), or InvalidInput."""
         embeds, mask = conditioning[f"{text}_embeds"], conditioning.get(f"{text}_embeds_mask")
         width = self.pipe.transformer.config.joint_attention_dim
         if embeds.dim() != 3 or embeds.shape[0] != 1 or embeds.shape[1] < 1 or embeds.shape[2] != width:
             raise InvalidInput(f"{text}_embeds: expected shape [1, tokens, {width}], got {list(embeds.shape)}")
         if mask is not None and tuple(mask.shape) != tuple(embeds.shape[:2]):
-            raise InvalidInput(f"{text}_embeds_mask: expected shape {list(embeds.shape[:2])} (one per token), got {list(mask.shape)}")
+            raise InvalidInput(
+                f"{text}_embeds_mask: expected shape {list(embeds.shape[:2])} (one per token), got {list(mask.shape)}"
+            )
         return embeds, mask
 
     def batch_key(self, state: RequestState) -> Hashable:

@@ -83,7 +83,9 @@ class StableDiffusionAdapter(DiffusersAdapter):
             conditioning["negative_prompt_embeds"] = negative_prompt_embeds
         return conditioning
 
-    def prepare(self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]) -> RequestState:
+    def prepare(
+        self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]
+    ) -> RequestState:
         self.checked_conditioning(params, conditioning)
         kept = self.guided_conditioning(params, conditioning)
         scheduler = self.new_scheduler(params)
@@ -151,7 +153,9 @@ class StableDiffusionAdapter(DiffusersAdapter):
         rows = 1 if self.time_cond_proj_dim is not None else 2
         latent = (self.in_channels, height // self.scale_factor, width // self.scale_factor)
         shapes = {"sample": latent, **self.row_shapes()}
-        tensors = {name: torch.zeros((rows, *shape), device=self.device, dtype=self.dtype) for name, shape in shapes.items()}
+        tensors = {
+            name: torch.zeros((rows, *shape), device=self.device, dtype=self.dtype) for name, shape in shapes.items()
+        }
         return [self._unet_rows({**tensors, "timestep": torch.zeros(rows, device=self.device)})]
 
     def output_latents(self, state: RequestState) -> torch.Tensor:

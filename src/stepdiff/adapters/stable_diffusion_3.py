@@ -42,13 +42,25 @@ MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_len
 # SD3 latent channels -> RGB (with a bias; ComfyUI's preview factors); tiny pipelines preview 3 channels.
 SD3_LATENT_RGB_FACTORS = np.array(
     [
-        [-0.0922, -0.0175, 0.0749], [0.0311, 0.0633, 0.0954], [0.1994, 0.0927, 0.0458], [0.0856, 0.0339, 0.0902],
-        [0.0587, 0.0272, -0.0496], [-0.0006, 0.1104, 0.0309], [0.0978, 0.0306, 0.0427], [-0.0042, 0.1038, 0.1358],
-        [-0.0194, 0.0020, 0.0669], [-0.0488, 0.0130, -0.0268], [0.0922, 0.0988, 0.0951], [-0.0278, 0.0524, -0.0542],
-        [0.0332, 0.0456, 0.0895], [-0.0069, -0.0030, -0.0810], [-0.0596, -0.0465, -0.0293], [-0.1448, -0.1463, -0.1189],
+        [-0.0922, -0.0175, 0.0749],
+        [0.0311, 0.0633, 0.0954],
+        [0.1994, 0.0927, 0.0458],
+        [0.0856, 0.0339, 0.0902],
+        [0.0587, 0.0272, -0.0496],
+        [-0.0006, 0.1104, 0.0309],
+        [0.0978, 0.0306, 0.0427],
+        [-0.0042, 0.1038, 0.1358],
+        [-0.0194, 0.0020, 0.0669],
+        [-0.0488, 0.0130, -0.0268],
+        [0.0922, 0.0988, 0.0951],
+        [-0.0278, 0.0524, -0.0542],
+        [0.0332, 0.0456, 0.0895],
+        [-0.0069, -0.0030, -0.0810],
+        [-0.0596, -0.0465, -0.0293],
+        [-0.1448, -0.1463, -0.1189],
     ],
     dtype=np.float32,
-)  # fmt: skip
+)
 SD3_LATENT_RGB_BIAS = np.array([0.2394, 0.2135, 0.1925], dtype=np.float32)
 
 
@@ -95,16 +107,23 @@ class StableDiffusion3Adapter(DiffusersAdapter):
     def encode_prompt(self, params: GenerationParams) -> dict[str, torch.Tensor]:
         do_cfg = self.uses_cfg(params)
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
-            params.prompt, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=do_cfg, negative_prompt=params.negative_prompt,
+            params.prompt,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=do_cfg,
+            negative_prompt=params.negative_prompt,
             max_sequence_length=MAX_SEQUENCE_LENGTH,
-        )  # fmt: skip
+        )
         conditioning = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
         if do_cfg:
             conditioning |= {"negative_prompt_embeds": negative, "negative_pooled_prompt_embeds": negative_pooled}
         return conditioning
 
-    def prepare(self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]) -> RequestState:
+    def prepare(
+        self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]
+    ) -> RequestState:
         self.checked_conditioning(params, conditioning)
         kept = self.guided_conditioning(params, conditioning)
         generator = self.seeded_generator(params)

@@ -52,7 +52,9 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
 
     def __init__(self, path: Path, stage: Stage, device: torch.device, dtype: torch.dtype):
         unet_config = load_component_config(path, "unet")
-        self.pooled_dim = unet_config["projection_class_embeddings_input_dim"] - TIME_IDS * unet_config["addition_time_embed_dim"]
+        self.pooled_dim = (
+            unet_config["projection_class_embeddings_input_dim"] - TIME_IDS * unet_config["addition_time_embed_dim"]
+        )
         super().__init__(path, stage, device, dtype)
         self.text_length = load_component_config(path, "text_encoder_2")["max_position_embeddings"]
         vae = self.pipe.vae
@@ -62,18 +64,25 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     def encode_prompt(self, params: GenerationParams) -> dict[str, torch.Tensor]:
         do_cfg = self.uses_cfg(params)
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
-            params.prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=do_cfg,
+            params.prompt,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=do_cfg,
             negative_prompt=params.negative_prompt,
-        )  # fmt: skip
+        )
         conditioning = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
         if do_cfg:
             conditioning |= {"negative_prompt_embeds": negative, "negative_pooled_prompt_embeds": negative_pooled}
         return conditioning
 
-    def prepare(self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]) -> RequestState:
+    def prepare(
+        self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]
+    ) -> RequestState:
         state = super().prepare(correlation_id, params, conditioning)
         size = (params.height, params.width)
-        time_ids = self.pipe._get_add_time_ids(size, (0, 0), size, dtype=self.dtype, text_encoder_projection_dim=self.pooled_dim)
+        time_ids = self.pipe._get_add_time_ids(
+            size, (0, 0), size, dtype=self.dtype, text_encoder_projection_dim=self.pooled_dim
+        )
         rows = 2 if state.do_cfg else 1  # the negative time ids are the same ones
         state.conditioning["add_time_ids"] = time_ids.to(self.device).repeat(rows, 1)
         state.scheduler.set_begin_index(0)  # as the pipeline does before its loop
@@ -91,7 +100,10 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         vae = self.pipe.vae
         latents = latents.to(self.device, vae.dtype)
-        if getattr(vae.config, "latents_mean", None) is not None and getattr(vae.config, "latents_std", None) is not None:
+        if (
+            getattr(vae.config, "latents_mean", None) is not None
+            and getattr(vae.config, "latents_std", None) is not None
+        ):
             mean = torch.tensor(vae.config.latents_mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
             std = torch.tensor(vae.config.latents_std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
             latents = latents * std / vae.config.scaling_factor + mean

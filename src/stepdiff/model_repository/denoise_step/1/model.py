@@ -14,7 +14,14 @@ from stepdiff.adapters import Stage, load_adapter
 from stepdiff.engine import StepCall, StepEngine
 from stepdiff.params import PARAM_NAMES, parse_generation_params, scalar
 from stepdiff.runner import DenoiserRunner
-from stepdiff.triton_io import error_response, load_settings, numpy_inputs, output_tensor, release_triton_objects, torch_input
+from stepdiff.triton_io import (
+    error_response,
+    load_settings,
+    numpy_inputs,
+    output_tensor,
+    release_triton_objects,
+    torch_input,
+)
 
 BATCH_SIZE_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 METRICS = (
@@ -40,10 +47,13 @@ class TritonPythonModel:
                 runner.warm_up(rows)
         stats = runner.stats
         pb_utils.Logger.log_info(
-            f"denoise_step: denoiser {settings.denoiser} on {self.adapter.device}; warm-up {settings.warmup or 'none'}: "
+            f"denoise_step: denoiser {settings.denoiser} on {self.adapter.device}; warm-up "
+            f"{settings.warmup or 'none'}: "
             f"{stats.graphs} CUDA graphs in {stats.capture_seconds:.1f} s, {stats.graph_memory_bytes / 2**20:.0f} MiB"
         )
-        self.engine = StepEngine(self.adapter, forward_cap, settings.max_active_sequences, settings.sequence_idle_seconds, runner)
+        self.engine = StepEngine(
+            self.adapter, forward_cap, settings.max_active_sequences, settings.sequence_idle_seconds, runner
+        )
         # Keep the families alive as long as their metrics (Triton deletes metrics with their family).
         self.metric_families = {
             name: pb_utils.MetricFamily(name=name, description=description, kind=getattr(pb_utils.MetricFamily, kind))
@@ -101,7 +111,7 @@ class TritonPythonModel:
             except Exception as error:  # noqa: BLE001 - a malformed call fails alone
                 responses[index] = error_response(error)
         results = self.engine.run([call for _, call in calls])
-        for (index, _), result in zip(calls, results):
+        for (index, _), result in zip(calls, results, strict=True):
             if result.error is not None:
                 responses[index] = error_response(result.error)
                 continue

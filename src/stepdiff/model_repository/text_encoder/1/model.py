@@ -12,7 +12,9 @@ class TritonPythonModel:
     def initialize(self, args):
         settings = load_settings(args)
         self.settings = settings
-        self.adapter = load_adapter(settings.pipeline, Stage.TEXT_ENCODER, settings.torch_device(), settings.torch_dtype())
+        self.adapter = load_adapter(
+            settings.pipeline, Stage.TEXT_ENCODER, settings.torch_device(), settings.torch_dtype()
+        )
 
     def execute(self, requests):
         responses = []
