@@ -133,25 +133,11 @@ def sd15_pipeline(
 
 def build_tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline with SD-1.5 structure (VAE factor 8, CLIP, PNDM) and tiny widths."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import UNet2DConditionModel
 
     tokenizer = clip_tokenizer()
-    vocab = tokenizer.get_vocab()
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            vocab_size=len(vocab),
-        )
-    ).eval()
+    text_encoder = clip_text_encoder(tokenizer, 32, 2, hidden_act="quick_gelu")
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -166,53 +152,20 @@ def build_tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
         attention_head_dim=4,
     )
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=64,
-    )
+    vae = kl_vae(4, (8, 8, 16, 16), 1, sample_size=64)
     return sd15_pipeline(vae, text_encoder, tokenizer, unet)
 
 
 def build_sd15_size(seed: int = 0) -> StableDiffusionPipeline:
     """Stable Diffusion 1.5's real architecture (UNet 860M, CLIP ViT-L/14 text encoder, SD VAE) with
     random weights and the tiny tokenizer: for benchmarks, where only shapes and FLOPs matter."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import UNet2DConditionModel
 
     tokenizer = clip_tokenizer()
-    vocab = tokenizer.get_vocab()
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            num_hidden_layers=12,
-            max_position_embeddings=77,
-            projection_dim=768,
-            hidden_act="quick_gelu",
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-            vocab_size=len(vocab),
-        )
-    ).eval()
+    text_encoder = clip_text_encoder(tokenizer, 768, 12, heads=12, intermediate_size=3072, hidden_act="quick_gelu")
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
+    vae = kl_vae(4, (128, 256, 512, 512), 2, sample_size=512)
     return sd15_pipeline(vae, text_encoder, tokenizer, unet)
 
 
