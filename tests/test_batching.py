@@ -23,6 +23,28 @@ def denoise_counts(server) -> tuple[int, int]:
     return stats.inference_count, stats.execution_count
 
 
+def assert_batched_like_solo(server, jobs: list[dict], min_mean_batch: float) -> float:
+    """Run each txt2img job alone, then all at once: the concurrent run must share denoise_step
+    executions (mean requests per execution by Triton's statistics >= ``min_mean_batch``), every image
+    must match its solo run (PSNR >= 40 dB), and no sequence may be left behind. Returns the mean."""
+
+    def run(job):
+        return server.txt2img(**job)[0]
+
+    solo = [run(job) for job in jobs]
+    inferences_before, executions_before = denoise_counts(server)
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(run, jobs))
+    inferences, executions = denoise_counts(server)
+    mean_batch = (inferences - inferences_before) / (executions - executions_before)
+    print(f"mean denoise_step batch {mean_batch:.2f}")
+    assert mean_batch >= min_mean_batch
+    for job, alone, batched in zip(jobs, solo, together, strict=True):
+        assert psnr(alone, batched) >= 40, job
+    assert server.metric("stepdiff_active_sequences") == 0
+    return mean_batch
+
+
 def test_concurrent_mixed_requests_share_forwards_and_match_solo_runs(server):
     jobs = [
         dict(

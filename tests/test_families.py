@@ -8,7 +8,6 @@ the step API client and validation work. QwenImage has its own module (tests/tes
 from __future__ import annotations
 
 import itertools
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from conftest import FAMILY_PIPELINES, reference_image
 from PIL import Image
-from test_batching import denoise_counts, psnr
+from test_batching import assert_batched_like_solo
 from test_clients import client
 from test_streaming import stream
 from test_txt2img import PROMPTS
@@ -202,20 +201,7 @@ def test_concurrent_mixed_requests_share_forwards_and_match_solo_runs(family, fa
         for i in range(8)
     ]
 
-    def run(job):
-        return family_server.txt2img(**job)[0]
-
-    solo = [run(job) for job in jobs]
-    inferences_before, executions_before = denoise_counts(family_server)
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        together = list(pool.map(run, jobs))
-    inferences, executions = denoise_counts(family_server)
-    mean_batch = (inferences - inferences_before) / (executions - executions_before)
-    print(f"{family}: mean denoise_step batch {mean_batch:.2f}")
-    assert mean_batch >= 2.0
-    for job, alone, batched in zip(jobs, solo, together, strict=True):
-        assert psnr(alone, batched) >= 40, job
-    assert family_server.metric("stepdiff_active_sequences") == 0
+    assert_batched_like_solo(family_server, jobs, min_mean_batch=2.0)
 
 
 def test_stream_and_stepwise_client_give_the_txt2img_image(family, family_server, tmp_path):

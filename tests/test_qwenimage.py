@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import itertools
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_batching import denoise_counts, psnr
+from test_batching import assert_batched_like_solo
 from test_streaming import stream
 from test_txt2img import PROMPTS
 from test_validation import raw_infer, text
@@ -105,20 +104,7 @@ def test_concurrent_cfg_and_plain_requests_batch_and_match_solo_runs(qwen_server
         for i in range(8)
     ]
 
-    def run(job):
-        return qwen_server.txt2img(**job)[0]
-
-    solo = [run(job) for job in jobs]
-    inferences_before, executions_before = denoise_counts(qwen_server)
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        together = list(pool.map(run, jobs))
-    inferences, executions = denoise_counts(qwen_server)
-    mean_batch = (inferences - inferences_before) / (executions - executions_before)
-    print(f"mean denoise_step batch {mean_batch:.2f}")
-    assert mean_batch >= 2.0
-    for job, alone, batched in zip(jobs, solo, together, strict=True):
-        assert psnr(alone, batched) >= 40, job
-    assert qwen_server.metric("stepdiff_active_sequences") == 0
+    assert_batched_like_solo(qwen_server, jobs, min_mean_batch=2.0)
 
 
 def test_stream_sends_progress_previews_and_the_same_image(qwen_server):
