@@ -65,10 +65,19 @@ class DiffusersAdapter:
         """Whether the request runs the denoiser on negative conditioning too (the pipeline's rule)."""
         raise NotImplementedError
 
+    @staticmethod
+    def used_with(name: str, do_cfg: bool) -> bool:
+        """Whether a request uses conditioning ``name``: ``negative_*`` only with guidance."""
+        return do_cfg or not name.startswith("negative_")
+
     def required_conditioning(self, do_cfg: bool) -> list[str]:
-        """Conditioning names START must carry: every declared ``negative_*`` only with guidance."""
+        """Conditioning names START must carry (masks are optional)."""
         names = [spec.name for spec in self.conditioning if not spec.name.endswith("_mask")]
-        return [name for name in names if do_cfg or not name.startswith("negative_")]
+        return [name for name in names if self.used_with(name, do_cfg)]
+
+    def request_conditioning(self, do_cfg: bool, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``encode_prompt``'s outputs that the request uses (the pipelines return negatives regardless)."""
+        return {name: value for name, value in tensors.items() if self.used_with(name, do_cfg)}
 
     def new_state(
         self,

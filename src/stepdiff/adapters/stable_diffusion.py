@@ -78,10 +78,9 @@ class StableDiffusionAdapter(DiffusersAdapter):
         prompt_embeds, negative_prompt_embeds = self.pipe.encode_prompt(
             params.prompt, self.device, 1, do_cfg, params.negative_prompt
         )
-        conditioning = {"prompt_embeds": prompt_embeds}
-        if do_cfg:
-            conditioning["negative_prompt_embeds"] = negative_prompt_embeds
-        return conditioning
+        return self.request_conditioning(
+            do_cfg, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds
+        )
 
     def prepare(
         self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]

@@ -116,10 +116,13 @@ class StableDiffusion3Adapter(DiffusersAdapter):
             negative_prompt=params.negative_prompt,
             max_sequence_length=MAX_SEQUENCE_LENGTH,
         )
-        conditioning = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-        if do_cfg:
-            conditioning |= {"negative_prompt_embeds": negative, "negative_pooled_prompt_embeds": negative_pooled}
-        return conditioning
+        return self.request_conditioning(
+            do_cfg,
+            prompt_embeds=embeds,
+            negative_prompt_embeds=negative,
+            pooled_prompt_embeds=pooled,
+            negative_pooled_prompt_embeds=negative_pooled,
+        )
 
     def prepare(
         self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]

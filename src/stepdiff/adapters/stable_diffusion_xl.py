@@ -70,10 +70,13 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
             do_classifier_free_guidance=do_cfg,
             negative_prompt=params.negative_prompt,
         )
-        conditioning = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-        if do_cfg:
-            conditioning |= {"negative_prompt_embeds": negative, "negative_pooled_prompt_embeds": negative_pooled}
-        return conditioning
+        return self.request_conditioning(
+            do_cfg,
+            prompt_embeds=embeds,
+            negative_prompt_embeds=negative,
+            pooled_prompt_embeds=pooled,
+            negative_pooled_prompt_embeds=negative_pooled,
+        )
 
     def prepare(
         self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]
