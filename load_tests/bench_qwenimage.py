@@ -124,7 +124,7 @@ def main() -> int:
     from diffusers import QwenImagePipeline
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    pipe = QwenImagePipeline.from_pretrained(args.pipeline, dtype=dtype).to(device)
+    pipe = QwenImagePipeline.from_pretrained(str(args.pipeline), dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     in_process = {}
     for size in args.sizes:

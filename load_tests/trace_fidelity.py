@@ -46,7 +46,7 @@ def in_process(args, device, dtype) -> dict:
     import diffusers
 
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        args.pipeline, dtype=dtype, safety_checker=None, requires_safety_checker=False
+        str(args.pipeline), dtype=dtype, safety_checker=None, requires_safety_checker=False
     ).to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = getattr(diffusers, args.scheduler).from_config(pipe.scheduler.config)
@@ -96,7 +96,8 @@ def served(args, grpc_url: str, local_final: np.ndarray) -> dict:
     )
     with grpcclient.InferenceServerClient(grpc_url) as client:
         inputs = stepwise.generation_inputs(options)
-        embeddings = stepwise.infer(client, "text_encoder", inputs, stepwise.EMBEDDING_OUTPUTS)
+        conditioning = [output.name for output in client.get_model_metadata("text_encoder").outputs]
+        embeddings = stepwise.infer(client, "text_encoder", inputs, conditioning)
         sequence = random.getrandbits(63) + 1
         started = stepwise.infer(
             client, "denoise_step", {**inputs, **embeddings}, ["num_steps"], sequence_id=sequence, sequence_start=True
