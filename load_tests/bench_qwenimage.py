@@ -22,10 +22,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import generate as txt2img_client
 import numpy as np
 import torch
-from bench_batching import metric, percentile, start_server  # also puts client/ and src/ on sys.path
+from bench_batching import metric, percentile, start_server, txt2img_client  # also puts client/ and src/ on sys.path
 
 from stepdiff.settings import DTYPES
 

@@ -86,3 +86,30 @@ def test_batching_benchmark_writes_its_tables(tiny_sd, tmp_path):
     assert "Concurrency 1" in markdown and "Ceilings" in markdown
     assert "1 of 1 byte-identical" in markdown  # the served image against stock diffusers, on CPU
     assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_qwenimage_benchmark_writes_its_table(tiny_qwen, tmp_path):
+    [port] = free_ports(1)
+    run_script(
+        "bench_qwenimage.py",
+        "--pipeline",
+        str(tiny_qwen),
+        "--out",
+        str(tmp_path),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--sizes",
+        "64",
+        "--steps",
+        "2",
+        "--concurrency",
+        "1,2",
+        "--rounds",
+        "1",
+    )
+    assert "ms/step" in (tmp_path / "results.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())
