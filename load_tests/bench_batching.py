@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def in_process_baseline(args, device: torch.device, dtype: torch.dtype) -> dict:
     import diffusers
 
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        args.pipeline, dtype=dtype, safety_checker=None, requires_safety_checker=False
+        str(args.pipeline), dtype=dtype, safety_checker=None, requires_safety_checker=False
     ).to(device)
     pipe.set_progress_bar_config(disable=True)
     config = pipe.scheduler.config
@@ -210,7 +211,9 @@ def cpu_seconds(server_pid: int | None) -> dict[str, float]:
     """CPU seconds (user + system) used so far by tritonserver and each model process."""
     if server_pid is None:
         return {}
-    pids = {"tritonserver": server_pid, **{stub.instance: stub.pid for stub in triton.stub_processes(server_pid)}}
+    pids = {"tritonserver": server_pid}
+    for stub in triton.stub_processes(server_pid):  # instances on several GPUs share a name
+        pids[stub.instance if stub.instance not in pids else f"{stub.instance} (pid {stub.pid})"] = stub.pid
     used = {}
     for name, pid in pids.items():
         try:
@@ -281,15 +284,16 @@ def open_loop(load: Load, metrics_url: str, rate: float, duration: float) -> dic
 
 
 def start_server(
-    args, log_verbose: int = 0, log_name: str = "tritonserver.log", **settings
+    args, log_verbose: int = 0, log_name: str = "tritonserver.log", gpus: Sequence[int] = (), **settings
 ) -> tuple[triton.TritonProcess, str, str]:
     """tritonserver for ``args.pipeline`` on ports ``args.port``.. (log in ``args.out``) with ``settings``
-    (Settings fields), ready; returns it with its gRPC and metrics URLs."""
+    (Settings fields, passed as `stepdiff serve` passes its flags), on ``gpus`` as `--gpus` when given,
+    ready; returns it with its gRPC and metrics URLs."""
     ports = [args.port, args.port + 1, args.port + 2]
-    configured = Settings(pipeline=str(args.pipeline), device=args.device, dtype=args.dtype, **settings)
-    repository = write_repository_for(resolve_pipeline(str(args.pipeline)), args.port)
+    variables = Settings.variables({"pipeline": args.pipeline, "device": args.device, "dtype": args.dtype, **settings})
+    repository = write_repository_for(resolve_pipeline(str(args.pipeline)), args.port, gpus=gpus)
     options = triton.ServerOptions(repository, *ports, log_verbose=log_verbose)
-    process = triton.start_triton(options, configured.environment(), args.out / log_name)
+    process = triton.start_triton(options, variables, args.out / log_name)
     try:
         process.wait_ready()
     except BaseException:

@@ -55,6 +55,7 @@ class Server:
     grpc_url: str
     metrics_url: str
     log_file: Path
+    openai_url: str = ""  # the OpenAI images API's base URL, e.g. http://127.0.0.1:PORT/v1, where served
 
     def metric(self, name: str) -> float:
         """Current value of a stepdiff metric (summed over label sets)."""
@@ -145,7 +146,11 @@ def running_server(
 
 @pytest.fixture(scope="session")
 def server(tiny_sd, tmp_path_factory):
-    with running_server(tiny_sd, tmp_path_factory.mktemp("logs") / "tritonserver.log") as running:
+    """The session's server; it also serves the OpenAI images API (tests/test_openai_api.py)."""
+    [openai_port] = free_ports(1)
+    log_file = tmp_path_factory.mktemp("logs") / "tritonserver.log"
+    with running_server(tiny_sd, log_file, "--openai-port", str(openai_port)) as running:
+        running.openai_url = f"http://127.0.0.1:{openai_port}/v1"
         yield running
 
 

@@ -69,3 +69,29 @@ def test_autoscaling_keys_on_a_metric_stepdiff_exports():
     assert (
         f'"{name}"' in (REPO / "src" / "stepdiff" / "model_repository" / "denoise_step" / "1" / "model.py").read_text()
     )
+
+
+def test_multi_gpu_deployment_puts_an_instance_on_every_gpu_it_requests():
+    """`--gpus all` on the pod's two GPUs; what scales with the GPUs is twice the single-GPU overlay's."""
+    import argparse
+
+    from stepdiff.cli import add_server_arguments
+
+    def parts(overlay: str) -> tuple[dict, dict, dict]:
+        objects = {document["kind"]: document for document in render(REPO / "deploy" / "overlays" / overlay)}
+        [container] = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+        env = {variable["name"]: variable["value"] for variable in container["env"]}
+        return container, env, objects["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["target"]
+
+    single, single_env, single_target = parts("single-gpu")
+    multi, multi_env, multi_target = parts("multi-gpu")
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    args = parser.parse_args(multi["args"])  # stepdiff serve takes them
+    assert args.gpus == "all" and args.device is None  # --gpus places the stage models
+    gpus = multi["resources"]["limits"]["nvidia.com/gpu"]
+    assert gpus == multi["resources"]["requests"]["nvidia.com/gpu"] == 2
+    assert single["resources"]["limits"]["nvidia.com/gpu"] == 1
+    per_gpu = int(single_env["STEPDIFF_MAX_ACTIVE_SEQUENCES"])
+    assert int(multi_env["STEPDIFF_MAX_ACTIVE_SEQUENCES"]) == gpus * per_gpu
+    assert int(multi_target["averageValue"]) == gpus * int(single_target["averageValue"])

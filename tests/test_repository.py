@@ -57,3 +57,27 @@ def test_a_directory_without_the_stage_models_is_refused(tmp_path):
     (tmp_path / "text_encoder" / "config.pbtxt").write_text((TEMPLATE / "text_encoder" / "config.pbtxt").read_text())
     with pytest.raises(ValueError, match=r"denoise_step/config\.pbtxt is missing"):
         write_served_repository(tmp_path, tmp_path / "served", StableDiffusionXLAdapter.conditioning)
+
+
+def test_gpus_give_each_stage_model_one_instance_per_gpu(tmp_path):
+    from tritonclient.grpc import model_config_pb2
+
+    served = write_served_repository(TEMPLATE, tmp_path / "served", StableDiffusionXLAdapter.conditioning, gpus=(0, 1))
+    for model in ("text_encoder", "denoise_step", "vae_decode"):
+        [group] = read_config(served / model / "config.pbtxt").instance_group
+        assert (group.kind, group.count, list(group.gpus)) == (model_config_pb2.ModelInstanceGroup.KIND_GPU, 1, [0, 1])
+    for model in ("txt2img", "txt2img_stream"):  # the orchestrators stay on the CPU
+        assert (served / model / "config.pbtxt").read_text() == (TEMPLATE / model / "config.pbtxt").read_text()
+    denoise = read_config(served / "denoise_step" / "config.pbtxt")
+    assert denoise.sequence_batching == read_config(TEMPLATE / "denoise_step" / "config.pbtxt").sequence_batching
+    assert "pooled_prompt_embeds" in entries(denoise, "input")
+
+
+def test_without_gpus_the_instance_groups_stay_the_templates(tmp_path):
+    served = write_served_repository(TEMPLATE, tmp_path / "served", StableDiffusionXLAdapter.conditioning)
+    for model in ("text_encoder", "denoise_step", "vae_decode", "txt2img", "txt2img_stream"):
+        template_groups = read_config(TEMPLATE / model / "config.pbtxt").instance_group
+        assert read_config(served / model / "config.pbtxt").instance_group == template_groups
+    assert (served / "vae_decode" / "config.pbtxt").read_text() == (
+        TEMPLATE / "vae_decode" / "config.pbtxt"
+    ).read_text()

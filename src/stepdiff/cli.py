@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import signal
 import subprocess
@@ -13,8 +12,8 @@ import time
 from collections import deque
 from pathlib import Path
 
-from . import server
-from .repository import write_repository_for
+from . import openai_api, server
+from .repository import CONSUMER, TEMPLATE, model_settings, serving_gpus, write_repository_for
 from .settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -48,8 +47,14 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
-    # Flags left out keep the STEPDIFF_* environment variable, else the default shown.
+    # Flags left out keep the STEPDIFF_* environment variable, else the model's config parameter, else the
+    # default shown (settings.py).
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto: CUDA when available)")
+    parser.add_argument(
+        "--gpus",
+        help="all | 0,1,...: one instance of text_encoder, denoise_step and vae_decode on each GPU (all: every GPU "
+        "torch sees); default: one instance each, on --device",
+    )
     parser.add_argument(
         "--dtype",
         choices=["auto", "float32", "float16", "bfloat16"],
@@ -92,25 +97,29 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Validated settings; the pipeline is resolved (and downloaded once) before Triton starts."""
+def settings_from_args(args: argparse.Namespace) -> tuple[Settings, dict[str, str]]:
+    """denoise_step's settings as it will load them, and the STEPDIFF_* variables for tritonserver: the
+    pipeline (resolved, and downloaded once, before Triton starts) and the flags given, no defaults, so
+    config parameters hold where no flag or variable overrides them. Every model's settings are checked."""
     from .adapters import adapter_class
     from .adapters.loading import resolve_pipeline
 
     path = resolve_pipeline(args.pipeline)
     adapter_class(path)  # fail now, with the supported list, rather than in three model loads
     flags = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name) is not None}
-    settings = dataclasses.replace(Settings.load(), pipeline=str(path), **flags)
-    settings.validate()
+    variables = Settings.variables({"pipeline": path, **flags})
+    template = (args.model_repository or TEMPLATE).resolve()
+    settings = model_settings(template, {**os.environ, **variables})[CONSUMER]
     settings.torch_device()
-    return settings
+    return settings, variables
 
 
 def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
     """Start tritonserver for ``args`` and wait until every model is ready."""
-    settings = settings_from_args(args)
+    settings, variables = settings_from_args(args)
+    gpus = serving_gpus(args.gpus, settings)
     options = server.ServerOptions(
-        model_repository=write_repository_for(Path(settings.pipeline), args.http_port, args.model_repository),
+        model_repository=write_repository_for(Path(settings.pipeline), args.http_port, args.model_repository, gpus),
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
@@ -121,11 +130,13 @@ def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
     print(
         f"stepdiff: starting tritonserver {server.TRITON_VERSION} for {settings.pipeline} (log: {log_file})", flush=True
     )
+    device = f"GPUs {','.join(map(str, gpus))} (an instance of each stage model per GPU)" if gpus else ""
+    share = f" ({settings.sequences_per_instance(len(gpus))} per denoise_step instance)" if gpus else ""
     print(
-        f"stepdiff: device {settings.torch_device()}, dtype "
+        f"stepdiff: device {device or settings.torch_device()}, dtype "
         f"{str(settings.torch_dtype()).removeprefix('torch.')}; limits: max_steps {settings.max_steps}, "
         f"max_pixels {settings.max_pixels}, max_prompt_bytes {settings.max_prompt_bytes}, "
-        f"max_active_sequences {settings.max_active_sequences}, max_batch_size "
+        f"max_active_sequences {settings.max_active_sequences}{share}, max_batch_size "
         f"{settings.max_batch_size or 'model config'}; "
         f"denoiser {settings.denoiser}, warm-up {settings.warmup or 'on first use'}, step lookahead "
         f"{settings.step_lookahead}; "
@@ -137,7 +148,7 @@ def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
         ),
         flush=True,
     )
-    process = server.start_triton(options, settings.environment(), log_file)
+    process = server.start_triton(options, variables, log_file)
     try:
         process.wait_ready()
     except BaseException:
@@ -201,7 +212,14 @@ def serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    images_api = openai_api.images_api(args.openai_port, args.pipeline, args.grpc_port)  # binds its port now
     process = start_from_args(args)
+    with openai_api.serving(images_api, process):  # from Triton's readiness until Triton has stopped
+        return watch(args, process, stop)
+
+
+def watch(args: argparse.Namespace, process: server.TritonProcess, stop: threading.Event) -> int:
+    """Say ready, then run ``serve``'s watchdog until ``stop`` is set or tritonserver exits."""
     print_ready(args)
     warn_unwatched(process)
     budget = RestartBudget()
@@ -280,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="serve a pipeline with tritonserver (foreground)")
     add_server_arguments(serve_parser)
+    serve_parser.add_argument(
+        "--openai-port", type=int, help="also serve the OpenAI images API (/v1/images/generations) on this port"
+    )
     serve_parser.set_defaults(run=serve)
     tiny_parser = commands.add_parser("make-tiny", help="write a random pipeline offline, reproducibly")
     tiny_parser.add_argument(

@@ -3,23 +3,28 @@
 The conditioning tensors a family passes from text_encoder to denoise_step (names, dtypes, shapes)
 are declared once, by its adapter (``conditioning``). The template's configs leave them out; the served
 copy adds them as text_encoder outputs and optional denoise_step inputs, so that a new family never
-touches a ``config.pbtxt``.
+touches a ``config.pbtxt``. With ``--gpus`` the served copy also gives each stage model (text_encoder,
+denoise_step, vae_decode) one KIND_GPU instance per listed GPU; txt2img and txt2img_stream stay KIND_CPU.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from .adapters.base import TensorSpec
+from .settings import Settings
 
 TEMPLATE = Path(__file__).resolve().parent / "model_repository"  # ships in the package
 PRODUCER = "text_encoder"  # outputs the conditioning
 CONSUMER = "denoise_step"  # takes it on START
+STAGE_MODELS = (PRODUCER, CONSUMER, "vae_decode")  # the models that run on GPUs: one instance per GPU with --gpus
 
 
 def read_config(path: Path) -> model_config_pb2.ModelConfig:
@@ -41,22 +46,46 @@ def _with_tensors(entries, specs: Sequence[TensorSpec], optional: bool) -> None:
             entry.optional = True
 
 
-def write_served_repository(template: Path, target: Path, conditioning: Sequence[TensorSpec]) -> Path:
-    """Copy ``template`` to ``target`` (replacing it) with ``conditioning`` added to the stage configs."""
-    for model in (PRODUCER, CONSUMER):
+def check_template(template: Path) -> None:
+    """ValueError unless ``template`` holds the stage models' configs."""
+    for model in STAGE_MODELS:
         if not (template / model / "config.pbtxt").is_file():
             raise ValueError(f"{template} is not a stepdiff model repository: {model}/config.pbtxt is missing")
+
+
+def _on_gpus(config: model_config_pb2.ModelConfig, gpus: Sequence[int]) -> None:
+    """Replace ``config``'s instance groups with one KIND_GPU instance on each of ``gpus``."""
+    del config.instance_group[:]
+    config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_GPU, count=1, gpus=gpus)
+
+
+def write_served_repository(
+    template: Path, target: Path, conditioning: Sequence[TensorSpec], gpus: Sequence[int] = ()
+) -> Path:
+    """Copy ``template`` to ``target`` (replacing it) with ``conditioning`` added to the stage configs and,
+    when ``gpus`` are given, one instance of each stage model per GPU."""
+    check_template(template)
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(template, target, ignore=shutil.ignore_patterns("__pycache__"))
-    for model, field, optional in ((PRODUCER, "output", False), (CONSUMER, "input", True)):
+    for model in STAGE_MODELS:
         path = target / model / "config.pbtxt"
         config = read_config(path)
-        _with_tensors(getattr(config, field), conditioning, optional)
-        path.write_text(
-            f"# Written by `stepdiff serve` from {template / model / 'config.pbtxt'}, with the pipeline's "
-            f"conditioning.\n" + text_format.MessageToString(config)
-        )
+        changes = []
+        if model == PRODUCER:
+            _with_tensors(config.output, conditioning, optional=False)
+            changes.append("the pipeline's conditioning")
+        if model == CONSUMER:
+            _with_tensors(config.input, conditioning, optional=True)
+            changes.append("the pipeline's conditioning")
+        if gpus:
+            _on_gpus(config, gpus)
+            changes.append(f"one instance on each of GPUs {', '.join(map(str, gpus))}")
+        if changes:
+            path.write_text(
+                f"# Written by `stepdiff serve` from {template / model / 'config.pbtxt'}, with "
+                f"{' and '.join(changes)}.\n" + text_format.MessageToString(config)
+            )
     return target
 
 
@@ -65,11 +94,61 @@ def served_repository_path(http_port: int) -> Path:
     return Path.home() / ".cache" / "stepdiff" / "served" / f"model_repository-{http_port}"
 
 
-def write_repository_for(pipeline: Path, http_port: int, template: Path | None = None) -> Path:
+def write_repository_for(
+    pipeline: Path, http_port: int, template: Path | None = None, gpus: Sequence[int] = ()
+) -> Path:
     """The served repository for ``pipeline`` (a resolved diffusers directory): ``template`` (default the
-    packaged one) with the conditioning its adapter declares."""
+    packaged one) with the conditioning its adapter declares, on ``gpus`` when given."""
     from .adapters import adapter_class
 
     return write_served_repository(
-        (template or TEMPLATE).resolve(), served_repository_path(http_port), adapter_class(pipeline).conditioning
+        (template or TEMPLATE).resolve(), served_repository_path(http_port), adapter_class(pipeline).conditioning, gpus
     )
+
+
+def config_parameters(config: model_config_pb2.ModelConfig) -> dict[str, Any]:
+    """``config``'s parameters in the shape Triton hands a model (``args["model_config"]``), for Settings.load."""
+    return {"parameters": {key: {"string_value": value.string_value} for key, value in config.parameters.items()}}
+
+
+def model_settings(repository: Path, environ: Mapping[str, str]) -> dict[str, Settings]:
+    """The settings each model of ``repository`` will load (its config parameters under ``environ``), so
+    that a bad value stops the launcher before Triton starts; errors name the model."""
+    check_template(repository)
+    loaded = {}
+    for path in sorted(repository.glob("*/config.pbtxt")):
+        try:
+            loaded[path.parent.name] = Settings.load(config_parameters(read_config(path)), environ)
+        except ValueError as error:
+            raise ValueError(f"{path.parent.name}: {error}") from None
+    return loaded
+
+
+def parse_gpus(flag: str, visible: int) -> tuple[int, ...]:
+    """``--gpus`` (``all`` or ids such as ``0,1``) as GPU ids, checked against the ``visible`` GPUs."""
+    if visible == 0:
+        raise ValueError(f"--gpus {flag}: torch sees no CUDA device on this machine (leave --gpus out to serve on CPU)")
+    if flag.strip() == "all":
+        return tuple(range(visible))
+    items = [item.strip() for item in flag.split(",")]
+    if not all(item.isdigit() for item in items):
+        raise ValueError(f"--gpus {flag!r}: expected all or GPU ids separated by commas, e.g. 0,1")
+    ids = tuple(int(item) for item in items)
+    if len(set(ids)) < len(ids):
+        raise ValueError(f"--gpus {flag}: each GPU may be listed once")
+    for gpu in ids:
+        if gpu >= visible:
+            raise ValueError(f"--gpus {flag}: there is no GPU {gpu}; torch sees {visible} (ids 0..{visible - 1})")
+    return ids
+
+
+def serving_gpus(flag: str | None, settings: Settings) -> tuple[int, ...]:
+    """The GPUs ``--gpus`` gives the stage models (none without the flag), with the GPUs torch sees now."""
+    if flag is None:
+        return ()
+    if settings.device not in ("auto", "cuda"):
+        raise ValueError(
+            f"--gpus {flag} places text_encoder, denoise_step and vae_decode on GPUs, but device={settings.device!r}: "
+            "leave --device and STEPDIFF_DEVICE out, or set them to auto or cuda"
+        )
+    return parse_gpus(flag, torch.cuda.device_count() if torch.cuda.is_available() else 0)

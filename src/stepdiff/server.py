@@ -140,16 +140,16 @@ def locate_triton() -> TritonInstallation:
     return TritonInstallation(binary, prepare_backend_directory(python_backend, stub), libraries)
 
 
-def server_environment(installation: TritonInstallation, settings: dict[str, str]) -> dict[str, str]:
+def server_environment(installation: TritonInstallation, variables: dict[str, str]) -> dict[str, str]:
     """Environment for tritonserver: our libpython first (alone: see ``libpython_directory``), our
-    interpreter's bin first, settings."""
+    interpreter's bin first, ``variables`` (STEPDIFF_* of the flags given) over the user's."""
     env = dict(os.environ)
     libdirs = [str(libpython_directory() or ""), *map(str, installation.library_directories)]
     if env.get("LD_LIBRARY_PATH"):
         libdirs.append(env["LD_LIBRARY_PATH"])
     env["LD_LIBRARY_PATH"] = os.pathsep.join(d for d in libdirs if d)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update(settings)
+    env.update(variables)
     return env
 
 
@@ -391,9 +391,9 @@ def check_ports_free(ports: Sequence[int]) -> None:
                 ) from None
 
 
-def start_triton(options: ServerOptions, settings: dict[str, str], log_path: Path) -> TritonProcess:
-    """Start tritonserver with ``settings`` (STEPDIFF_* variables) in the models' environment."""
+def start_triton(options: ServerOptions, variables: dict[str, str], log_path: Path) -> TritonProcess:
+    """Start tritonserver with ``variables`` (STEPDIFF_* settings, over the user's) in the models' environment."""
     check_ports_free((options.http_port, options.grpc_port, options.metrics_port))
     installation = locate_triton()
     command = server_command(installation, options)
-    return TritonProcess(command, server_environment(installation, settings), log_path, options.http_port)
+    return TritonProcess(command, server_environment(installation, variables), log_path, options.http_port)

@@ -1,7 +1,21 @@
 """Settings shared by every model: read once at ``initialize`` from config parameters and environment.
 
-Precedence: a ``STEPDIFF_<NAME>`` environment variable (what ``stepdiff serve`` and ``docker run -e`` set)
-overrides the model's ``config.pbtxt`` parameter ``<name>``, which overrides the default below.
+Precedence, highest first:
+
+1. a ``stepdiff serve`` flag (``--max-steps 50``): the launcher hands the flags given, and the pipeline,
+   to tritonserver as ``STEPDIFF_<NAME>`` variables, replacing the user's variable of that name;
+2. a ``STEPDIFF_<NAME>`` environment variable (``docker run -e``, a pod's ``env``); empty counts as unset;
+3. the model's ``config.pbtxt`` parameter ``<name>``, which applies to that model only;
+4. the default below.
+
+The launcher exports nothing else (no defaults), so a config parameter holds unless a flag or a
+variable sets the same value. Flags are the most explicit choice (one command line), variables come
+next (one deployment), and config parameters are the repository's own defaults, shipped with the
+package or a ``--model-repository``.
+
+With ``stepdiff serve --gpus`` a stage model runs on the GPU Triton assigns its instance
+(:meth:`Settings.instance_device`), and ``max_active_sequences`` holds for the server: each
+``denoise_step`` instance admits its share (:meth:`Settings.sequences_per_instance`).
 """
 
 from __future__ import annotations
@@ -38,24 +52,35 @@ class Settings:
 
     @classmethod
     def load(cls, model_config: Mapping[str, Any] | None = None, environ: Mapping[str, str] = os.environ) -> Settings:
-        """Build from a Triton model config dict (its ``parameters``) and the environment."""
+        """Build from a Triton model config dict (its ``parameters``) and the environment, which wins."""
         parameters = (model_config or {}).get("parameters", {})
         values: dict[str, Any] = {}
         for field in fields(cls):
-            raw = environ.get(f"STEPDIFF_{field.name.upper()}")
+            source = variable(field.name)
+            raw = environ.get(source) or None  # an empty variable counts as unset
             if raw is None and field.name in parameters:
-                raw = parameters[field.name]["string_value"]
-            if raw is None or raw == "":
+                source, raw = f"config parameter {field.name}", parameters[field.name]["string_value"]
+            if not raw:
                 continue
             try:
                 values[field.name] = type(field.default)(raw)
             except ValueError:
                 raise ValueError(
-                    f"setting {field.name}={raw!r} is not a valid {type(field.default).__name__}"
+                    f"setting {field.name}={raw!r} (from {source}) is not a valid {type(field.default).__name__}"
                 ) from None
         settings = cls(**values)
         settings.validate()
         return settings
+
+    @classmethod
+    def variables(cls, values: Mapping[str, Any]) -> dict[str, str]:
+        """``values`` (setting name -> value, e.g. the flags given) as the STEPDIFF_* variables that carry
+        them to the models."""
+        known = {field.name for field in fields(cls)}
+        for name in values:
+            if name not in known:
+                raise ValueError(f"{name!r} is not a setting: allowed {', '.join(sorted(known))}")
+        return {variable(name): str(value) for name, value in values.items()}
 
     def validate(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -96,17 +121,54 @@ class Settings:
             raise ValueError(f"device={self.device!r} but torch sees no CUDA device")
         return torch.device(self.device)
 
-    def torch_dtype(self) -> torch.dtype:
-        """The weights' dtype: ``auto`` is float16 on CUDA and float32 on CPU."""
+    def instance_device(self, kind: str, device_id: int) -> torch.device:
+        """The device of one Triton model instance, from its ``model_instance_kind`` and
+        ``model_instance_device_id``: GPU ``device_id`` for a KIND_GPU instance (``stepdiff serve --gpus``),
+        else :meth:`torch_device`. A bare ``cuda`` becomes torch's current GPU, so the index is known."""
+        if kind == "GPU":
+            if not torch.cuda.is_available():
+                raise ValueError(f"Triton placed this instance on GPU {device_id} but torch sees no CUDA device")
+            return torch.device("cuda", device_id)
+        device = self.torch_device()
+        if device.type == "cuda" and device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
+
+    def torch_dtype(self, device: torch.device | None = None) -> torch.dtype:
+        """The weights' dtype: ``auto`` is float16 on CUDA and float32 on CPU (``device``, default
+        :meth:`torch_device`)."""
         if self.dtype == "auto":
-            return torch.float16 if self.torch_device().type == "cuda" else torch.float32
+            return torch.float16 if (device or self.torch_device()).type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+    def sequences_per_instance(self, instances: int) -> int:
+        """One ``denoise_step`` instance's share of ``max_active_sequences``, which holds for the server:
+        ``max_active_sequences // instances``, at least 1. The shares never add up to more than the limit
+        (unless the limit is below the instance count); at most ``instances - 1`` sequences of it are lost
+        to rounding (none when the instances divide it, as 256 by 1, 2, 4 or 8 GPUs)."""
+        return max(1, self.max_active_sequences // instances)
 
     def apply_threads(self) -> None:
         """Pin torch's intra-op threads (results depend on the thread count on CPU)."""
         if self.cpu_threads:
             torch.set_num_threads(self.cpu_threads)
 
-    def environment(self) -> dict[str, str]:
-        """These settings as STEPDIFF_* variables (what the launcher hands to tritonserver)."""
-        return {f"STEPDIFF_{field.name.upper()}": str(getattr(self, field.name)) for field in fields(self)}
+
+def variable(name: str) -> str:
+    """The environment variable of the setting ``name``: ``STEPDIFF_<NAME>``."""
+    return f"STEPDIFF_{name.upper()}"
+
+
+def instance_count(model_config: Mapping[str, Any]) -> int:
+    """How many instances Triton runs of a model (its config as a dict): ``count`` per instance group,
+    times the GPUs listed for a KIND_GPU group (Triton lists every GPU when the config names none)."""
+    total = 0
+    for group in model_config.get("instance_group", []):
+        count = int(group.get("count", 1))
+        total += count * max(len(group.get("gpus", [])), 1) if group.get("kind") == "KIND_GPU" else count
+    return max(total, 1)
+
+
+def device_label(device: torch.device) -> str:
+    """The ``gpu`` label of a model instance's metrics: the CUDA device index, or ``cpu``."""
+    return str(device.index) if device.type == "cuda" else "cpu"

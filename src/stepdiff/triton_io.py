@@ -1,6 +1,8 @@
 """Glue between Triton's Python backend and the core; importable only inside a Triton model.
 
-Tensors cross between models through DLPack, so GPU tensors stay on the GPU end to end.
+Tensors cross between models through DLPack, so GPU tensors stay on the GPU end to end. A model that
+takes its inputs in host memory (``FORCE_CPU_ONLY_INPUT_TENSORS: "yes"``: denoise_step, vae_decode) gets
+them there from whichever GPU produced them, and moves them to its own instance's device.
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ def load_settings(args: dict[str, Any]) -> Settings:
     return settings
 
 
+def instance_device(args: dict[str, Any], settings: Settings) -> torch.device:
+    """The device of this model instance (Settings.instance_device: the GPU Triton assigned it, or the
+    ``device`` setting), made torch's current CUDA device. CUDA graph capture streams, events and pinned
+    memory use the current device, which would otherwise stay GPU 0 in an instance on another GPU."""
+    device = settings.instance_device(args["model_instance_kind"], int(args["model_instance_device_id"]))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def release_triton_objects() -> None:
     """Free, from ``finalize``, what still refers to Triton objects (metrics the caller deleted, requests
     and tensors kept alive by reference cycles such as stored exceptions' tracebacks). Freed later, at
@@ -50,7 +62,9 @@ def torch_input(request: Any, name: str) -> torch.Tensor | None:
     """One input as a torch tensor on its own device, copied (request tensors die with execute).
 
     A GPU input lives in Triton's memory pool, which reuses it once execute returns: the copy is
-    waited for here, not left queued on the stream.
+    waited for here, not left queued on the stream. The input's device may be another GPU than the
+    instance's (a generation's stages may run on different GPUs): the adapters move every input to
+    their own device (``prepare`` and ``decode``: ``.to(self.device)``).
     """
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:

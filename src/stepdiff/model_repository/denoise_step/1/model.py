@@ -2,6 +2,8 @@
 
 Triton's sequence batcher (oldest strategy) delivers calls of several sequences at once; the
 StepEngine runs one denoiser forward per compatible group and each request's own scheduler step.
+With several instances (``stepdiff serve --gpus``: one per GPU) every step of a sequence goes to the
+instance that took its START, and each instance admits its share of ``max_active_sequences``.
 """
 
 import json
@@ -14,8 +16,10 @@ from stepdiff.adapters import Stage, load_adapter
 from stepdiff.engine import StepCall, StepEngine
 from stepdiff.params import PARAM_NAMES, parse_generation_params, scalar
 from stepdiff.runner import DenoiserRunner
+from stepdiff.settings import device_label, instance_count
 from stepdiff.triton_io import (
     error_response,
+    instance_device,
     load_settings,
     numpy_inputs,
     output_tensor,
@@ -37,9 +41,13 @@ class TritonPythonModel:
     def initialize(self, args):
         settings = load_settings(args)
         self.settings = settings
-        self.adapter = load_adapter(settings.pipeline, Stage.DENOISE, settings.torch_device(), settings.torch_dtype())
-        max_batch_size = json.loads(args["model_config"])["max_batch_size"]
+        device = instance_device(args, settings)
+        self.adapter = load_adapter(settings.pipeline, Stage.DENOISE, device, settings.torch_dtype(device))
+        model_config = json.loads(args["model_config"])
+        max_batch_size = model_config["max_batch_size"]
         forward_cap = min(settings.max_batch_size or max_batch_size, max_batch_size)
+        instances = instance_count(model_config)
+        max_active_sequences = settings.sequences_per_instance(instances)
         # up to two rows per request (guidance); the runner's buckets stop at that
         runner = DenoiserRunner(self.adapter.forward, self.adapter.device, settings.denoiser, max_rows=2 * forward_cap)
         for height, width in settings.warmup_sizes():
@@ -49,17 +57,19 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(
             f"denoise_step: denoiser {settings.denoiser} on {self.adapter.device}; warm-up "
             f"{settings.warmup or 'none'}: "
-            f"{stats.graphs} CUDA graphs in {stats.capture_seconds:.1f} s, {stats.graph_memory_bytes / 2**20:.0f} MiB"
+            f"{stats.graphs} CUDA graphs in {stats.capture_seconds:.1f} s, {stats.graph_memory_bytes / 2**20:.0f} MiB; "
+            f"admits {max_active_sequences} of the server's {settings.max_active_sequences} active sequences "
+            f"({instances} instances)"
         )
         self.engine = StepEngine(
-            self.adapter, forward_cap, settings.max_active_sequences, settings.sequence_idle_seconds, runner
+            self.adapter, forward_cap, max_active_sequences, settings.sequence_idle_seconds, runner
         )
         # Keep the families alive as long as their metrics (Triton deletes metrics with their family).
         self.metric_families = {
             name: pb_utils.MetricFamily(name=name, description=description, kind=getattr(pb_utils.MetricFamily, kind))
             for name, description, kind in METRICS
         }
-        labels = {"model": args["model_name"]}
+        labels = {"model": args["model_name"], "gpu": device_label(device)}
         self.active_gauge = self.metric_families["stepdiff_active_sequences"].Metric(labels=labels)
         self.steps_counter = self.metric_families["stepdiff_denoise_steps_total"].Metric(labels=labels)
         self.batch_histogram = self.metric_families["stepdiff_denoise_batch_size"].Metric(

@@ -5,16 +5,22 @@ import triton_python_backend_utils as pb_utils
 
 from stepdiff.adapters import Stage, load_adapter
 from stepdiff.params import PARAM_NAMES, parse_generation_params
-from stepdiff.triton_io import error_response, load_settings, numpy_inputs, output_tensor, release_triton_objects
+from stepdiff.triton_io import (
+    error_response,
+    instance_device,
+    load_settings,
+    numpy_inputs,
+    output_tensor,
+    release_triton_objects,
+)
 
 
 class TritonPythonModel:
     def initialize(self, args):
         settings = load_settings(args)
         self.settings = settings
-        self.adapter = load_adapter(
-            settings.pipeline, Stage.TEXT_ENCODER, settings.torch_device(), settings.torch_dtype()
-        )
+        device = instance_device(args, settings)
+        self.adapter = load_adapter(settings.pipeline, Stage.TEXT_ENCODER, device, settings.torch_dtype(device))
 
     def execute(self, requests):
         responses = []

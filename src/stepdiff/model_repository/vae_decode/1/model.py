@@ -4,13 +4,21 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from stepdiff.adapters import Stage, load_adapter
-from stepdiff.triton_io import error_response, load_settings, output_tensor, release_triton_objects, torch_input
+from stepdiff.triton_io import (
+    error_response,
+    instance_device,
+    load_settings,
+    output_tensor,
+    release_triton_objects,
+    torch_input,
+)
 
 
 class TritonPythonModel:
     def initialize(self, args):
         settings = load_settings(args)
-        self.adapter = load_adapter(settings.pipeline, Stage.DECODE, settings.torch_device(), settings.torch_dtype())
+        device = instance_device(args, settings)
+        self.adapter = load_adapter(settings.pipeline, Stage.DECODE, device, settings.torch_dtype(device))
 
     def execute(self, requests):
         responses = []
