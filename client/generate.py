@@ -32,7 +32,10 @@ OPTIONAL_INPUTS = {
     "scheduler": ("BYTES", np.object_),
     "output_format": ("BYTES", np.object_),
     "jpeg_quality": ("INT32", np.int32),
+    "lora": ("BYTES", np.object_),
+    "lora_scale": ("FP32", np.float32),
 }
+LIST_INPUTS = ("lora", "lora_scale")  # one value per adapter: shape [n], repeatable flags
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
 
 
@@ -52,8 +55,9 @@ def build_inputs(module, prompt: str, options: dict[str, object]) -> list:
             values[name] = (triton_type, numpy_type, options[name])
     inputs = []
     for name, (triton_type, numpy_type, value) in values.items():
-        data = np.array([value.encode() if isinstance(value, str) else value], dtype=numpy_type)
-        tensor = module.InferInput(name, [1], triton_type)
+        items = list(value) if name in LIST_INPUTS else [value]
+        data = np.array([item.encode() if isinstance(item, str) else item for item in items], dtype=numpy_type)
+        tensor = module.InferInput(name, [len(items)], triton_type)
         tensor.set_data_from_numpy(data)
         inputs.append(tensor)
     return inputs
@@ -149,7 +153,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     for name, (triton_type, _) in OPTIONAL_INPUTS.items():
         kind = {"BYTES": str, "INT64": int, "INT32": int, "FP32": float}[triton_type]
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"txt2img input {name}")
+        repeated = {"action": "append", "help": f"txt2img input {name}, one per adapter (repeat)"}
+        single = {"help": f"txt2img input {name}"}
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", type=kind, default=None, **(repeated if name in LIST_INPUTS else single)
+        )
     args = parser.parse_args(argv)
     if args.prompts_file:
         args.prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]

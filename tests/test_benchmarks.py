@@ -113,3 +113,21 @@ def test_qwenimage_benchmark_writes_its_table(tiny_qwen, tmp_path):
     )
     assert "ms/step" in (tmp_path / "results.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text())
+
+
+def test_lora_benchmark_writes_its_table(tiny_sd, tmp_path):
+    output = run_script(
+        "bench_lora.py",
+        "--pipeline",
+        str(tiny_sd),
+        "--out",
+        str(tmp_path),
+        "--requests",
+        "4",
+        "--rank",
+        "4",
+        *TINY,
+    )
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [row["forwards_per_step"] for row in rows] == [1, 1, 4]
+    assert "4 distinct adapters" in output and (tmp_path / "results.md").is_file()

@@ -1,24 +1,70 @@
-"""Fault recovery: a model's process killed mid-request; the launcher's watchdog restarts tritonserver."""
+"""Fault recovery: a model's process killed, hung or stopped mid-request; the launcher's watchdog restarts
+tritonserver. One server (``--stall-seconds 3``) serves every fault in turn."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import re
 import signal
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-from conftest import Server, running_server
+import pytest
+from conftest import Server, start_launcher, wait_for_line
 from tritonclient.utils import InferenceServerException
 
-from stepdiff.cli import RestartBudget
-from stepdiff.server import MODELS, process_alive, stub_processes, tritonserver_pid
+from stepdiff.cli import RestartBudget, main
+from stepdiff.server import (
+    MODELS,
+    ModelActivity,
+    StallDetector,
+    StubProcess,
+    model_activity,
+    process_alive,
+    stub_processes,
+    tritonserver_pid,
+)
 
+STALL_SECONDS = 3
 IN_FLIGHT = {"num_inference_steps": 200, "height": 128, "width": 128}  # about 2 s each, 4 at once, 2 cores
+LONG = {"num_inference_steps": 200, "height": 320, "width": 320}  # about 12 s, 2 at once: well over STALL_SECONDS
 GOOD = {"seed": 11, "num_inference_steps": 8, "height": 64, "width": 64}
+
+
+@contextlib.contextmanager
+def watched_server(pipeline: Path, log_file: Path, *extra: str) -> Iterator[Server]:
+    """conftest's running_server for a server whose watchdog aborts model processes on purpose: their
+    faulthandler's "Fatal Python error: Aborted" is expected in the Triton log, any other fatal error is not."""
+    process, (http_port, grpc_port, metrics_port) = start_launcher(pipeline, log_file, *extra)
+    try:
+        wait_for_line(process, "stepdiff: ready")
+    except AssertionError:
+        process.kill()
+        raise
+    try:
+        yield Server(
+            f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", log_file
+        )
+    finally:  # also when the test failed: never leave a server behind
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and "stepdiff: stopped" in output, f"launcher did not stop cleanly:\n{output}"
+    fatal = re.findall(r"Fatal Python error: (\w+)", log_file.read_text(errors="replace"))
+    assert set(fatal) <= {"Aborted"}, f"a model process crashed: {log_file}"
+
+
+@pytest.fixture(scope="module")
+def watched(tiny_sd, tmp_path_factory) -> Iterator[Server]:
+    log_file = tmp_path_factory.mktemp("faults") / "tritonserver.log"
+    with watched_server(tiny_sd, log_file, "--stall-seconds", str(STALL_SECONDS)) as server:
+        yield server
 
 
 def triton_pid(server: Server) -> int | None:
@@ -37,58 +83,131 @@ def all_ready(server: Server) -> bool:
     return True
 
 
-def test_killed_denoise_step_fails_requests_in_flight_and_the_launcher_restarts_triton(tiny_sd, tmp_path):
-    log_file = tmp_path / "tritonserver.log"
-    with running_server(tiny_sd, log_file) as server:
-        before, _ = server.txt2img("a red panda", **GOOD)
-        first_pid = triton_pid(server)
-        assert first_pid is not None
-        stubs = {stub.model: stub for stub in stub_processes(first_pid)}
-        assert sorted(stubs) == sorted(MODELS)
+def start_generations(server: Server, count: int, options: dict) -> tuple[list[threading.Thread], dict[int, str]]:
+    """``count`` generations at once, over HTTP and gRPC in turn; returns once all run. Their outcomes come
+    into the dict by index: "ok", or the error's status and message."""
+    outcomes: dict[int, str] = {}
 
-        errors: dict[int, str] = {}
+    def generate(index: int) -> None:
+        try:
+            server.txt2img("a cat", protocol=("http", "grpc")[index % 2], seed=index, **options)
+            outcomes[index] = "ok"
+        except InferenceServerException as error:  # the status and the message are what is checked
+            outcomes[index] = f"{error.status()} {error.message()}"
 
-        def generate(index: int) -> None:
-            try:
-                server.txt2img("a cat", protocol=("http", "grpc")[index % 2], seed=index, **IN_FLIGHT)
-                errors[index] = "no error: the generation finished"
-            except InferenceServerException as error:  # the status and the message are what is checked
-                errors[index] = f"{error.status()} {error.message()}"
+    threads = [threading.Thread(target=generate, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while server.metric("stepdiff_active_sequences") < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.metric("stepdiff_active_sequences") == count, "the generations never ran together"
+    return threads, outcomes
 
-        threads = [threading.Thread(target=generate, args=(index,)) for index in range(4)]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 30
-        while server.metric("stepdiff_active_sequences") < len(threads) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert server.metric("stepdiff_active_sequences") == len(threads), "the generations never ran together"
-        os.kill(stubs["denoise_step"].pid, signal.SIGKILL)
-        killed = time.monotonic()
-        for thread in threads:
-            thread.join(timeout=max(0.0, killed + 20 - time.monotonic()))
-        assert not any(thread.is_alive() for thread in threads), "requests in flight hang after the kill"
-        assert sorted(errors) == list(range(len(threads))), errors
-        for index, message in errors.items():  # HTTP and gRPC alike: the dead model, named; retry later
-            assert "denoise_step: Stub process 'denoise_step_0_0' is not healthy" in message, (index, message)
-            assert message.split()[0] in ("503", "StatusCode.UNAVAILABLE"), (index, message)
 
-        seen_down, deadline = False, time.monotonic() + 120  # health reports the restart, then recovery
-        while time.monotonic() < deadline and (triton_pid(server) in (None, first_pid) or not all_ready(server)):
-            seen_down = seen_down or not all_ready(server)
-            time.sleep(0.5)
-        assert seen_down and all_ready(server), "the server did not restart"
-        assert not process_alive(first_pid)
-        assert {stub.model for stub in stub_processes(triton_pid(server))} == set(MODELS)
-        dead = stubs["denoise_step"]
-        assert (
-            f"stepdiff: restarting tritonserver: model denoise_step's process died (pid {dead.pid}, instance "
-            f"denoise_step_0_0)" in log_file.read_text(errors="replace")
-        )
-        assert not any((Path("/dev/shm") / stub.shm_region).exists() for stub in stubs.values())
+def fault_and_recover(server: Server, fault: Callable[[StubProcess], None]) -> tuple[StubProcess, str]:
+    """Four generations in flight; ``fault`` hits denoise_step's process. Checks what the clients get (the
+    model named, UNAVAILABLE: retry), that the watchdog restarts tritonserver, that nothing of the old server
+    remains, and that the same request then gives the same image. Returns the process hit and the Triton log."""
+    assert all_ready(server)
+    before, _ = server.txt2img("a red panda", **GOOD)
+    first_pid = triton_pid(server)
+    assert first_pid is not None
+    stubs = {stub.model: stub for stub in stub_processes(first_pid)}
+    assert sorted(stubs) == sorted(MODELS)
+    threads, outcomes = start_generations(server, 4, IN_FLIGHT)
+    fault(stubs["denoise_step"])
+    hit = time.monotonic()
+    for thread in threads:
+        thread.join(timeout=max(0.0, hit + STALL_SECONDS + 20 - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), "requests in flight hang after the fault"
+    assert sorted(outcomes) == list(range(len(threads))), outcomes
+    for index, outcome in outcomes.items():  # HTTP and gRPC alike: the model, named; retry later
+        assert "denoise_step: Stub process 'denoise_step_0_0' is not healthy" in outcome, (index, outcome)
+        assert outcome.split()[0] in ("503", "StatusCode.UNAVAILABLE"), (index, outcome)
 
-        after, _ = server.txt2img("a red panda", **GOOD)
-        assert np.array_equal(before, after)
-        assert server.metric("stepdiff_active_sequences") == 0
+    seen_down, deadline = False, time.monotonic() + 120  # health reports the restart, then recovery
+    while time.monotonic() < deadline and (triton_pid(server) in (None, first_pid) or not all_ready(server)):
+        seen_down = seen_down or not all_ready(server)
+        time.sleep(0.5)
+    assert seen_down and all_ready(server), "the server did not restart"
+    assert not process_alive(first_pid)
+    assert {stub.model for stub in stub_processes(triton_pid(server))} == set(MODELS)
+    assert not any((Path("/dev/shm") / stub.shm_region).exists() for stub in stubs.values())
+
+    after, _ = server.txt2img("a red panda", **GOOD)
+    assert np.array_equal(before, after)
+    assert server.metric("stepdiff_active_sequences") == 0
+    return stubs["denoise_step"], server.log_file.read_text(errors="replace")
+
+
+def test_progressing_generations_are_not_a_stall(watched):
+    """Two generations each several times --stall-seconds long: every step answered resets the clock."""
+    first_pid = triton_pid(watched)
+    threads, outcomes = start_generations(watched, 2, LONG)
+    started, calls_seen = time.monotonic(), 0.0
+    while any(thread.is_alive() for thread in threads):
+        calls_seen = max(calls_seen, watched.metric("stepdiff_stage_calls_in_flight"))
+        time.sleep(0.2)
+    assert outcomes == {0: "ok", 1: "ok"}
+    # Without the reset the watchdog would have seen a stall by now (it looks once a second).
+    assert time.monotonic() - started > STALL_SECONDS + 1.5, "the generations were too short to tell"
+    assert calls_seen >= 1, "txt2img's calls in flight are not counted"
+    assert watched.metric("stepdiff_stage_calls_in_flight") == 0
+    assert triton_pid(watched) == first_pid, "the watchdog restarted a server that made progress"
+    assert "restarting tritonserver" not in watched.log_file.read_text(errors="replace")
+
+
+def test_killed_denoise_step_fails_requests_in_flight_and_the_launcher_restarts_triton(watched):
+    killed, log = fault_and_recover(watched, lambda stub: os.kill(stub.pid, signal.SIGKILL))
+    assert (
+        f"stepdiff: restarting tritonserver: model denoise_step's process died (pid {killed.pid}, instance "
+        f"denoise_step_0_0)" in log
+    )
+
+
+PTRACE_SEIZE, PTRACE_INTERRUPT, WAIT_ALL = 0x4206, 0x4207, 0x40000000  # <sys/ptrace.h>, __WALL
+
+
+def hang_main_thread(stub: StubProcess) -> None:
+    """Stop only the main thread of a model's process, which runs ``execute``, with ptrace (this test's thread
+    becomes its tracer): a hung model. Its other threads run on, the stub's health thread among them, so
+    Triton notices nothing (a SIGSTOP, which stops them all, it reports as "not healthy")."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    if libc.ptrace(PTRACE_SEIZE, stub.pid, None, None) != 0:
+        pytest.skip(f"ptrace is not permitted here: {os.strerror(ctypes.get_errno())}")
+    assert libc.ptrace(PTRACE_INTERRUPT, stub.pid, None, None) == 0, os.strerror(ctypes.get_errno())
+    os.waitpid(stub.pid, WAIT_ALL)  # until it stops
+
+
+def test_hung_denoise_step_is_aborted_and_the_launcher_restarts_triton(watched):
+    hung, log = fault_and_recover(watched, hang_main_thread)
+    with contextlib.suppress(ChildProcessError):  # release the aborted process, which this test traced
+        os.waitpid(hung.pid, WAIT_ALL | os.WNOHANG)
+    assert re.search(
+        rf"stepdiff: restarting tritonserver: model denoise_step answered no request for \d+ s \(--stall-seconds "
+        rf"{STALL_SECONDS}\) while \d+ calls from txt2img and \d+ queued requests waited; aborted pid {hung.pid} "
+        r"\(denoise_step_0_0\): its Python stacks are in the Triton log",
+        log,
+    ), log[-3000:]
+    assert "Fatal Python error: Aborted" in log  # faulthandler's stacks of the hung process
+
+
+def test_stopped_denoise_step_is_aborted_and_the_launcher_restarts_triton(watched):
+    stopped, log = fault_and_recover(watched, lambda stub: os.kill(stub.pid, signal.SIGSTOP))
+    assert re.search(
+        rf"stepdiff: restarting tritonserver: model denoise_step has been stopped by a signal for \d+ s "
+        rf"\(--stall-seconds {STALL_SECONDS}\): pid {stopped.pid}, instance denoise_step_0_0, state T; aborted "
+        rf"pid {stopped.pid} \(denoise_step_0_0\)",
+        log,
+    ), log[-3000:]
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_a_bad_stall_seconds_stops_serve_naming_the_flag(value, capsys):
+    assert main(["serve", "--pipeline", "unused", "--stall-seconds", value]) == 2
+    assert f"--stall-seconds {float(value)}: must be >= 0 (0 turns stall detection off)" in capsys.readouterr().err
 
 
 def test_restart_budget_allows_five_restarts_in_ten_minutes():
@@ -98,3 +217,64 @@ def test_restart_budget_allows_five_restarts_in_ten_minutes():
     assert budget.take(600.0)  # the first restart left the window
     assert not budget.take(601.0)
     assert budget.total == 6
+
+
+METRICS = """\
+# HELP nv_inference_request_success Number of successful inference requests, all batch sizes
+nv_inference_request_success{model="denoise_step",version="1"} 404
+nv_inference_request_failure{model="denoise_step",reason="BACKEND",version="1"} 3
+nv_inference_request_failure{model="denoise_step",reason="OTHER",version="1"} 1
+nv_inference_pending_request_count{model="denoise_step",version="1"} 4
+nv_inference_count{model="denoise_step",version="1"} 404
+stepdiff_stage_calls_in_flight{model="txt2img",stage="denoise_step"} 6
+stepdiff_stage_calls_in_flight{model="txt2img_stream",stage="denoise_step"} 2
+nv_inference_request_success{model="vae_decode",version="1"} 2
+stepdiff_active_sequences{gpu="cpu",model="denoise_step"} 4
+"""
+
+
+def test_model_activity_from_triton_metrics():
+    assert model_activity(METRICS) == {
+        "denoise_step": ModelActivity(answered=408, queued=4, called=8),
+        "vae_decode": ModelActivity(answered=2),
+    }
+
+
+def busy(answered: float) -> dict[str, ModelActivity]:
+    return {"denoise_step": ModelActivity(answered=answered, queued=1, called=2)}
+
+
+def test_a_stall_is_work_waiting_and_no_answer_for_stall_seconds():
+    detector = StallDetector(3.0)
+    assert detector.observe(0.0, busy(10), []) == {}
+    assert detector.observe(2.0, busy(11), []) == {}  # an answer restarts the clock
+    assert detector.observe(4.9, busy(11), []) == {}
+    assert detector.observe(5.0, {}, []) == {}  # metrics not read: the clock runs on
+    assert detector.observe(5.1, busy(11), []) == {
+        "denoise_step": "answered no request for 3 s (--stall-seconds 3) while 2 calls from txt2img and 1 queued "
+        "requests waited"
+    }
+
+
+def test_an_idle_model_never_stalls_and_its_clock_starts_with_the_work():
+    detector = StallDetector(3.0)
+    idle = {"denoise_step": ModelActivity(answered=10)}
+    assert detector.observe(0.0, idle, []) == {}
+    assert detector.observe(100.0, idle, []) == {}
+    assert detector.observe(101.0, busy(10), []) == {}  # work came: counted from here
+    assert detector.observe(103.9, busy(10), []) == {}
+    assert "denoise_step" in detector.observe(104.0, busy(10), [])
+    detector.reset()
+    assert detector.observe(105.0, busy(10), []) == {}
+
+
+def test_a_process_stopped_for_stall_seconds_stalls_its_model():
+    detector = StallDetector(3.0)
+    stub = StubProcess(pid=42, model="vae_decode", instance="vae_decode_0_0", shm_region="region")
+    assert detector.observe(0.0, {}, [stub]) == {}
+    assert detector.observe(2.0, {}, []) == {}  # continued: the clock starts again when stopped again
+    assert detector.observe(3.0, {}, [stub]) == {}
+    assert detector.observe(6.0, {}, [stub]) == {
+        "vae_decode": "has been stopped by a signal for 3 s (--stall-seconds 3): pid 42, instance vae_decode_0_0, "
+        "state T"
+    }

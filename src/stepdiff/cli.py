@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import subprocess
@@ -30,6 +31,9 @@ SERVE_FLAGS = (
     "denoiser",
     "warmup",
     "step_lookahead",
+    "lora",
+    "lora_dir",
+    "max_loras_per_request",
 )
 
 
@@ -92,6 +96,21 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--step-lookahead", type=int, help="step calls txt2img keeps in flight per generation, 1..8 (default 2)"
     )
     parser.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME=PATH",
+        help="a LoRA adapter to load at start (repeatable): NAME is [a-z0-9_-]+, PATH anything diffusers' "
+        "load_lora_weights reads (a .safetensors file or a directory); requests pick adapters with input lora",
+    )
+    parser.add_argument(
+        "--lora-dir", help="every *.safetensors file or subdirectory of this directory is an adapter named after it"
+    )
+    parser.add_argument(
+        "--max-loras-per-request",
+        type=int,
+        help=f"most adapters one request may name (default {Settings.max_loras_per_request})",
+    )
+    parser.add_argument(
         "--log-file", type=Path, default=None, help="tritonserver log (default: ~/.cache/stepdiff/logs/)"
     )
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
@@ -107,6 +126,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, dict[str, st
     path = resolve_pipeline(args.pipeline)
     adapter_class(path)  # fail now, with the supported list, rather than in three model loads
     flags = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name) is not None}
+    if "lora" in flags:  # repeated --lora NAME=PATH: one setting
+        flags["lora"] = ";".join(flags["lora"])
     variables = Settings.variables({"pipeline": path, **flags})
     template = (args.model_repository or TEMPLATE).resolve()
     settings = model_settings(template, {**os.environ, **variables})[CONSUMER]
@@ -119,7 +140,9 @@ def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
     settings, variables = settings_from_args(args)
     gpus = serving_gpus(args.gpus, settings)
     options = server.ServerOptions(
-        model_repository=write_repository_for(Path(settings.pipeline), args.http_port, args.model_repository, gpus),
+        model_repository=write_repository_for(
+            Path(settings.pipeline), args.http_port, args.model_repository, gpus, list(settings.lora_paths())
+        ),
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
@@ -140,6 +163,7 @@ def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
         f"{settings.max_batch_size or 'model config'}; "
         f"denoiser {settings.denoiser}, warm-up {settings.warmup or 'on first use'}, step lookahead "
         f"{settings.step_lookahead}; "
+        f"LoRA adapters: {', '.join(settings.lora_paths()) or 'none'}; "
         f"admin endpoints ({server.RESTRICTED_APIS}) "
         + (
             f"need header {server.ADMIN_HEADER}: $STEPDIFF_ADMIN_KEY"
@@ -205,10 +229,14 @@ def print_ready(args: argparse.Namespace, restarts: int = 0) -> None:
 def serve(args: argparse.Namespace) -> int:
     """Run Triton in the foreground until SIGINT/SIGTERM or until it exits by itself.
 
-    Once a second a watchdog looks at the models' processes. When one has died, Triton 2.51 would go on
-    answering ready while that model fails every request, so the launcher restarts tritonserver in
-    place (same ports and settings); after 5 restarts within 10 minutes it stops and exits GAVE_UP.
+    Once a second a watchdog looks at the models' processes and Triton's metrics. When a model's process
+    has died, or a model has answered nothing for ``--stall-seconds`` while work waited for it, Triton 2.51
+    would go on answering ready while that model fails or holds every request, so the launcher restarts
+    tritonserver in place (same ports and settings); after 5 restarts within 10 minutes it stops and
+    exits GAVE_UP.
     """
+    if not 0 <= args.stall_seconds < math.inf:
+        raise ValueError(f"--stall-seconds {args.stall_seconds}: must be >= 0 (0 turns stall detection off)")
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -218,8 +246,37 @@ def serve(args: argparse.Namespace) -> int:
         return watch(args, process, stop)
 
 
+def restart_reason(process: server.TritonProcess, stalls: server.StallDetector | None) -> str:
+    """Why tritonserver must restart now ("" when nothing is wrong): model processes that died, else models
+    that stalled. A stalled model's processes are aborted here, so that Triton fails its requests in flight
+    with an error clients may retry (see TritonProcess.abort)."""
+    dead = process.dead_stubs()
+    if dead:
+        return "; ".join(
+            f"model {stub.model}'s process died (pid {stub.pid}, instance {stub.instance})" for stub in dead
+        )
+    if stalls is None:
+        return ""
+    stalled = stalls.observe(time.monotonic(), process.model_activity(), process.stopped_stubs())
+    aborted = [stub for stub in process.stubs if stub.model in stalled]
+    process.abort(aborted)
+    reasons = []
+    for model, seen in stalled.items():
+        processes = ", ".join(f"pid {stub.pid} ({stub.instance})" for stub in aborted if stub.model == model)
+        outcome = f"aborted {processes}: its Python stacks are in the Triton log" if processes else "no process found"
+        reasons.append(f"model {model} {seen}; {outcome}")
+    return "; ".join(reasons)
+
+
 def watch(args: argparse.Namespace, process: server.TritonProcess, stop: threading.Event) -> int:
     """Say ready, then run ``serve``'s watchdog until ``stop`` is set or tritonserver exits."""
+    stalls = server.StallDetector(args.stall_seconds) if args.stall_seconds else None
+    stall_rule = (
+        f" or a model answers nothing for {args.stall_seconds:g} s while work waits (--stall-seconds)"
+        if stalls
+        else "; hung models are not watched (--stall-seconds 0)"
+    )
+    print(f"stepdiff: the watchdog restarts tritonserver when a model's process dies{stall_rule}", flush=True)
     print_ready(args)
     warn_unwatched(process)
     budget = RestartBudget()
@@ -230,12 +287,9 @@ def watch(args: argparse.Namespace, process: server.TritonProcess, stop: threadi
                 file=sys.stderr,
             )
             return process.process.returncode or 1
-        dead = process.dead_stubs()
-        if not dead:
+        reason = restart_reason(process, stalls)
+        if not reason:
             continue
-        reason = "; ".join(
-            f"model {stub.model}'s process died (pid {stub.pid}, instance {stub.instance})" for stub in dead
-        )
         if not budget.take(time.monotonic()):
             print(
                 f"stepdiff: {reason}; giving up after {budget.limit} restarts within {budget.window / 60:.0f} minutes "
@@ -254,6 +308,8 @@ def watch(args: argparse.Namespace, process: server.TritonProcess, stop: threadi
         if not stop.is_set():
             print_ready(args, budget.total)
             warn_unwatched(process)
+            if stalls is not None:
+                stalls.reset()  # the new server's metrics start from zero
     code = process.stop()
     print(f"stepdiff: stopped (tritonserver exit code {code})", flush=True)
     return 0
@@ -261,9 +317,17 @@ def watch(args: argparse.Namespace, process: server.TritonProcess, stop: threadi
 
 def make_tiny_command(args: argparse.Namespace) -> int:
     from .settings import DTYPES
-    from .tiny import make_tiny
+    from .tiny import make_tiny, make_tiny_lora
 
-    out = make_tiny(args.family, args.out_dir, seed=args.seed, dtype=DTYPES[args.dtype])
+    if args.family == "lora":
+        if len(args.out_dir) != 2:
+            raise SystemExit("usage: stepdiff make-tiny lora PIPELINE_DIR OUT [--text-encoder]")
+        out = make_tiny_lora(*args.out_dir, seed=args.seed, text_encoder=args.text_encoder)
+        print(f"stepdiff: wrote a random LoRA for {args.out_dir[0]} to {out}")
+        return 0
+    if len(args.out_dir) != 1:
+        raise SystemExit(f"usage: stepdiff make-tiny {args.family} OUT")
+    out = make_tiny(args.family, args.out_dir[0], seed=args.seed, dtype=DTYPES[args.dtype])
     print(f"stepdiff: wrote {args.family} pipeline with random weights to {out}")
     return 0
 
@@ -301,18 +365,29 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument(
         "--openai-port", type=int, help="also serve the OpenAI images API (/v1/images/generations) on this port"
     )
+    serve_parser.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=120.0,
+        help="restart tritonserver when a model answers no request for this long while work waits for it "
+        "(default 120; 0: off)",
+    )
     serve_parser.set_defaults(run=serve)
     tiny_parser = commands.add_parser("make-tiny", help="write a random pipeline offline, reproducibly")
     tiny_parser.add_argument(
         "family",
         help="sd, sdxl, sd3, flux, flux-schnell or qwenimage (tiny, for tests); sd15-size, sdxl-size, sd3-size, "
-        "flux-size or qwenimage-size (real widths with random weights, for benchmarks)",
+        "flux-size or qwenimage-size (real widths with random weights, for benchmarks); lora: a random LoRA "
+        "for the pipeline in PIPELINE_DIR (make-tiny lora PIPELINE_DIR OUT)",
     )
     tiny_parser.add_argument(
         "--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="weights' dtype on disk"
     )
-    tiny_parser.add_argument("out_dir", type=Path)
+    tiny_parser.add_argument("out_dir", type=Path, nargs="+", metavar="[PIPELINE_DIR] OUT")
     tiny_parser.add_argument("--seed", type=int, default=0)
+    tiny_parser.add_argument(
+        "--text-encoder", action="store_true", help="lora: also give the text encoder LoRA weights"
+    )
     tiny_parser.set_defaults(run=make_tiny_command)
     demo_parser = commands.add_parser("demo", help="serve, generate one image with the client, stop")
     add_server_arguments(demo_parser)

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapters.base import GenerationParams, InvalidInput, RequestState, StepAdapter
-from .runner import DenoiserRunner
+from .adapters.base import GenerationParams, InvalidInput, RequestState, StepAdapter, lora_key
+from .runner import DenoiserRunner, Rows
 
 
 class ServerBusy(RuntimeError):
@@ -68,7 +68,7 @@ class StepEngine:
         self.max_batch_size = max_batch_size
         self.max_active_sequences = max_active_sequences
         self.idle_seconds = idle_seconds
-        self.runner = runner or DenoiserRunner(adapter.forward, adapter.device)
+        self.runner = runner or DenoiserRunner(adapter.denoise, adapter.device)
         self.max_runahead = max_runahead
         self.queued: deque[torch.cuda.Event] = deque()  # one per run whose GPU work may still be running
         self.states: dict[int, RequestState] = {}
@@ -167,15 +167,16 @@ class StepEngine:
 
     def _step(self, stepping: list[tuple[int, RequestState]], results: list[StepResult]) -> None:
         """The runner's forwards per compatible group (at most ``max_batch_size`` requests), then each
-        request's guidance and scheduler step. A lone request runs its own stock calls, unbatched."""
+        request's guidance and scheduler step. A lone request runs its own stock calls, unbatched.
+        Requests with different LoRA settings never share a forward (their rows' keys name the setting)."""
         groups: dict[object, list[tuple[int, RequestState]]] = defaultdict(list)
         for item in stepping:
-            groups[self.adapter.batch_key(item[1])].append(item)
+            groups[(self.adapter.batch_key(item[1]), item[1].params.loras)].append(item)
         for members in groups.values():
             for first in range(0, len(members), self.max_batch_size):
                 chunk = members[first : first + self.max_batch_size]
                 try:
-                    rows = [self.adapter.denoiser_rows(state) for _, state in chunk]
+                    rows = [self._rows(state) for _, state in chunk]
                     outputs = self.runner.run([item for request in rows for item in request], separate=len(chunk) == 1)
                 except Exception as error:  # noqa: BLE001 - the whole forward failed: fail its requests
                     for index, _ in chunk:
@@ -189,6 +190,11 @@ class StepEngine:
                         self.steps_done += 1
                     except Exception as error:  # noqa: BLE001 - one request's scheduler failed
                         results[index].error = error
+
+    def _rows(self, state: RequestState) -> list[Rows]:
+        """The request's denoiser rows, keyed with its LoRA setting."""
+        loras = state.params.loras
+        return [Rows(lora_key(loras, rows.key), rows.tensors) for rows in self.adapter.denoiser_rows(state)]
 
     def _finish(self, correlation_id: int) -> None:
         self.states.pop(correlation_id, None)

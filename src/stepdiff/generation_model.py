@@ -3,12 +3,18 @@
 ``execute`` only schedules a coroutine per request and returns None; each coroutine runs
 ``orchestrator.generate`` over BLS and answers through the request's response sender. Requests thus
 run concurrently in one instance, and their step calls meet (and batch) in denoise_step.
+
+Each BLS call is counted in ``stepdiff_stage_calls_in_flight`` until answered: with Triton's own counts
+of the requests a model answered, that tells ``stepdiff serve``'s watchdog a model that holds calls
+without answering (hung) from one that has none.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,6 +28,8 @@ from .params import PARAM_NAMES, encode_image, integer, parse_generation_params,
 from .triton_io import bls_call, error_response, load_settings, numpy_inputs, release_triton_objects
 
 FINAL = "TRITONSERVER_RESPONSE_COMPLETE_FINAL"
+# Seconds finalize waits for the generations still in flight to answer before cancelling them.
+FINALIZE_GRACE = 5.0
 
 
 class GenerationModel:
@@ -43,11 +51,21 @@ class GenerationModel:
             kind=pb_utils.MetricFamily.COUNTER,
         )
         self.cancelled = self.cancelled_family.Metric(labels={"model": args["model_name"]})
+        self.model_name = args["model_name"]
+        self.stage_calls_family = pb_utils.MetricFamily(
+            name="stepdiff_stage_calls_in_flight",
+            description="Calls to a stage model (BLS) sent and not yet answered",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        self.stage_calls: dict[str, Any] = {}  # stage model -> its gauge
 
     async def execute(self, requests: list) -> None:
         if self.executor is None:
-            # The stub runs each BLS async_exec in the event loop's default executor, whose size
-            # (cpu count + 4) would otherwise cap how many step calls are in flight at once.
+            # Replacing the loop's default executor cannot be avoided while BLS goes through async_exec:
+            # the 2.51 stub runs every async_exec as loop.run_in_executor(None, ...), i.e. in the default
+            # executor, and asyncio's own (cpu count + 4 threads, made on first use) would cap the step
+            # calls in flight at that, each thread blocked until its call is answered. The stub sets no
+            # executor of its own, so nothing of Triton's is replaced.
             workers = self.settings.max_active_sequences * self.settings.step_lookahead + 8
             self.executor = ThreadPoolExecutor(max_workers=workers)
             asyncio.get_running_loop().set_default_executor(self.executor)
@@ -73,7 +91,7 @@ class GenerationModel:
             output = parse_output_options(raw)
             preview_every = integer(raw, "preview_every", 0, 0, self.settings.max_steps) if self.streaming else 0
             result = await generate(
-                bls_call,
+                self._call_stage,
                 params,
                 [spec.name for spec in self.adapter.conditioning],
                 on_step=(lambda *progress: self._progress(sender, *progress)) if self.streaming else None,
@@ -100,6 +118,26 @@ class GenerationModel:
             self.active -= 1
         sender.send(response, flags=final)
 
+    async def _call_stage(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        outputs: list[str],
+        correlation_id: int = 0,
+        start: bool = False,
+        end: bool = False,
+    ) -> dict[str, Any]:
+        """``bls_call``, counted in ``stepdiff_stage_calls_in_flight`` while it waits for its answer."""
+        in_flight = self.stage_calls.get(model)
+        if in_flight is None:
+            labels = {"model": self.model_name, "stage": model}
+            in_flight = self.stage_calls[model] = self.stage_calls_family.Metric(labels=labels)
+        in_flight.increment(1)
+        try:
+            return await bls_call(model, inputs, outputs, correlation_id, start, end)
+        finally:
+            in_flight.increment(-1)
+
     def _cancelled(self, sender: Any) -> None:
         """Count a cancelled generation and close its request: CANCELLED (unary) or an empty final."""
         self.cancelled.increment(1)
@@ -124,7 +162,33 @@ class GenerationModel:
         sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
 
     def finalize(self) -> None:
+        """Let the generations in flight answer (up to FINALIZE_GRACE s), cancel what is left, then free the
+        executor and the metrics."""
+        self._finish_generations(FINALIZE_GRACE)
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
-        del self.cancelled, self.cancelled_family
+        del self.cancelled, self.cancelled_family, self.stage_calls, self.stage_calls_family
         release_triton_objects()
+
+    def _finish_generations(self, grace: float) -> None:
+        """Run the generations still in flight until they end or ``grace`` seconds pass, then cancel them.
+
+        Triton unloads the model once its requests have had their final responses (at Ctrl-C none was
+        left), so there is little to wait for as a rule. The stub stops the event loop before calling
+        finalize (loop.stop(), which takes effect when the loop next wakes up); the loop runs here, on
+        the finalizing thread, once its own thread has let go of it.
+        """
+        pending = {task for task in tuple(self.tasks) if not task.done()}  # tuple: the loop may still discard
+        if not pending:
+            return
+        loop = next(iter(pending)).get_loop()
+        loop.call_soon_threadsafe(lambda: None)  # wakes an idle loop, so that the stub's stop() takes effect
+        deadline = time.monotonic() + 1.0
+        while loop.is_running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if loop.is_running():  # its thread is stuck in a callback: nothing can run the generations
+            return
+        loop.run_until_complete(asyncio.wait(pending, timeout=grace))
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.wait(pending, timeout=1.0))

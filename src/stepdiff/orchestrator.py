@@ -55,6 +55,9 @@ def params_as_inputs(params: GenerationParams) -> dict[str, np.ndarray]:
     }
     if params.negative_prompt is not None:
         inputs["negative_prompt"] = batch_of_one(params.negative_prompt.encode(), np.object_)
+    if params.loras:  # [1, n]: one name and one scale per adapter
+        inputs["lora"] = np.array([[name.encode() for name, _ in params.loras]], dtype=np.object_)
+        inputs["lora_scale"] = np.array([[scale for _, scale in params.loras]], dtype=np.float32)
     return inputs
 
 

@@ -27,7 +27,10 @@ PARAM_NAMES = (
     "height",
     "width",
     "scheduler",
+    "lora",
+    "lora_scale",
 )
+LORA_SCALE_LIMIT = 10.0
 
 
 def scalar(raw: Mapping[str, np.ndarray], name: str) -> object | None:
@@ -121,7 +124,43 @@ def parse_generation_params(raw: Mapping[str, np.ndarray], info: PipelineInfo, s
         width=width,
         scheduler=scheduler,
         true_cfg_scale=real(raw, "true_cfg_scale", info.default_true_cfg_scale, 0.0, 100.0),
+        loras=lora_inputs(raw, settings),
     )
+
+
+def lora_inputs(raw: Mapping[str, np.ndarray], settings: Settings) -> tuple[tuple[str, float], ...]:
+    """``lora`` (adapter names) and ``lora_scale`` (one scale each, 1.0 when absent) as (name, scale) pairs."""
+    names_array, scales_array = raw.get("lora"), raw.get("lora_scale")
+    names = [] if names_array is None else list(names_array.reshape(-1))
+    if not names:
+        if scales_array is not None and scales_array.size:
+            raise InvalidInput("lora_scale: given without lora (one scale per adapter named in lora)")
+        return ()
+    loaded = settings.lora_paths()
+    decoded = []
+    for value in names:
+        name = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        if name not in loaded:
+            allowed = ", ".join(sorted(loaded)) or "none (start the server with --lora NAME=PATH)"
+            raise InvalidInput(f"lora: unknown adapter {name!r}: loaded {allowed}")
+        if name in decoded:
+            raise InvalidInput(f"lora: adapter {name!r} is named twice")
+        decoded.append(name)
+    if len(decoded) > settings.max_loras_per_request:
+        raise InvalidInput(
+            f"lora: {len(decoded)} adapters is over the limit of {settings.max_loras_per_request} per request "
+            "(--max-loras-per-request)"
+        )
+    scales = [1.0] * len(decoded) if scales_array is None else [float(v) for v in scales_array.reshape(-1)]
+    if len(scales) != len(decoded):
+        raise InvalidInput(f"lora_scale: {len(scales)} values for {len(decoded)} adapters in lora (one each)")
+    for scale in scales:
+        if not math.isfinite(scale) or abs(scale) > LORA_SCALE_LIMIT:
+            raise InvalidInput(
+                f"lora_scale={scale} is out of range: allowed a finite number in "
+                f"[{-LORA_SCALE_LIMIT}, {LORA_SCALE_LIMIT}]"
+            )
+    return tuple(zip(decoded, scales, strict=True))
 
 
 @dataclass(frozen=True)

@@ -60,10 +60,16 @@ def _on_gpus(config: model_config_pb2.ModelConfig, gpus: Sequence[int]) -> None:
 
 
 def write_served_repository(
-    template: Path, target: Path, conditioning: Sequence[TensorSpec], gpus: Sequence[int] = ()
+    template: Path,
+    target: Path,
+    conditioning: Sequence[TensorSpec],
+    gpus: Sequence[int] = (),
+    lora_adapters: Sequence[str] = (),
 ) -> Path:
-    """Copy ``template`` to ``target`` (replacing it) with ``conditioning`` added to the stage configs and,
-    when ``gpus`` are given, one instance of each stage model per GPU."""
+    """Copy ``template`` to ``target`` (replacing it) with ``conditioning`` added to the stage configs,
+    when ``gpus`` are given one instance of each stage model per GPU, and the names of the loaded LoRA
+    adapters as the parameter ``lora_adapters`` of the models that take input ``lora`` (clients read it
+    from the model config)."""
     check_template(template)
     if target.exists():
         shutil.rmtree(target)
@@ -78,6 +84,9 @@ def write_served_repository(
         if model == CONSUMER:
             _with_tensors(config.input, conditioning, optional=True)
             changes.append("the pipeline's conditioning")
+        if lora_adapters and model in (PRODUCER, CONSUMER):
+            config.parameters["lora_adapters"].string_value = ",".join(lora_adapters)
+            changes.append("the LoRA adapters' names")
         if gpus:
             _on_gpus(config, gpus)
             changes.append(f"one instance on each of GPUs {', '.join(map(str, gpus))}")
@@ -95,15 +104,20 @@ def served_repository_path(http_port: int) -> Path:
 
 
 def write_repository_for(
-    pipeline: Path, http_port: int, template: Path | None = None, gpus: Sequence[int] = ()
+    pipeline: Path,
+    http_port: int,
+    template: Path | None = None,
+    gpus: Sequence[int] = (),
+    lora_adapters: Sequence[str] = (),
 ) -> Path:
     """The served repository for ``pipeline`` (a resolved diffusers directory): ``template`` (default the
-    packaged one) with the conditioning its adapter declares, on ``gpus`` when given."""
+    packaged one) with the conditioning its adapter declares, on ``gpus`` when given, listing
+    ``lora_adapters``."""
     from .adapters import adapter_class
 
-    return write_served_repository(
-        (template or TEMPLATE).resolve(), served_repository_path(http_port), adapter_class(pipeline).conditioning, gpus
-    )
+    conditioning = adapter_class(pipeline).conditioning
+    target = served_repository_path(http_port)
+    return write_served_repository((template or TEMPLATE).resolve(), target, conditioning, gpus, lora_adapters)
 
 
 def config_parameters(config: model_config_pb2.ModelConfig) -> dict[str, Any]:

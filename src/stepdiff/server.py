@@ -8,6 +8,8 @@ all three.
 Every model instance runs in its own stub process. Triton 2.51 neither restarts a stub that died
 (python_backend removed that in r24.07) nor reports it on its health endpoints, so
 :class:`TritonProcess` finds the stubs in ``/proc`` and can tell which died and restart the server.
+Nor does it notice a model that stops answering without dying: :class:`StallDetector` tells one from
+Triton's metrics (work waiting, none answered) and ``/proc`` (a process stopped by a signal).
 """
 
 from __future__ import annotations
@@ -215,6 +217,8 @@ STUB_NAME = "triton_python_backend_stub"
 SHARED_MEMORY = Path("/dev/shm")
 # Seconds a server with a dead model gets to answer the requests in flight before it is killed.
 DEAD_MODEL_GRACE = 5.0
+# Seconds a stalled model process gets, after SIGABRT, to write its Python stacks and exit before SIGKILL.
+ABORT_GRACE = 3.0
 
 
 @dataclass(frozen=True)
@@ -237,12 +241,19 @@ def _process_stat(pid: int) -> tuple[str, int] | None:
 
 
 _ENDED = ("Z", "X", "x")  # zombie, dead
+_STOPPED = "T"  # stopped by a signal (SIGSTOP, SIGTSTP); a debugger's stop is "t" and does not count
 
 
 def process_alive(pid: int) -> bool:
     """Whether ``pid`` runs; a killed stub stays a zombie (state Z), as Triton does not reap it."""
     stat = _process_stat(pid)
     return stat is not None and stat[0] not in _ENDED
+
+
+def process_stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped by a signal (state T): it answers nothing until SIGCONT."""
+    stat = _process_stat(pid)
+    return stat is not None and stat[0] == _STOPPED
 
 
 def stub_processes(server_pid: int) -> list[StubProcess]:
@@ -275,6 +286,100 @@ def tritonserver_pid(http_port: int) -> int | None:
     return None
 
 
+# Triton's metrics (per model) that tell whether a model has work and answers it, and the one txt2img adds
+ANSWERED_METRICS = ("nv_inference_request_success", "nv_inference_request_failure")
+QUEUED_METRIC = "nv_inference_pending_request_count"
+STAGE_CALLS_METRIC = "stepdiff_stage_calls_in_flight"  # txt2img's calls to a stage not yet answered
+_SAMPLE = re.compile(r"^(\w+)\{(.*)\} (\S+)$")
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+@dataclass(frozen=True)
+class ModelActivity:
+    """One model's work as Triton's metrics show it at one moment."""
+
+    answered: float = 0.0  # requests answered since the server started, with a result or an error
+    queued: float = 0.0  # requests waiting in Triton's scheduler (not yet handed to the model)
+    called: float = 0.0  # txt2img's calls to this model in flight: queued, running or stuck in it
+
+    @property
+    def waiting(self) -> bool:
+        """Whether any request waits for this model's answer."""
+        return self.queued > 0 or self.called > 0
+
+
+def model_activity(metrics_text: str) -> dict[str, ModelActivity]:
+    """Per model, from the Prometheus text of Triton's metrics endpoint (label sets summed)."""
+    totals: dict[str, dict[str, float]] = {}
+    for line in metrics_text.splitlines():
+        sample = _SAMPLE.match(line)
+        if sample is None:
+            continue
+        name, labels, value = sample.group(1), dict(_LABEL.findall(sample.group(2))), float(sample.group(3))
+        if name in ANSWERED_METRICS:
+            model, field_name = labels.get("model"), "answered"
+        elif name == QUEUED_METRIC:
+            model, field_name = labels.get("model"), "queued"
+        elif name == STAGE_CALLS_METRIC:
+            model, field_name = labels.get("stage"), "called"
+        else:
+            continue
+        if model:
+            fields = totals.setdefault(model, {})
+            fields[field_name] = fields.get(field_name, 0.0) + value
+    return {model: ModelActivity(**fields) for model, fields in totals.items()}
+
+
+class StallDetector:
+    """Finds the models that stopped answering, from what :meth:`observe` is shown about once a second.
+
+    A model stalls when work waits for it (requests queued in Triton, or txt2img's calls to it in
+    flight) and it has answered none for ``stall_seconds``: every answer, success or error, resets the
+    clock, so a long generation whose steps keep completing never stalls. A model process stopped by
+    a signal (state T) stalls after ``stall_seconds`` too: Triton 2.51 fails its requests as "not
+    healthy" after about a second, so no work stays waiting for it, and it never answers again.
+    """
+
+    def __init__(self, stall_seconds: float):
+        self.stall_seconds = stall_seconds
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what was seen (a new server: its metrics start from zero)."""
+        # model with work waiting -> (requests answered, since when: the first look with work, or the last answer)
+        self._answered: dict[str, tuple[float, float]] = {}
+        self._stopped_since: dict[int, float] = {}  # pid -> when first seen stopped
+
+    def observe(self, now: float, activity: dict[str, ModelActivity], stopped: Sequence[StubProcess]) -> dict[str, str]:
+        """The stalled models, each with what was seen, e.g. ``{"denoise_step": "answered no request for
+        120 s (--stall-seconds 120) while 4 calls from txt2img and 4 queued requests waited"}``. ``now`` is
+        monotonic seconds; a model missing from ``activity`` (metrics not read this time) keeps its clock."""
+        stalled = {}
+        for model, current in activity.items():
+            if not current.waiting:
+                self._answered.pop(model, None)
+                continue
+            answered, since = self._answered.get(model, (current.answered, now))
+            if current.answered != answered:
+                since = now
+            self._answered[model] = (current.answered, since)
+            if now - since >= self.stall_seconds:
+                stalled[model] = (
+                    f"answered no request for {now - since:.0f} s (--stall-seconds {self.stall_seconds:g}) while "
+                    f"{current.called:.0f} calls from txt2img and {current.queued:.0f} queued requests waited"
+                )
+        self._stopped_since = {stub.pid: self._stopped_since.get(stub.pid, now) for stub in stopped}
+        for stub in stopped:
+            seconds = now - self._stopped_since[stub.pid]
+            if seconds >= self.stall_seconds:
+                stalled.setdefault(
+                    stub.model,
+                    f"has been stopped by a signal for {seconds:.0f} s (--stall-seconds {self.stall_seconds:g}): "
+                    f"pid {stub.pid}, instance {stub.instance}, state T",
+                )
+        return stalled
+
+
 def free_ports(count: int) -> list[int]:
     """``count`` TCP ports that are free right now (for tests and benchmarks)."""
     sockets = [socket.socket() for _ in range(count)]
@@ -289,11 +394,12 @@ def free_ports(count: int) -> list[int]:
 class TritonProcess:
     """A running tritonserver whose log goes to a file; readiness, failures and its model processes."""
 
-    def __init__(self, command: list[str], env: dict[str, str], log_path: Path, http_port: int):
+    def __init__(self, command: list[str], env: dict[str, str], log_path: Path, http_port: int, metrics_port: int):
         self.command = command
         self.env = env
         self.log_path = log_path
         self.http_url = f"http://127.0.0.1:{http_port}"
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         self.stubs: list[StubProcess] = []  # found when the server last became ready
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._launch(open(log_path, "wb"))  # noqa: SIM115 - the server writes it until stop() closes it
@@ -336,6 +442,38 @@ class TritonProcess:
     def dead_stubs(self) -> list[StubProcess]:
         """The model processes that ran when the server became ready and have exited since."""
         return [stub for stub in self.stubs if not process_alive(stub.pid)]
+
+    def stopped_stubs(self) -> list[StubProcess]:
+        """The model processes stopped by a signal (SIGSTOP, SIGTSTP): alive, and answering nothing."""
+        return [stub for stub in self.stubs if process_stopped(stub.pid)]
+
+    def model_activity(self) -> dict[str, ModelActivity]:
+        """Every model's answered, queued and called requests from Triton's metrics; empty when unreadable."""
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=2) as response:
+                return model_activity(response.read().decode(errors="replace"))
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return {}
+
+    def abort(self, stubs: Sequence[StubProcess], grace: float = ABORT_GRACE) -> None:
+        """End model processes that stopped answering, so that Triton fails their requests in flight
+        ("Stub process '<instance>' is not healthy", which clients get as UNAVAILABLE) instead of leaving
+        them to the restart, which would close their connections unanswered.
+
+        SIGABRT first (and SIGCONT, which a stopped process needs to take it), as systemd's watchdog
+        does: the models' faulthandler writes every thread's Python stack to the Triton log, which shows
+        where the model hung. SIGKILL to those still running after ``grace`` seconds."""
+        for stub in stubs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stub.pid, signal.SIGABRT)
+                os.kill(stub.pid, signal.SIGCONT)
+        deadline = time.monotonic() + grace
+        while any(process_alive(stub.pid) for stub in stubs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for stub in stubs:
+            if process_alive(stub.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(stub.pid, signal.SIGKILL)
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM (Triton unloads models and exits), SIGKILL to the server and its stubs after
@@ -396,4 +534,5 @@ def start_triton(options: ServerOptions, variables: dict[str, str], log_path: Pa
     check_ports_free((options.http_port, options.grpc_port, options.metrics_port))
     installation = locate_triton()
     command = server_command(installation, options)
-    return TritonProcess(command, server_environment(installation, variables), log_path, options.http_port)
+    env = server_environment(installation, variables)
+    return TritonProcess(command, env, log_path, options.http_port, options.metrics_port)

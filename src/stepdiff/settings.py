@@ -20,15 +20,19 @@ With ``stepdiff serve --gpus`` a stage model runs on the GPU Triton assigns its 
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .runner import MODES
 
+LORA_NAME = re.compile(r"[a-z0-9_-]+")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -49,6 +53,9 @@ class Settings:
     denoiser: str = "exact"
     warmup: str = ""
     step_lookahead: int = 2
+    lora: str = ""  # NAME=PATH;NAME=PATH (stepdiff serve --lora, repeatable)
+    lora_dir: str = ""  # each *.safetensors file or subdirectory is one adapter, named after its stem
+    max_loras_per_request: int = 4
 
     @classmethod
     def load(cls, model_config: Mapping[str, Any] | None = None, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -98,6 +105,9 @@ class Settings:
         self.warmup_sizes()
         if not 1 <= self.step_lookahead <= 8:
             raise ValueError(f"step_lookahead={self.step_lookahead}: allowed 1..8")
+        if self.max_loras_per_request < 1:
+            raise ValueError(f"max_loras_per_request={self.max_loras_per_request}: must be >= 1")
+        self.lora_paths()
         if self.cpu_threads < 0:
             raise ValueError(f"cpu_threads={self.cpu_threads}: must be >= 0 (0 keeps torch's default)")
 
@@ -112,6 +122,11 @@ class Settings:
                 )
             sizes.append((int(height), int(width)))
         return sizes
+
+    def lora_paths(self) -> dict[str, str]:
+        """The LoRA adapters to load, name -> path: ``lora`` (NAME=PATH;...) and the entries of ``lora_dir``.
+        Names are ``[a-z0-9_-]+`` and unique; every path exists. Read once per value (requests ask too)."""
+        return dict(lora_paths(self.lora, self.lora_dir))
 
     def torch_device(self) -> torch.device:
         """The device models run on: ``auto`` picks CUDA when available."""
@@ -172,3 +187,31 @@ def instance_count(model_config: Mapping[str, Any]) -> int:
 def device_label(device: torch.device) -> str:
     """The ``gpu`` label of a model instance's metrics: the CUDA device index, or ``cpu``."""
     return str(device.index) if device.type == "cuda" else "cpu"
+
+
+@functools.cache
+def lora_paths(lora: str, lora_dir: str) -> tuple[tuple[str, str], ...]:
+    """(name, path) of the adapters the ``lora`` and ``lora_dir`` settings name (Settings.lora_paths)."""
+    entries: list[tuple[str, str, str]] = []  # (name, path, where it came from)
+    for item in filter(None, (part.strip() for part in lora.split(";"))):
+        name, separator, path = item.partition("=")
+        if not separator or not path:
+            raise ValueError(f"lora={item!r}: expected NAME=PATH")
+        entries.append((name, path, "lora"))
+    if lora_dir:
+        folder = Path(lora_dir)
+        if not folder.is_dir():
+            raise ValueError(f"lora_dir={lora_dir!r} is not a directory")
+        for path in sorted(folder.iterdir()):
+            if path.is_dir() or path.suffix == ".safetensors":
+                entries.append((path.stem, str(path), "lora_dir"))
+    paths: dict[str, str] = {}
+    for name, path, source in entries:
+        if not LORA_NAME.fullmatch(name):
+            raise ValueError(f"{source}: adapter name {name!r} ({path}) is not allowed: use [a-z0-9_-]+")
+        if name in paths:
+            raise ValueError(f"{source}: adapter name {name!r} is given twice ({paths[name]} and {path})")
+        if not Path(path).exists():
+            raise ValueError(f"{source}: {name}={path}: no such file or directory")
+        paths[name] = path
+    return tuple(paths.items())

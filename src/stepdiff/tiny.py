@@ -668,3 +668,47 @@ def make_tiny(family: str, out_dir: str | os.PathLike[str], seed: int = 0, dtype
     for path in out.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
     return out
+
+
+# The attention projections diffusers' LoRA training scripts target, per component
+LORA_TARGETS = {
+    "denoiser": ["to_q", "to_k", "to_v", "to_out.0"],
+    "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"],
+}
+
+
+def make_tiny_lora(
+    pipeline_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    seed: int = 0,
+    text_encoder: bool = False,
+    rank: int = 4,
+) -> Path:
+    """Write a random LoRA for the pipeline in ``pipeline_dir`` to ``out_dir`` as diffusers saves one
+    (``pytorch_lora_weights.safetensors``): the denoiser's attention projections, and with
+    ``text_encoder`` the text encoder's. Offline, and the same bytes for the same pipeline and seed."""
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir, torch_dtype=torch.float32)
+    denoiser_name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    components = {denoiser_name: LORA_TARGETS["denoiser"]}
+    if text_encoder:
+        components["text_encoder"] = LORA_TARGETS["text_encoder"]
+    torch.manual_seed(seed)
+    layers = {}
+    for name, targets in components.items():
+        component = getattr(pipe, name)
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False)
+        component.add_adapter(config)
+        with torch.no_grad():  # PEFT's non-zero init is large next to tiny random weights: keep the images sane
+            for parameter_name, parameter in component.named_parameters():
+                if "lora_B" in parameter_name:
+                    parameter.mul_(0.1)
+        layers[f"{name}_lora_layers"] = get_peft_model_state_dict(component)
+    out = Path(out_dir)
+    type(pipe).save_lora_weights(out, **layers, safe_serialization=True)
+    for path in out.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return out

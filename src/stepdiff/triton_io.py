@@ -97,8 +97,12 @@ def error_response(error: BaseException) -> Any:
     return pb_utils.InferenceResponse(error=triton_error(error))
 
 
-MODEL_PROCESS_DIED = "is not healthy"  # Triton 2.51: "Stub process '<instance>' is not healthy."
+# Errors of another model that a caller may retry, as BLS in 2.51 words them (it reports every child
+# error as INTERNAL, so the message tells):
+MODEL_PROCESS_DIED = "is not healthy"  # "Stub process '<instance>' is not healthy." (the launcher restarts)
+SERVER_NOT_READY = "Server not ready"  # the server is stopping or restarting: it takes no new requests
 SERVER_BUSY = "server busy:"  # ServerBusy's message, e.g. denoise_step refusing a START past the limit
+RETRY_LATER = (MODEL_PROCESS_DIED, SERVER_NOT_READY, SERVER_BUSY)
 
 
 class StageError(RuntimeError):
@@ -136,9 +140,7 @@ async def bls_call(
     response = await request.async_exec()
     if response.has_error():
         error = response.error()
-        # A model whose process died (the launcher restarts the server) or a full server: the caller may
-        # retry. BLS in 2.51 reports every child error as INTERNAL, so the message tells.
-        retry = MODEL_PROCESS_DIED in error.message() or SERVER_BUSY in error.message()
+        retry = any(reason in error.message() for reason in RETRY_LATER)
         code = pb_utils.TritonError.UNAVAILABLE if retry else error.code()
         raise StageError(model, error.message(), code)
     return {tensor.name(): tensor for tensor in response.output_tensors()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -40,10 +41,15 @@ def adapter_class(path: Path) -> type:
     )
 
 
-def load_adapter(pipeline: str, stage: Stage, device: torch.device, dtype: torch.dtype) -> StepAdapter:
-    """Resolve ``pipeline`` (directory or hub id) and load the components ``stage`` needs."""
+def load_adapter(
+    pipeline: str, stage: Stage, device: torch.device, dtype: torch.dtype, loras: Mapping[str, str] | None = None
+) -> StepAdapter:
+    """Resolve ``pipeline`` (directory or hub id) and load the components ``stage`` needs, with the LoRA
+    adapters ``loras`` (name -> path) in them."""
     path = resolve_pipeline(pipeline)
-    return adapter_class(path)(path, stage, device, dtype)
+    adapter = adapter_class(path)(path, stage, device, dtype)
+    adapter.load_loras(loras or {})
+    return adapter
 
 
 __all__ = [

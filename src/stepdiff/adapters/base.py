@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -47,6 +47,7 @@ class GenerationParams:
     width: int
     scheduler: str
     true_cfg_scale: float = 1.0
+    loras: tuple[tuple[str, float], ...] = ()  # (adapter name, scale) in the request's order
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,18 @@ class StepAdapter(Protocol):
     def denoiser_rows(self, state: RequestState) -> list[Rows]:
         """What the request adds to this step's forwards (one ``Rows`` per stock denoiser call)."""
 
+    def load_loras(self, loras: Mapping[str, str]) -> None:
+        """Load LoRA adapters (name -> path) into this stage, inactive."""
+        ...
+
+    def activate_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
+        """Make the request's LoRA adapters (name, scale) active in this stage; none: base weights."""
+        ...
+
+    def denoise(self, key: Hashable, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``forward`` under the LoRA setting the key carries (``lora_key``): what the runner calls."""
+        ...
+
     def forward(self, key: Hashable, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The eager denoiser call on a batch of rows of one key (the runner may capture it in a graph)."""
 
@@ -173,6 +186,22 @@ class StepAdapter(Protocol):
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Final latents [1, ...] -> uint8 image [1, height, width, 3]."""
+
+
+LORA_KEY = "lora"
+
+
+def lora_key(loras: tuple[tuple[str, float], ...], key: Hashable) -> Hashable:
+    """A denoiser key that also names the request's LoRA setting (rows of different settings never
+    share a forward, and each setting has its own CUDA graphs); without LoRA the key is unchanged."""
+    return (LORA_KEY, loras, key) if loras else key
+
+
+def split_lora_key(key: Hashable) -> tuple[tuple[tuple[str, float], ...], Hashable]:
+    """(the LoRA setting, the adapter's own key) of a ``lora_key``."""
+    if isinstance(key, tuple) and len(key) == 3 and key[0] == LORA_KEY:
+        return key[1], key[2]
+    return (), key
 
 
 class InvalidInput(ValueError):

@@ -7,7 +7,7 @@ and the conditioning tensors its text encoders produce, and writes the slices of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,6 +24,7 @@ from .base import (
     require_conditioning,
     rgb_preview,
     scheduler_step_kwargs,
+    split_lora_key,
 )
 from .loading import Stage, load_component_config, load_stage_pipeline, new_scheduler
 
@@ -44,6 +45,7 @@ class DiffusersAdapter:
 
     def __init__(self, path: Path, stage: Stage, device: torch.device, dtype: torch.dtype):
         self.path = path
+        self.stage = stage
         self.device = device
         self.dtype = dtype
         self.pipe = load_stage_pipeline(
@@ -51,6 +53,42 @@ class DiffusersAdapter:
         )
         self.scheduler_config = load_component_config(path, "scheduler")
         self.info = self.pipeline_info()
+        # the adapters in effect (None: not set yet: loading leaves the last loaded adapter active)
+        self.active_loras: tuple[tuple[str, float], ...] | None = None
+
+    def load_loras(self, loras: Mapping[str, str]) -> None:
+        """Load the LoRA adapters ``loras`` (name -> path) into the stages that run them (text encoder,
+        denoiser), all inactive until a request names them."""
+        if loras and self.stage in (Stage.TEXT_ENCODER, Stage.DENOISE):
+            for name, lora_path in loras.items():
+                self.load_lora(name, lora_path)
+            self.activate_loras(())
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Load the LoRA at ``path`` as adapter ``name`` into this stage's components, as the pipeline's
+        ``load_lora_weights`` does for the whole pipeline."""
+        raise ValueError(f"--lora: LoRA adapters are not supported for {self.pipeline_class.__name__} yet")
+
+    def activate_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
+        """Make ``loras`` (name, scale) this stage's active adapters, as the pipeline's
+        ``set_adapters(names, adapter_weights=scales)`` does (adapters without weights in this stage's
+        components are left out); none: the base weights alone."""
+        loaded = {name for names in self.pipe.get_list_adapters().values() for name in names}
+        mine = tuple((name, scale) for name, scale in loras if name in loaded)
+        if mine == self.active_loras or not loaded:
+            return
+        if mine:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([name for name, _ in mine], adapter_weights=[scale for _, scale in mine])
+        else:
+            self.pipe.disable_lora()
+        self.active_loras = mine
+
+    def denoise(self, key: Hashable, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``forward`` with the LoRA adapters a key carries (``lora_key``) active."""
+        loras, key = split_lora_key(key)
+        self.activate_loras(loras)
+        return self.forward(key, inputs)
 
     @classmethod
     def pipeline_classes(cls) -> tuple[str, ...]:
@@ -151,6 +189,27 @@ class DiffusersAdapter:
             return rgb_preview(np.moveaxis(latents[:3], 0, -1))
         rgb = np.einsum("chw,cr->hwr", latents, factors)
         return rgb_preview(rgb if self.latent_rgb_bias is None else rgb + self.latent_rgb_bias)
+
+
+def check_lora_keys(pipe: Any, name: str, path: str, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """ValueError naming the file and the first key of a LoRA that fits none of ``pipe``'s LoRA
+    components (a module the key names does not exist there); components this stage does not hold
+    are checked by the stage that does."""
+    if not state_dict:
+        raise ValueError(f"--lora {name}={path}: no LoRA weights found")
+    for key in sorted(state_dict):
+        component_name, _, module_path = key.partition(".")
+        if component_name not in pipe._lora_loadable_modules:
+            raise ValueError(
+                f"--lora {name}={path}: key {key!r} fits no LoRA component of {type(pipe).__name__} "
+                f"(allowed: {', '.join(pipe._lora_loadable_modules)})"
+            )
+        component = getattr(pipe, component_name, None)
+        if component is None:
+            continue
+        module = module_path.split(".lora")[0]
+        if module not in dict(component.named_modules()):
+            raise ValueError(f"--lora {name}={path}: key {key!r} names no module of the {component_name}")
 
 
 def classifier_free_guidance(state: RequestState, outputs: Sequence[torch.Tensor]) -> torch.Tensor:

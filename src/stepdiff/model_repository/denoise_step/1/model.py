@@ -34,6 +34,7 @@ METRICS = (
     ("stepdiff_denoise_batch_size", "Requests per denoiser forward", "HISTOGRAM"),
     ("stepdiff_denoiser_graphs", "CUDA graphs the denoiser runner has captured", "GAUGE"),
     ("stepdiff_denoiser_graph_memory_bytes", "GPU memory reserved while capturing the denoiser's graphs", "GAUGE"),
+    ("stepdiff_lora_requests_total", "Generations started with a LoRA adapter, per adapter", "COUNTER"),
 )
 
 
@@ -42,14 +43,16 @@ class TritonPythonModel:
         settings = load_settings(args)
         self.settings = settings
         device = instance_device(args, settings)
-        self.adapter = load_adapter(settings.pipeline, Stage.DENOISE, device, settings.torch_dtype(device))
+        self.adapter = load_adapter(
+            settings.pipeline, Stage.DENOISE, device, settings.torch_dtype(device), settings.lora_paths()
+        )
         model_config = json.loads(args["model_config"])
         max_batch_size = model_config["max_batch_size"]
         forward_cap = min(settings.max_batch_size or max_batch_size, max_batch_size)
         instances = instance_count(model_config)
         max_active_sequences = settings.sequences_per_instance(instances)
         # up to two rows per request (guidance); the runner's buckets stop at that
-        runner = DenoiserRunner(self.adapter.forward, self.adapter.device, settings.denoiser, max_rows=2 * forward_cap)
+        runner = DenoiserRunner(self.adapter.denoise, self.adapter.device, settings.denoiser, max_rows=2 * forward_cap)
         for height, width in settings.warmup_sizes():
             for rows in self.adapter.warmup_rows(height, width):
                 runner.warm_up(rows)
@@ -77,6 +80,10 @@ class TritonPythonModel:
         )
         self.graphs_gauge = self.metric_families["stepdiff_denoiser_graphs"].Metric(labels=labels)
         self.graph_memory_gauge = self.metric_families["stepdiff_denoiser_graph_memory_bytes"].Metric(labels=labels)
+        self.lora_counters = {
+            name: self.metric_families["stepdiff_lora_requests_total"].Metric(labels={**labels, "adapter": name})
+            for name in settings.lora_paths()
+        }
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.sweeper = threading.Thread(target=self._sweep_periodically, name="stepdiff-sweeper", daemon=True)
@@ -121,10 +128,13 @@ class TritonPythonModel:
             except Exception as error:  # noqa: BLE001 - a malformed call fails alone
                 responses[index] = error_response(error)
         results = self.engine.run([call for _, call in calls])
-        for (index, _), result in zip(calls, results, strict=True):
+        for (index, call), result in zip(calls, results, strict=True):
             if result.error is not None:
                 responses[index] = error_response(result.error)
                 continue
+            if call.start:
+                for name, _ in call.params.loras:
+                    self.lora_counters[name].increment(1)
             outputs = [
                 output_tensor("step_index", np.array([[result.step_index]], dtype=np.int32)),
                 output_tensor("num_steps", np.array([[result.num_steps]], dtype=np.int32)),
@@ -144,5 +154,6 @@ class TritonPythonModel:
         self.stopping.set()
         self.sweeper.join(timeout=10)
         del self.active_gauge, self.steps_counter, self.batch_histogram, self.graphs_gauge, self.graph_memory_gauge
+        del self.lora_counters
         del self.metric_families
         release_triton_objects()

@@ -20,7 +20,9 @@ class TritonPythonModel:
         settings = load_settings(args)
         self.settings = settings
         device = instance_device(args, settings)
-        self.adapter = load_adapter(settings.pipeline, Stage.TEXT_ENCODER, device, settings.torch_dtype(device))
+        self.adapter = load_adapter(
+            settings.pipeline, Stage.TEXT_ENCODER, device, settings.torch_dtype(device), settings.lora_paths()
+        )
 
     def execute(self, requests):
         responses = []
@@ -28,6 +30,7 @@ class TritonPythonModel:
             try:
                 params = parse_generation_params(numpy_inputs(request, PARAM_NAMES), self.adapter.info, self.settings)
                 with torch.inference_mode():
+                    self.adapter.activate_loras(params.loras)
                     conditioning = self.adapter.encode_prompt(params)
                 outputs = [
                     output_tensor(name, value.float() if value.is_floating_point() else value)

@@ -1,0 +1,230 @@
+"""LoRA adapters per request, through the real server: each request alone equals diffusers with
+``load_lora_weights`` + ``set_adapters``; no adapter gives the base image, also after adapter requests;
+bad inputs are INVALID_ARG naming the field; concurrent requests with different settings stay close to
+their solo images."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import reference_image, reference_pipeline, running_server, start_launcher
+from test_batching import psnr
+from tritonclient.utils import InferenceServerException
+
+from stepdiff.tiny import make_tiny_lora
+
+OPTIONS = dict(num_inference_steps=4, guidance_scale=7.5, height=64, width=64, scheduler="EulerDiscreteScheduler")
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_sd, tmp_path_factory) -> dict[str, str]:
+    """Three random LoRAs: two for the UNet (one loaded from --lora-dir), one also for the text encoder."""
+    root = tmp_path_factory.mktemp("loras")
+    (root / "dir").mkdir()
+    return {
+        "style-a": str(make_tiny_lora(tiny_sd, root / "style-a", seed=1)),
+        "style_b": str(make_tiny_lora(tiny_sd, root / "dir" / "style_b", seed=2)),
+        "words": str(make_tiny_lora(tiny_sd, root / "words", seed=3, text_encoder=True)),
+    }
+
+
+@pytest.fixture(scope="module")
+def lora_server(tiny_sd, loras, tmp_path_factory):
+    log_file = tmp_path_factory.mktemp("lora-logs") / "tritonserver.log"
+    flags = ["--lora", f"style-a={loras['style-a']}", "--lora", f"words={loras['words']}"]
+    flags += ["--lora-dir", str(Path(loras["style_b"]).parent), "--max-loras-per-request", "2"]
+    with running_server(tiny_sd, log_file, *flags) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def lora_reference(tiny_sd, loras):
+    """StableDiffusionPipeline with every adapter loaded as diffusers does, and one without any."""
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = dict(safety_checker=None, requires_safety_checker=False)
+    with_loras = reference_pipeline(StableDiffusionPipeline, tiny_sd, **kwargs)
+    for name, path in loras.items():
+        with_loras.load_lora_weights(path, adapter_name=name)
+    return with_loras, reference_pipeline(StableDiffusionPipeline, tiny_sd, **kwargs)
+
+
+def diffusers_image(references, prompt: str, seed: int, setting: tuple[tuple[str, float], ...]) -> np.ndarray:
+    with_loras, base = references
+    if not setting:
+        return reference_image(base, prompt, seed, **OPTIONS)
+    with_loras.set_adapters([name for name, _ in setting], adapter_weights=[scale for _, scale in setting])
+    return reference_image(with_loras, prompt, seed, **OPTIONS)
+
+
+def served(
+    server, prompt: str, seed: int, setting: tuple[tuple[str, float], ...], protocol: str = "grpc", steps: int = 4
+):
+    lora = {"lora": [name for name, _ in setting], "lora_scale": [scale for _, scale in setting]} if setting else {}
+    return server.txt2img(prompt, protocol, seed=seed, **{**OPTIONS, "num_inference_steps": steps}, **lora)[0]
+
+
+SETTINGS = [
+    (("style-a", 1.0),),
+    (("style_b", 0.6),),
+    (("words", 1.0),),  # text encoder and UNet weights
+    (("style-a", 0.7), ("style_b", -0.5)),  # two adapters on one request
+    (("words", 0.5), ("style-a", 1.2)),
+]
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda setting: "+".join(f"{n}@{s}" for n, s in setting))
+def test_a_request_alone_equals_diffusers_with_set_adapters(lora_server, lora_reference, setting):
+    image = served(lora_server, "a red cat", 11, setting)
+    expected = diffusers_image(lora_reference, "a red cat", 11, setting)
+    assert np.array_equal(image, expected), f"max abs diff {np.abs(image.astype(int) - expected.astype(int)).max()}"
+    assert not np.array_equal(image, diffusers_image(lora_reference, "a red cat", 11, ()))  # the adapter acts
+
+
+def test_no_adapter_gives_the_base_image_before_and_after_adapter_requests(lora_server, lora_reference):
+    base = diffusers_image(lora_reference, "a blue car", 5, ())
+    assert np.array_equal(served(lora_server, "a blue car", 5, (), "http"), base)
+    for setting in SETTINGS[:3]:
+        served(lora_server, "a blue car", 5, setting)
+    assert np.array_equal(served(lora_server, "a blue car", 5, (), "http"), base)
+    assert np.array_equal(served(lora_server, "a blue car", 5, ()), base)
+
+
+def test_the_loaded_adapters_are_listed_in_the_model_config(lora_server):
+    _, client = lora_server.client("http")
+    with client:
+        for model in ("text_encoder", "denoise_step"):
+            parameters = client.get_model_config(model)["parameters"]
+            assert parameters["lora_adapters"]["string_value"] == "style-a,words,style_b"
+
+
+def test_requests_are_counted_per_adapter(lora_server):
+    before = lora_server.metric("stepdiff_lora_requests_total")
+    served(lora_server, "a cat", 1, (("style-a", 1.0), ("words", 1.0)))
+    assert lora_server.metric("stepdiff_lora_requests_total") - before == 2
+
+
+@pytest.mark.parametrize(
+    ("lora", "scales", "message"),
+    [
+        (["nope"], None, "lora: unknown adapter 'nope': loaded style-a, style_b, words"),
+        (["style-a"], [float("nan")], "lora_scale=nan is out of range: allowed a finite number in [-10.0, 10.0]"),
+        (["style-a"], [11.0], "lora_scale=11.0 is out of range"),
+        (["style-a", "style_b"], [1.0], "lora_scale: 1 values for 2 adapters in lora (one each)"),
+        (["style-a", "style_b", "words"], None, "lora: 3 adapters is over the limit of 2 per request"),
+        (["style-a", "style-a"], None, "lora: adapter 'style-a' is named twice"),
+    ],
+)
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bad_lora_inputs_are_invalid_arguments_naming_the_field(lora_server, lora, scales, message, protocol):
+    options = {"lora": lora} | ({"lora_scale": scales} if scales else {})
+    with pytest.raises(InferenceServerException) as caught:
+        lora_server.txt2img("a cat", protocol, seed=1, num_inference_steps=2, **options)
+    assert message in caught.value.message()
+    assert "INVALID_ARG" in str(caught.value.status()) or caught.value.status() == "400"
+    assert lora_server.metric("stepdiff_active_sequences") == 0
+
+
+def test_concurrent_requests_with_different_settings_stay_close_to_their_solo_images(lora_server):
+    """8 requests over 4 (adapter, scale) settings at once. Forwards are grouped by setting (different
+    settings never share one yet), so the two requests of each setting share theirs; each image is within
+    40 dB of the same request alone."""
+    settings = [(), (("style-a", 1.0),), (("style_b", 0.6),), (("words", 1.0), ("style-a", 0.5))]
+    jobs = [(f"prompt {index}", 30 + index, settings[index % 4], "grpc", 8) for index in range(8)]
+    solo = [served(lora_server, *job) for job in jobs]
+    forwards_before = lora_server.metric("stepdiff_denoise_batch_size_count")
+    steps_before = lora_server.metric("stepdiff_denoise_steps_total")
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda job: served(lora_server, *job), jobs))
+    for alone, batched in zip(solo, together, strict=True):
+        assert psnr(alone, batched) >= 40
+    forwards = lora_server.metric("stepdiff_denoise_batch_size_count") - forwards_before
+    steps = lora_server.metric("stepdiff_denoise_steps_total") - steps_before
+    assert steps / forwards > 1.1, f"{steps} steps in {forwards} forwards: same-setting requests should share"
+
+
+def test_make_tiny_lora_is_reproducible(tiny_sd, tmp_path, loras):
+    command = [sys.executable, "-m", "stepdiff", "make-tiny", "lora", str(tiny_sd), str(tmp_path / "again")]
+    subprocess.run([*command, "--seed", "1"], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    again = tmp_path / "again"
+    digest = [
+        hashlib.sha256((folder / "pytorch_lora_weights.safetensors").read_bytes()).hexdigest()
+        for folder in (again, Path(loras["style-a"]))
+    ]
+    assert digest[0] == digest[1]
+    with_text_encoder = make_tiny_lora(tiny_sd, tmp_path / "te", seed=1, text_encoder=True)
+    from safetensors.torch import load_file
+
+    keys = load_file(with_text_encoder / "pytorch_lora_weights.safetensors").keys()
+    assert any(key.startswith("text_encoder.") for key in keys) and any(key.startswith("unet.") for key in keys)
+    assert torch.is_tensor(next(iter(load_file(again / "pytorch_lora_weights.safetensors").values())))
+
+
+def test_a_lora_that_does_not_fit_stops_the_server_at_start(tiny_sd, tmp_path):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "other-model.safetensors"
+    save_file({"unet.no_such_block.to_q.lora_A.weight": torch.zeros(4, 8)}, bad)
+    process, _ = start_launcher(tiny_sd, tmp_path / "tritonserver.log", "--lora", f"other={bad}")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert f"--lora other={bad}: key 'unet.no_such_block.to_q.lora_A.weight' names no module of the unet" in output
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lora", "Big=/nonexistent"], "adapter name 'Big' (/nonexistent) is not allowed: use [a-z0-9_-]+"),
+        (["--lora", "a=/nonexistent"], "lora: a=/nonexistent: no such file or directory"),
+        (["--lora", "nameonly"], "lora='nameonly': expected NAME=PATH"),
+    ],
+)
+def test_bad_lora_flags_stop_the_launcher_naming_them(tiny_sd, tmp_path, flags, message):
+    process, _ = start_launcher(tiny_sd, tmp_path / "tritonserver.log", *flags)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0 and message in output, output
+
+
+def test_sdxl_with_a_text_encoder_lora_equals_diffusers_in_process(tiny_sdxl, tmp_path):
+    """SDXL loads LoRAs like SD (UNet and text encoders); the three stages in one process, as served."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from stepdiff.adapters import GenerationParams, Stage, load_adapter
+    from stepdiff.engine import StepCall, StepEngine
+
+    path = str(make_tiny_lora(tiny_sdxl, tmp_path / "xl", seed=4, text_encoder=True))
+    cpu = torch.device("cpu")
+    encoder, denoiser, decoder = (
+        load_adapter(str(tiny_sdxl), stage, cpu, torch.float32, {"xl": path})
+        for stage in (Stage.TEXT_ENCODER, Stage.DENOISE, Stage.DECODE)
+    )
+    engine = StepEngine(denoiser, 8, 8, 600.0)
+    pipe = reference_pipeline(StableDiffusionXLPipeline, tiny_sdxl)
+    pipe.load_lora_weights(path, adapter_name="xl")
+    pipe.set_adapters(["xl"], adapter_weights=[0.8])
+    params = GenerationParams("a red cat", None, 5, 3, 5.0, 64, 64, "EulerDiscreteScheduler", loras=(("xl", 0.8),))
+    with torch.inference_mode():
+        encoder.activate_loras(params.loras)
+        engine.run([StepCall(1, start=True, params=params, conditioning=encoder.encode_prompt(params))])
+        while not (result := engine.run([StepCall(1)])[0]).done:
+            assert result.error is None
+        image = decoder.decode(result.latents)[0]
+    expected = reference_image(
+        pipe, params.prompt, 5, "EulerDiscreteScheduler", num_inference_steps=3, height=64, width=64
+    )
+    assert np.array_equal(image, expected), f"max abs diff {np.abs(image.astype(int) - expected.astype(int)).max()}"
+
+
+def test_families_without_lora_loading_refuse_it_at_start(tiny_qwen, tmp_path):
+    from stepdiff.adapters import Stage, load_adapter
+
+    with pytest.raises(ValueError, match="--lora: LoRA adapters are not supported for QwenImagePipeline yet"):
+        load_adapter(str(tiny_qwen), Stage.DENOISE, torch.device("cpu"), torch.float32, {"any": str(tmp_path)})
