@@ -691,7 +691,7 @@ def make_tiny_lora(
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    pipe = DiffusionPipeline.from_pretrained(pipeline_dir, torch_dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir, dtype=torch.float32)
     denoiser_name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
     components = {denoiser_name: LORA_TARGETS["denoiser"]}
     if text_encoder:
