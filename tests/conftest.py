@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,10 +58,15 @@ class Server:
     log_file: Path
     openai_url: str = ""  # the OpenAI images API's base URL, e.g. http://127.0.0.1:PORT/v1, where served
 
-    def metric(self, name: str) -> float:
-        """Current value of a stepdiff metric (summed over label sets)."""
+    def metric(self, name: str, **labels: str) -> float:
+        """Current value of a stepdiff metric (summed over the label sets that have ``labels``)."""
         text = urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
-        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
+        wanted = [f'{label}="{value}"' for label, value in labels.items()]
+        values = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + "{") and all(label in line.split("}")[0] for label in wanted)
+        ]
         assert values, f"metric {name} not exported"
         return sum(values)
 
@@ -123,9 +129,16 @@ def wait_for_line(process: subprocess.Popen, marker: str, timeout: float = 300) 
 
 @contextlib.contextmanager
 def running_server(
-    pipeline: Path, log_file: Path, *extra: str, environ: dict[str, str] | None = None, cwd: Path | None = None
+    pipeline: Path,
+    log_file: Path,
+    *extra: str,
+    environ: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    allowed_fatal_errors: frozenset[str] = frozenset(),
 ):
-    """``stepdiff serve`` until the block ends; then SIGINT, which must stop it cleanly."""
+    """``stepdiff serve`` until the block ends; then SIGINT, which must stop it cleanly. A "Fatal Python
+    error" in Triton's log fails the test unless its kind is in ``allowed_fatal_errors`` (e.g. "Aborted",
+    when a test aborts a model process on purpose)."""
     process, (http_port, grpc_port, metrics_port) = start_launcher(pipeline, log_file, *extra, environ=environ, cwd=cwd)
     try:
         wait_for_line(process, "stepdiff: ready")
@@ -141,7 +154,8 @@ def running_server(
         output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, f"launcher did not stop cleanly:\n{output}"
     assert "stepdiff: stopped" in output
-    assert "Fatal Python error" not in log_file.read_text(errors="replace"), f"a model process crashed: {log_file}"
+    fatal = set(re.findall(r"Fatal Python error: (\w+)", log_file.read_text(errors="replace")))
+    assert fatal <= allowed_fatal_errors, f"a model process crashed ({', '.join(sorted(fatal))}): {log_file}"
 
 
 @pytest.fixture(scope="session")

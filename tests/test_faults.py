@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Server, start_launcher, wait_for_line
+from conftest import Server, running_server
 from tritonclient.utils import InferenceServerException
 
 from stepdiff.cli import RestartBudget, main
@@ -38,32 +38,13 @@ LONG = {"num_inference_steps": 200, "height": 320, "width": 320}  # about 12 s, 
 GOOD = {"seed": 11, "num_inference_steps": 8, "height": 64, "width": 64}
 
 
-@contextlib.contextmanager
-def watched_server(pipeline: Path, log_file: Path, *extra: str) -> Iterator[Server]:
-    """conftest's running_server for a server whose watchdog aborts model processes on purpose: their
-    faulthandler's "Fatal Python error: Aborted" is expected in the Triton log, any other fatal error is not."""
-    process, (http_port, grpc_port, metrics_port) = start_launcher(pipeline, log_file, *extra)
-    try:
-        wait_for_line(process, "stepdiff: ready")
-    except AssertionError:
-        process.kill()
-        raise
-    try:
-        yield Server(
-            f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", log_file
-        )
-    finally:  # also when the test failed: never leave a server behind
-        process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=120)
-    assert process.returncode == 0 and "stepdiff: stopped" in output, f"launcher did not stop cleanly:\n{output}"
-    fatal = re.findall(r"Fatal Python error: (\w+)", log_file.read_text(errors="replace"))
-    assert set(fatal) <= {"Aborted"}, f"a model process crashed: {log_file}"
-
-
 @pytest.fixture(scope="module")
 def watched(tiny_sd, tmp_path_factory) -> Iterator[Server]:
     log_file = tmp_path_factory.mktemp("faults") / "tritonserver.log"
-    with watched_server(tiny_sd, log_file, "--stall-seconds", str(STALL_SECONDS)) as server:
+    # the watchdog aborts hung model processes on purpose: their faulthandler reports "Aborted"
+    with running_server(
+        tiny_sd, log_file, "--stall-seconds", str(STALL_SECONDS), allowed_fatal_errors=frozenset({"Aborted"})
+    ) as server:
         yield server
 
 

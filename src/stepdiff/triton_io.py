@@ -18,6 +18,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils import dlpack
 
+from .adapters import Stage, StepAdapter, load_adapter
 from .adapters.base import InvalidInput
 from .engine import ServerBusy
 from .settings import Settings
@@ -43,6 +44,15 @@ def instance_device(args: dict[str, Any], settings: Settings) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+def load_stage(args: dict[str, Any], stage: Stage) -> tuple[Settings, StepAdapter]:
+    """A stage model's settings and its adapter, loaded on the instance's device in the settings' dtype,
+    with the served LoRA adapters (the stages that run none ignore them)."""
+    settings = load_settings(args)
+    device = instance_device(args, settings)
+    adapter = load_adapter(settings.pipeline, stage, device, settings.torch_dtype(device), settings.lora_paths())
+    return settings, adapter
 
 
 def release_triton_objects() -> None:

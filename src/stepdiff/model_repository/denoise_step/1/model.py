@@ -12,15 +12,14 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from stepdiff.adapters import Stage, load_adapter
+from stepdiff.adapters import Stage
 from stepdiff.engine import StepCall, StepEngine
 from stepdiff.params import PARAM_NAMES, parse_generation_params, scalar
 from stepdiff.runner import DenoiserRunner
 from stepdiff.settings import device_label, instance_count
 from stepdiff.triton_io import (
     error_response,
-    instance_device,
-    load_settings,
+    load_stage,
     numpy_inputs,
     output_tensor,
     release_triton_objects,
@@ -40,12 +39,8 @@ METRICS = (
 
 class TritonPythonModel:
     def initialize(self, args):
-        settings = load_settings(args)
-        self.settings = settings
-        device = instance_device(args, settings)
-        self.adapter = load_adapter(
-            settings.pipeline, Stage.DENOISE, device, settings.torch_dtype(device), settings.lora_paths()
-        )
+        self.settings, self.adapter = load_stage(args, Stage.DENOISE)
+        settings = self.settings
         model_config = json.loads(args["model_config"])
         max_batch_size = model_config["max_batch_size"]
         forward_cap = min(settings.max_batch_size or max_batch_size, max_batch_size)
@@ -72,7 +67,7 @@ class TritonPythonModel:
             name: pb_utils.MetricFamily(name=name, description=description, kind=getattr(pb_utils.MetricFamily, kind))
             for name, description, kind in METRICS
         }
-        labels = {"model": args["model_name"], "gpu": device_label(device)}
+        labels = {"model": args["model_name"], "gpu": device_label(self.adapter.device)}
         self.active_gauge = self.metric_families["stepdiff_active_sequences"].Metric(labels=labels)
         self.steps_counter = self.metric_families["stepdiff_denoise_steps_total"].Metric(labels=labels)
         self.batch_histogram = self.metric_families["stepdiff_denoise_batch_size"].Metric(

@@ -3,12 +3,11 @@
 import torch
 import triton_python_backend_utils as pb_utils
 
-from stepdiff.adapters import Stage, load_adapter
+from stepdiff.adapters import Stage
 from stepdiff.params import PARAM_NAMES, parse_generation_params
 from stepdiff.triton_io import (
     error_response,
-    instance_device,
-    load_settings,
+    load_stage,
     numpy_inputs,
     output_tensor,
     release_triton_objects,
@@ -17,12 +16,7 @@ from stepdiff.triton_io import (
 
 class TritonPythonModel:
     def initialize(self, args):
-        settings = load_settings(args)
-        self.settings = settings
-        device = instance_device(args, settings)
-        self.adapter = load_adapter(
-            settings.pipeline, Stage.TEXT_ENCODER, device, settings.torch_dtype(device), settings.lora_paths()
-        )
+        self.settings, self.adapter = load_stage(args, Stage.TEXT_ENCODER)
 
     def execute(self, requests):
         responses = []

@@ -3,11 +3,10 @@
 import torch
 import triton_python_backend_utils as pb_utils
 
-from stepdiff.adapters import Stage, load_adapter
+from stepdiff.adapters import Stage
 from stepdiff.triton_io import (
     error_response,
-    instance_device,
-    load_settings,
+    load_stage,
     output_tensor,
     release_triton_objects,
     torch_input,
@@ -16,9 +15,7 @@ from stepdiff.triton_io import (
 
 class TritonPythonModel:
     def initialize(self, args):
-        settings = load_settings(args)
-        device = instance_device(args, settings)
-        self.adapter = load_adapter(settings.pipeline, Stage.DECODE, device, settings.torch_dtype(device))
+        _, self.adapter = load_stage(args, Stage.DECODE)
 
     def execute(self, requests):
         responses = []
