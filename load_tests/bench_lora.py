@@ -2,8 +2,9 @@
 """Per-step cost of LoRA adapters in a batch of requests, in-process (the denoise_step engine, no Triton).
 
 --requests generations (CFG, one image size) step together through the StepEngine and its runner
-(--denoiser mode) with: no adapter; every request on one adapter; the requests spread over 4 distinct
-adapters (4 settings: forwards are grouped by setting, so 4 forwards per step). Adapters are random
+(--mode) with: no adapter; every request on one adapter; the requests spread over 4 distinct adapters
+plus requests without any, mixed in one forward (the stacked adapters of ``MixedLoRA``), and the same
+spread with mixing turned off (forwards grouped by setting: 5 per step). Adapters are random
 (``make_tiny_lora``, rank --rank) for the pipeline. Prints a markdown table against the no-LoRA baseline
 of the same run and writes results.json / results.md to --out.
 
@@ -28,8 +29,9 @@ from stepdiff.tiny import make_tiny_lora
 ADAPTERS = 4
 
 
-def step_seconds(engine: StepEngine, conditioning, settings: list, args, device: torch.device) -> float:
-    """Median seconds per batched step of ``len(settings)`` generations (setting i for request i)."""
+def step_seconds(engine: StepEngine, conditioning, settings: list, args, device: torch.device) -> tuple[float, int]:
+    """Median seconds per batched step of ``len(settings)`` generations (setting i for request i), and
+    the forwards of the last step."""
     calls = [
         StepCall(
             index + 1,
@@ -50,7 +52,7 @@ def step_seconds(engine: StepEngine, conditioning, settings: list, args, device:
             torch.cuda.synchronize(device)
         samples.append(time.perf_counter() - began)
         assert all(result.error is None for result in results), [result.error for result in results]
-    return statistics.median(samples[1:])  # the first step may capture graphs
+    return statistics.median(samples[1:]), len(engine.runner.stats.forwards)  # the first step may capture graphs
 
 
 def main() -> int:
@@ -73,16 +75,20 @@ def main() -> int:
     runner = DenoiserRunner(denoiser.denoise, device, args.mode, max_rows=2 * args.requests)
     engine = StepEngine(denoiser, args.requests, 4 * args.requests, 600.0, runner)
     names = list(loras)
-    cases = {
-        "no adapter": [()] * args.requests,
-        "1 adapter (all requests)": [((names[0], 1.0),)] * args.requests,
-        f"{ADAPTERS} distinct adapters": [((names[index % ADAPTERS], 1.0),) for index in range(args.requests)],
+    spread = [((names[index % 5], 1.0),) if index % 5 < ADAPTERS else () for index in range(args.requests)]
+    cases = {  # case -> (settings, mixing on)
+        "no adapter": ([()] * args.requests, True),
+        "1 adapter (all requests)": ([((names[0], 1.0),)] * args.requests, True),
+        f"{ADAPTERS} adapters + none, mixed": (spread, True),
+        f"{ADAPTERS} adapters + none, grouped by setting": (spread, False),
     }
+    stacked = denoiser.mixed_lora
     rows = []
-    for case, settings in cases.items():
-        seconds = step_seconds(engine, conditioning, settings, args, device)
-        rows.append({"case": case, "step_ms": seconds * 1000, "forwards_per_step": len(set(settings))})
-        print(f"{case}: {seconds * 1000:.1f} ms per step", flush=True)
+    for case, (settings, mixing) in cases.items():
+        denoiser.mixed_lora = stacked if mixing else None  # None: the engine groups forwards by setting
+        seconds, forwards = step_seconds(engine, conditioning, settings, args, device)
+        rows.append({"case": case, "step_ms": seconds * 1000, "forwards_per_step": forwards})
+        print(f"{case}: {seconds * 1000:.1f} ms per step, {forwards} forwards", flush=True)
     base = rows[0]["step_ms"]
     lines = [
         f"# LoRA per-step cost, {args.requests} requests per step (in-process engine, `{args.mode}`)",

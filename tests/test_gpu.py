@@ -132,3 +132,52 @@ def test_a_forward_that_cannot_be_captured_runs_eagerly():
         [output] = runner.run([Rows("k", {"x": x})])
     assert runner.stats.graphs == 0 and not runner.use_graphs
     assert torch.equal(output, x + 1)
+
+
+def test_mixed_lora_forwards_replay_one_graph_for_any_mix(tiny_sd, tmp_path):
+    """Requests of different LoRA settings share one replayed graph per row bucket: a new mix of adapters
+    and scales captures nothing, and each request stays close to its own setting run in a forward
+    grouped by setting (the fallback)."""
+    from stepdiff.tiny import make_tiny_lora
+
+    loras = {name: str(make_tiny_lora(tiny_sd, tmp_path / name, seed=seed)) for seed, name in enumerate("ab")}
+    encoder = load_adapter(str(tiny_sd), Stage.TEXT_ENCODER, CUDA, torch.float16)
+    denoiser = load_adapter(str(tiny_sd), Stage.DENOISE, CUDA, torch.float16, loras)
+    assert denoiser.mixed_lora is not None
+    options = (4, 7.5, 64, 64, "EulerDiscreteScheduler")
+    with torch.inference_mode():
+        conditioning = encoder.encode_prompt(GenerationParams("a cat", None, 0, *options))
+
+    def latents(mixes: list, stacked) -> tuple[list[torch.Tensor], int]:
+        """The final latents of one request per setting in ``mixes``, stepping together; graphs captured."""
+        denoiser.mixed_lora = stacked  # None: forwards grouped by setting
+        runner = DenoiserRunner(denoiser.denoise, CUDA, "exact", max_rows=16)
+        engine = StepEngine(denoiser, 8, 8, 60, runner)
+        finals = []
+        for first, mix in enumerate(mixes):
+            ids = [10 * first + index for index in range(len(mix))]
+            engine.run(
+                [
+                    StepCall(
+                        i,
+                        start=True,
+                        conditioning=conditioning,
+                        params=GenerationParams("a cat", None, i, *options, loras=setting),
+                    )
+                    for i, setting in zip(ids, mix, strict=True)
+                ]
+            )
+            while not (results := engine.run([StepCall(i) for i in ids]))[0].done:
+                assert all(result.error is None for result in results), results
+            finals.append([result.latents for result in results])
+        return finals, runner.stats.graphs
+
+    stacked = denoiser.mixed_lora
+    mixes = [[(), (("a", 1.0),), (("b", 0.5),)], [(("a", -0.7), ("b", 1.2)), (), (("a", 0.3),)]]
+    mixed, graphs = latents(mixes, stacked)
+    assert graphs == 1, f"{graphs} graphs for two mixes of 3 requests (one row bucket): a mix must not capture"
+    grouped, _ = latents(mixes, None)
+    for mixed_mix, grouped_mix in zip(mixed, grouped, strict=True):
+        for one, other in zip(mixed_mix, grouped_mix, strict=True):
+            torch.testing.assert_close(one.float(), other.float(), rtol=0.02, atol=0.02)
+    denoiser.mixed_lora = stacked

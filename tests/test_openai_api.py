@@ -125,6 +125,9 @@ def test_invalid_num_inference_steps_is_400(client, steps, message):
         (b'{"prompt": "a cat", "seed": -1}', "seed", "seed=-1 is out of range"),
         (b'{"prompt": "a cat", "quality": "hd"}', "quality", "quality: not supported by this server"),
         (b'{"prompt": "a cat", "guidance_scale": -1}', "guidance_scale", "guidance_scale=-1.0 is out of range"),
+        (b'{"prompt": "a cat", "guidance_scale": 1e39}', "guidance_scale", "not a finite 32-bit float"),
+        (b'{"prompt": "a cat", "lora": ["x", 1]}', "lora", "lora: expected a string or a list of them, got 1"),
+        (b'{"prompt": "a cat", "lora": "x"}', "lora", "lora: unknown adapter 'x': loaded none"),
     ],
 )
 def test_bad_requests_get_the_openai_error_shape(server, body, param, message):

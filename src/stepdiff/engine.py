@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapters.base import GenerationParams, InvalidInput, RequestState, StepAdapter, lora_key
+from .adapters.base import GenerationParams, InvalidInput, RequestState, StepAdapter, lora_key, mixed_lora_key
+from .adapters.mixed_lora import LORA_SCALES
 from .runner import DenoiserRunner, Rows
 
 
@@ -168,15 +169,20 @@ class StepEngine:
     def _step(self, stepping: list[tuple[int, RequestState]], results: list[StepResult]) -> None:
         """The runner's forwards per compatible group (at most ``max_batch_size`` requests), then each
         request's guidance and scheduler step. A lone request runs its own stock calls, unbatched.
-        Requests with different LoRA settings never share a forward (their rows' keys name the setting)."""
+        Requests with different LoRA settings share a forward when the adapter stacks its LoRAs
+        (``mixed_lora``, not with ``compiled``); otherwise forwards are grouped by setting. Requests of
+        one setting run diffusers' own LoRA path (``set_adapters``)."""
+        mixes = self.adapter.mixed_lora is not None and self.runner.mode != "compiled"
         groups: dict[object, list[tuple[int, RequestState]]] = defaultdict(list)
         for item in stepping:
-            groups[(self.adapter.batch_key(item[1]), item[1].params.loras)].append(item)
+            groups[(self.adapter.batch_key(item[1]), () if mixes else item[1].params.loras)].append(item)
         for members in groups.values():
             for first in range(0, len(members), self.max_batch_size):
                 chunk = members[first : first + self.max_batch_size]
+                # one setting for all (a lone request too): diffusers' own path, exactly as stock
+                mixed = mixes and len({state.params.loras for _, state in chunk}) > 1
                 try:
-                    rows = [self._rows(state) for _, state in chunk]
+                    rows = [self._rows(state, mixed) for _, state in chunk]
                     outputs = self.runner.run([item for request in rows for item in request], separate=len(chunk) == 1)
                 except Exception as error:  # noqa: BLE001 - the whole forward failed: fail its requests
                     for index, _ in chunk:
@@ -191,10 +197,18 @@ class StepEngine:
                     except Exception as error:  # noqa: BLE001 - one request's scheduler failed
                         results[index].error = error
 
-    def _rows(self, state: RequestState) -> list[Rows]:
-        """The request's denoiser rows, keyed with its LoRA setting."""
-        loras = state.params.loras
-        return [Rows(lora_key(loras, rows.key), rows.tensors) for rows in self.adapter.denoiser_rows(state)]
+    def _rows(self, state: RequestState, mixed: bool = False) -> list[Rows]:
+        """The request's denoiser rows, keyed with its LoRA setting; ``mixed``: keyed for any setting,
+        with the request's adapter scales as an input of each row."""
+        rows = self.adapter.denoiser_rows(state)
+        if not mixed:
+            return [Rows(lora_key(state.params.loras, item.key), item.tensors) for item in rows]
+        if state.lora_scales is None:
+            state.lora_scales = self.adapter.mixed_lora.scale_row(state.params.loras, self.adapter.device)
+        return [
+            Rows(mixed_lora_key(item.key), {**item.tensors, LORA_SCALES: state.lora_scales.expand(item.count, -1)})
+            for item in rows
+        ]
 
     def _finish(self, correlation_id: int) -> None:
         self.states.pop(correlation_id, None)

@@ -50,11 +50,27 @@ TXT2IMG_FIELDS: dict[str, tuple[str, tuple[tuple[type, ...], str]]] = {
     "true_cfg_scale": ("FP32", NUMBER),
     "scheduler": ("BYTES", STRING),
 }
+# List fields (one value or a JSON list) handed to txt2img as inputs of dims [-1]: the LoRA adapters
+LIST_FIELDS: dict[str, tuple[str, tuple[tuple[type, ...], str]]] = {
+    "lora": ("BYTES", STRING),
+    "lora_scale": ("FP32", NUMBER),
+}
 NUMPY_TYPES = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32}
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 INT32 = range(-(2**31), 2**31)
 # OpenAI fields that only identify the end user (abuse monitoring): accepted and ignored.
 IGNORED_FIELDS = ("user", "safety_identifier")
-ACCEPTED_FIELDS = ("model", "prompt", "n", "size", "response_format", "output_format", *IGNORED_FIELDS, *TXT2IMG_FIELDS)
+ACCEPTED_FIELDS = (
+    "model",
+    "prompt",
+    "n",
+    "size",
+    "response_format",
+    "output_format",
+    *IGNORED_FIELDS,
+    *TXT2IMG_FIELDS,
+    *LIST_FIELDS,
+)
 SIZE = re.compile(r"(\d{1,9})x(\d{1,9})")
 # txt2img's messages start with the input they are about: "height=60 is not ...", "prompt: ...",
 # "height x width = ...".
@@ -91,31 +107,56 @@ class ImageRequest:
     n: int = 1
     size: tuple[int, int] | None = None  # (width, height); None: the pipeline's default
     inputs: dict[str, Any] = field(default_factory=dict)  # txt2img inputs from TXT2IMG_FIELDS
+    lists: dict[str, list[Any]] = field(default_factory=dict)  # txt2img inputs from LIST_FIELDS
 
     def txt2img_inputs(self, index: int) -> list[grpcclient.InferInput]:
         """The inputs of the ``index``-th image: a given seed counts up, seed + index."""
-        values: dict[str, tuple[str, Any]] = {"prompt": ("BYTES", self.prompt), "output_format": ("BYTES", "png")}
+        values: dict[str, tuple[str, list[Any]]] = {
+            "prompt": ("BYTES", [self.prompt]),
+            "output_format": ("BYTES", ["png"]),
+        }
         for name, value in self.inputs.items():
-            values[name] = (TXT2IMG_FIELDS[name][0], value + index if name == "seed" else value)
+            values[name] = (TXT2IMG_FIELDS[name][0], [value + index if name == "seed" else value])
+        for name, items in self.lists.items():
+            values[name] = (LIST_FIELDS[name][0], items)
         if self.size is not None:
-            values["width"] = ("INT32", self.size[0])
-            values["height"] = ("INT32", self.size[1])
+            values["width"] = ("INT32", [self.size[0]])
+            values["height"] = ("INT32", [self.size[1]])
         tensors = []
-        for name, (triton_type, value) in values.items():
-            tensor = grpcclient.InferInput(name, [1], triton_type)
-            data = value.encode() if isinstance(value, str) else value
-            tensor.set_data_from_numpy(np.array([data], dtype=NUMPY_TYPES[triton_type]))
+        for name, (triton_type, items) in values.items():
+            tensor = grpcclient.InferInput(name, [len(items)], triton_type)
+            data = [item.encode() if isinstance(item, str) else item for item in items]
+            tensor.set_data_from_numpy(np.array(data, dtype=NUMPY_TYPES[triton_type]))
             tensors.append(tensor)
         return tensors
 
 
 def typed(body: Mapping[str, Any], name: str, json_type: tuple[tuple[type, ...], str]) -> Any:
-    """Field ``name`` when present and not null, checked against ``json_type`` (a bool is not a number here)."""
-    types, description = json_type
+    """Field ``name`` when present and not null, checked against ``json_type`` (a bool is not a number
+    here, nor one beyond float32's range: txt2img's numbers are float32)."""
     value = body.get(name)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
-        raise invalid(name, f"{name}: expected {description}, got {json.dumps(value)}", "invalid_type")
+    if value is not None:
+        check_type(name, value, json_type)
     return value
+
+
+def typed_list(body: Mapping[str, Any], name: str, json_type: tuple[tuple[type, ...], str]) -> list[Any] | None:
+    """Field ``name`` as a list: one value or a JSON list of them, each checked against ``json_type``."""
+    value = body.get(name)
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        check_type(name, item, json_type, " or a list of them")
+    return items
+
+
+def check_type(name: str, value: Any, json_type: tuple[tuple[type, ...], str], plural: str = "") -> None:
+    types, description = json_type
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise invalid(name, f"{name}: expected {description}{plural}, got {json.dumps(value)}", "invalid_type")
+    if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:
+        raise invalid(name, f"{name}={value} is out of range: not a finite 32-bit float")
 
 
 def parse_size(size: str | None) -> tuple[int, int] | None:
@@ -178,6 +219,11 @@ def parse_image_request(body: object, model_id: str) -> ImageRequest:
         value = typed(body, name, json_type)
         if value is not None:
             inputs[name] = value
+    lists = {}
+    for name, (_, json_type) in LIST_FIELDS.items():
+        items = typed_list(body, name, json_type)
+        if items:
+            lists[name] = items
     seed = inputs.get("seed")
     if seed is not None and not 0 <= seed <= SEED_LIMIT - n:
         raise invalid(
@@ -186,7 +232,7 @@ def parse_image_request(body: object, model_id: str) -> ImageRequest:
     steps = inputs.get("num_inference_steps")
     if steps is not None and steps not in INT32:
         raise invalid("num_inference_steps", f"num_inference_steps={steps} is out of range (not a 32-bit integer)")
-    return ImageRequest(prompt, n, size, inputs)
+    return ImageRequest(prompt, n, size, inputs, lists)
 
 
 def txt2img_error(error: InferenceServerException, images: ImageRequest) -> OpenAIError:

@@ -12,12 +12,15 @@ import inspect
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from ..runner import Rows
+
+if TYPE_CHECKING:
+    from .mixed_lora import MixedLoRA
 
 STEP_METHODS = (
     "encode_prompt",
@@ -111,6 +114,7 @@ class RequestState:
     do_cfg: bool
     step_index: int = 0
     last_active: float = field(default_factory=time.monotonic)
+    lora_scales: torch.Tensor | None = None  # [1, adapters] for mixed-LoRA forwards, made on first use
 
     @property
     def num_steps(self) -> int:
@@ -159,8 +163,14 @@ class StepAdapter(Protocol):
         """Make the request's LoRA adapters (name, scale) active in this stage; none: base weights."""
         ...
 
+    @property
+    def mixed_lora(self) -> MixedLoRA | None:
+        """The denoiser's stacked LoRA layers when rows of different LoRA settings can share a forward."""
+        ...
+
     def denoise(self, key: Hashable, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``forward`` under the LoRA setting the key carries (``lora_key``): what the runner calls."""
+        """``forward`` under the LoRA setting the key carries (``lora_key``; ``mixed_lora_key``: per-row
+        scales in ``inputs[LORA_SCALES]``): what the runner calls."""
         ...
 
     def forward(self, key: Hashable, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -189,6 +199,7 @@ class StepAdapter(Protocol):
 
 
 LORA_KEY = "lora"
+MIXED_LORA_KEY = "mixed-lora"
 
 
 def lora_key(loras: tuple[tuple[str, float], ...], key: Hashable) -> Hashable:
@@ -197,10 +208,18 @@ def lora_key(loras: tuple[tuple[str, float], ...], key: Hashable) -> Hashable:
     return (LORA_KEY, loras, key) if loras else key
 
 
-def split_lora_key(key: Hashable) -> tuple[tuple[tuple[str, float], ...], Hashable]:
-    """(the LoRA setting, the adapter's own key) of a ``lora_key``."""
+def mixed_lora_key(key: Hashable) -> Hashable:
+    """A denoiser key for rows of any LoRA settings, each row's scales an input (``mixed_lora``)."""
+    return (MIXED_LORA_KEY, key)
+
+
+def split_lora_key(key: Hashable) -> tuple[tuple[tuple[str, float], ...] | None, Hashable]:
+    """(the LoRA setting, the adapter's own key) of a ``lora_key``; the setting is None for a
+    ``mixed_lora_key`` (the rows carry their own)."""
     if isinstance(key, tuple) and len(key) == 3 and key[0] == LORA_KEY:
         return key[1], key[2]
+    if isinstance(key, tuple) and len(key) == 2 and key[0] == MIXED_LORA_KEY:
+        return None, key[1]
     return (), key
 
 

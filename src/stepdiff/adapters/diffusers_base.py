@@ -7,6 +7,7 @@ and the conditioning tensors its text encoders produce, and writes the slices of
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,6 +28,9 @@ from .base import (
     split_lora_key,
 )
 from .loading import Stage, load_component_config, load_stage_pipeline, new_scheduler
+from .mixed_lora import LORA_SCALES, MixedLoRA
+
+log = logging.getLogger(__name__)
 
 
 class DiffusersAdapter:
@@ -55,6 +59,8 @@ class DiffusersAdapter:
         self.info = self.pipeline_info()
         # the adapters in effect (None: not set yet: loading leaves the last loaded adapter active)
         self.active_loras: tuple[tuple[str, float], ...] | None = None
+        self.loaded_loras: frozenset[str] = frozenset()  # adapters with weights in this stage's components
+        self.mixed_lora: MixedLoRA | None = None
 
     def load_loras(self, loras: Mapping[str, str]) -> None:
         """Load the LoRA adapters ``loras`` (name -> path) into the stages that run them (text encoder,
@@ -62,7 +68,20 @@ class DiffusersAdapter:
         if loras and self.stage in (Stage.TEXT_ENCODER, Stage.DENOISE):
             for name, lora_path in loras.items():
                 self.load_lora(name, lora_path)
+            self.loaded_loras = frozenset(name for names in self.pipe.get_list_adapters().values() for name in names)
             self.activate_loras(())
+            if self.stage == Stage.DENOISE:
+                self.mixed_lora = self.stack_loras()
+
+    def stack_loras(self) -> MixedLoRA | None:
+        """The denoiser's adapters stacked for mixed-setting forwards; None (forwards grouped by setting)
+        when its LoRA layers cannot be stacked."""
+        parts = [getattr(self.pipe, name) for name in self.stage_components[Stage.DENOISE]]
+        try:
+            return MixedLoRA([part for part in parts if isinstance(part, torch.nn.Module)], sorted(self.loaded_loras))
+        except ValueError as error:
+            log.warning("%s; forwards are grouped by LoRA setting", error)
+            return None
 
     def load_lora(self, name: str, path: str) -> None:
         """Load the LoRA at ``path`` as adapter ``name`` into this stage's components, as the pipeline's
@@ -73,9 +92,8 @@ class DiffusersAdapter:
         """Make ``loras`` (name, scale) this stage's active adapters, as the pipeline's
         ``set_adapters(names, adapter_weights=scales)`` does (adapters without weights in this stage's
         components are left out); none: the base weights alone."""
-        loaded = {name for names in self.pipe.get_list_adapters().values() for name in names}
-        mine = tuple((name, scale) for name, scale in loras if name in loaded)
-        if mine == self.active_loras or not loaded:
+        mine = tuple((name, scale) for name, scale in loras if name in self.loaded_loras)
+        if mine == self.active_loras or not self.loaded_loras:
             return
         if mine:
             self.pipe.enable_lora()
@@ -85,8 +103,14 @@ class DiffusersAdapter:
         self.active_loras = mine
 
     def denoise(self, key: Hashable, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``forward`` with the LoRA adapters a key carries (``lora_key``) active."""
+        """``forward`` with the LoRA adapters a key carries (``lora_key``) active, or for a
+        ``mixed_lora_key`` with PEFT's adapters off and each row's own scales (``MixedLoRA``)."""
         loras, key = split_lora_key(key)
+        if loras is None:
+            self.activate_loras(())
+            rows = {name: value for name, value in inputs.items() if name != LORA_SCALES}
+            with self.mixed_lora.applied(inputs[LORA_SCALES]):
+                return self.forward(key, rows)
         self.activate_loras(loras)
         return self.forward(key, inputs)
 
