@@ -52,7 +52,7 @@ def step_seconds(engine: StepEngine, conditioning, settings: list, args, device:
             torch.cuda.synchronize(device)
         samples.append(time.perf_counter() - began)
         assert all(result.error is None for result in results), [result.error for result in results]
-    return statistics.median(samples[1:]), len(engine.runner.stats.forwards)  # the first step may capture graphs
+    return statistics.median(samples[1:]), len(engine.forward_batch_sizes)  # the first step may capture graphs
 
 
 def main() -> int:

@@ -123,11 +123,12 @@ def test_lora_benchmark_writes_its_table(tiny_sd, tmp_path):
         "--out",
         str(tmp_path),
         "--requests",
-        "4",
+        "5",
         "--rank",
         "4",
         *TINY,
     )
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [row["forwards_per_step"] for row in rows] == [1, 1, 4]
-    assert "4 distinct adapters" in output and (tmp_path / "results.md").is_file()
+    # none, one adapter, 4 adapters + none mixed in one forward, the same grouped by setting
+    assert [row["forwards_per_step"] for row in rows] == [1, 1, 1, 5]
+    assert "4 adapters + none, mixed" in output and (tmp_path / "results.md").is_file()

@@ -179,5 +179,7 @@ def test_mixed_lora_forwards_replay_one_graph_for_any_mix(tiny_sd, tmp_path):
     grouped, _ = latents(mixes, None)
     for mixed_mix, grouped_mix in zip(mixed, grouped, strict=True):
         for one, other in zip(mixed_mix, grouped_mix, strict=True):
-            torch.testing.assert_close(one.float(), other.float(), rtol=0.02, atol=0.02)
+            # fp16 forwards of other batch sizes round differently: compare the whole latents, not elements
+            error = (one.float() - other.float()).norm() / other.float().norm()
+            assert error < 0.01, f"mixed vs grouped latents differ by {error:.2%}"
     denoiser.mixed_lora = stacked
