@@ -13,7 +13,7 @@ DURATION ?= 60s
 USERS ?= 8
 # make soak serves the tiny pipeline itself, e.g. make soak SOAK_DURATION=2h
 SOAK_DURATION ?= 10m
-SOAK_USERS ?= 4
+SOAK_USERS ?= 5
 
 install: $(VENV)/.installed
 

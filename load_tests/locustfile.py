@@ -7,13 +7,17 @@ Each request draws a prompt, size, step count, scheduler and seed from a small w
 (tune it with --steps / --sizes for the pipeline you serve). With --cancel-fraction, that share of
 gRPC requests is given a client deadline (--cancel-after) that ends it mid-way: the server stops the
 generation at the next step; such requests count as successes when the deadline cut them off.
-Requests show up in locust's statistics as "txt2img <protocol> <height>x<width>", with the latency
-as response time and the image size in bytes as response length; errors count as failures, named by
-their Triton status.
+StreamUser sends txt2img_stream requests over gRPC streaming, checks that every step is reported
+in order and that the last response carries the image; --cancel-fraction of its streams are
+cancelled by the client after a random step in the first quarter.
+Requests show up in locust's statistics as "<model> <protocol> <height>x<width>" (" cancelled" added
+for those cut off), with the latency as response time and the image size in bytes as response length;
+errors count as failures, named by their Triton status.
 """
 
 from __future__ import annotations
 
+import queue
 import random
 import sys
 import time
@@ -34,6 +38,7 @@ PROMPTS = [
     ("", 1),
 ]
 SCHEDULERS = [("PNDMScheduler", 2), ("EulerAncestralDiscreteScheduler", 2), ("DPMSolverMultistepScheduler", 1)]
+STREAM_TIMEOUT = 300  # seconds a stream may go without a response
 
 
 @events.init_command_line_parser.add_listener
@@ -45,7 +50,8 @@ def _add_arguments(parser) -> None:
         "--cancel-fraction",
         type=float,
         default=0.0,
-        help="share of requests cancelled mid-way (a client deadline of --cancel-after seconds)",
+        help="share of gRPC requests cancelled mid-way: txt2img by a client deadline of --cancel-after seconds, "
+        "txt2img_stream by the client after a random step in the first quarter",
     )
     parser.add_argument("--cancel-after", type=float, default=0.03, help="seconds before a cancelled request gives up")
 
@@ -55,8 +61,8 @@ def weighted(choices: list[tuple[str, int]]) -> str:
     return random.choices(values, weights)[0]
 
 
-class Txt2ImgUser(User):
-    """Sends txt2img requests back to back (with a short think time) over one protocol."""
+class GenerationUser(User):
+    """Draws a request's options from the mix and reports each request to locust."""
 
     abstract = True
     protocol = "http"
@@ -73,8 +79,8 @@ class Txt2ImgUser(User):
     def on_stop(self) -> None:
         self.client.close()
 
-    @task
-    def txt2img(self) -> None:
+    def draw(self, model: str) -> tuple[dict, str, bool]:
+        """(txt2img options, request name, whether to cancel it)."""
         height, width = random.choice(self.sizes)
         options = {
             "seed": random.randrange(2**31),
@@ -83,19 +89,10 @@ class Txt2ImgUser(User):
             "width": width,
             "scheduler": weighted(SCHEDULERS),
         }
-        parsed = self.environment.parsed_options
-        cancel = self.protocol == "grpc" and random.random() < parsed.cancel_fraction  # gRPC deadlines cancel
-        name = f"txt2img {self.protocol} {height}x{width}" + (" cancelled" if cancel else "")
-        started = time.perf_counter()
-        image, exception = None, None
-        try:
-            timeout = parsed.cancel_after if cancel else None
-            image, _, _ = txt2img_client.generate(self.client, self.module, weighted(PROMPTS), options, timeout)
-            if cancel:
-                exception = RuntimeError(f"finished within the {parsed.cancel_after} s deadline; nothing was cancelled")
-        except Exception as error:  # noqa: BLE001 - every failure is reported to locust
-            if not ((cancel and "deadline" in str(error).lower()) or (cancel and "timed out" in str(error).lower())):
-                exception = error
+        cancel = self.protocol == "grpc" and random.random() < self.environment.parsed_options.cancel_fraction
+        return options, f"{model} {self.protocol} {height}x{width}" + (" cancelled" if cancel else ""), cancel
+
+    def report(self, name: str, started: float, options: dict, image, exception: Exception | None) -> None:
         self.environment.events.request.fire(
             request_type=self.protocol,
             name=name,
@@ -106,9 +103,78 @@ class Txt2ImgUser(User):
         )
 
 
+class Txt2ImgUser(GenerationUser):
+    """Sends txt2img requests back to back (with a short think time) over one protocol."""
+
+    abstract = True
+
+    @task
+    def txt2img(self) -> None:
+        options, name, cancel = self.draw("txt2img")
+        parsed = self.environment.parsed_options
+        started = time.perf_counter()
+        image, exception = None, None
+        try:
+            timeout = parsed.cancel_after if cancel else None  # gRPC deadlines cancel
+            image, _, _ = txt2img_client.generate(self.client, self.module, weighted(PROMPTS), options, timeout)
+            if cancel:
+                exception = RuntimeError(f"finished within the {parsed.cancel_after} s deadline; nothing was cancelled")
+        except Exception as error:  # noqa: BLE001 - every failure is reported to locust
+            if not ((cancel and "deadline" in str(error).lower()) or (cancel and "timed out" in str(error).lower())):
+                exception = error
+        self.report(name, started, options, image, exception)
+
+
 class HttpUser(Txt2ImgUser):
     protocol = "http"
 
 
 class GrpcUser(Txt2ImgUser):
     protocol = "grpc"
+
+
+class StreamUser(GenerationUser):
+    """Sends txt2img_stream requests over gRPC streaming, one stream each; cancels some mid-way."""
+
+    protocol = "grpc"
+
+    @task
+    def txt2img_stream(self) -> None:
+        options, name, cancel = self.draw("txt2img_stream")
+        cancel_at = random.randint(1, max(1, options["num_inference_steps"] // 4)) if cancel else None
+        responses: queue.Queue = queue.Queue()
+        started = time.perf_counter()
+        image, exception = None, None
+        try:
+            self.client.start_stream(callback=lambda result, error: responses.put((result, error)))
+            inputs = txt2img_client.build_inputs(self.module, weighted(PROMPTS), options)
+            self.client.async_stream_infer("txt2img_stream", inputs, enable_empty_final_response=True)
+            image = self.follow(responses, cancel_at)
+            if image is not None and image.shape != (options["height"], options["width"], 3):
+                raise RuntimeError(f"image of shape {image.shape}")
+        except Exception as error:  # noqa: BLE001 - every failure is reported to locust
+            exception = error
+        finally:
+            self.client.stop_stream()
+        self.report(name, started, options, image, exception)
+
+    def follow(self, responses: queue.Queue, cancel_at: int | None):
+        """Reads the stream: steps 1..num_steps in order, then the image; None once cancelled after ``cancel_at``."""
+        done, total = 0, None  # num_steps is the scheduler's count (PNDM's is one more than requested)
+        while True:
+            result, error = responses.get(timeout=STREAM_TIMEOUT)
+            if error is not None:
+                raise error
+            step = result.as_numpy("step")
+            if step is not None:
+                progress = (int(step[0]), int(result.as_numpy("num_steps")[0]))
+                if progress != (done + 1, total or progress[1]):
+                    raise RuntimeError(f"step {progress[0]} of {progress[1]} after step {done} of {total}")
+                done, total = progress
+                if done == cancel_at:
+                    self.client.stop_stream(cancel_requests=True)
+                    return None
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                if done != total or result.as_numpy("image") is None:
+                    raise RuntimeError(f"final response after step {done} of {total}, image missing or early")
+                return result.as_numpy("image")

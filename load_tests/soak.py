@@ -1,18 +1,29 @@
 #!/usr/bin/env python3
 """Soak test: mixed txt2img traffic for a long time while watching the server's memory and state.
 
-    python load_tests/soak.py --pipeline build/tiny-sd --duration 10m --users 4 --out results/soak
+    python load_tests/soak.py --pipeline build/tiny-sd --duration 1h --users 5 --out results/soak
     python load_tests/soak.py --url localhost:8000 --grpc-url localhost:8001 \\
-        --metrics-url http://localhost:8002/metrics --duration 2h --out results/soak
+        --metrics-url http://localhost:8002/metrics --duration 9m30s --out /tmp/soak/leg2 --previous /tmp/soak/leg1
 
-Runs, through locust's library API, the locustfile's HTTP and gRPC users (on gRPC a share of the
-requests is cut off mid-way by a client deadline: --cancel-fraction) and a user that sends invalid
-inputs, which must come back as INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT) naming the field.
-With --pipeline it serves the pipeline itself (`stepdiff serve`, free ports); with --url it attaches
-to a running server. Every --sample-every seconds it records the resident memory (RSS) of tritonserver
-and each of its model processes (from /proc, so the server must run on this machine) and
-`stepdiff_active_sequences`. Writes soak.json and soak.md to --out; exits 1 on any unexpected error or
-when generations are still active once the load has stopped.
+Runs, through locust's library API, the locustfile's HTTP, gRPC and gRPC streaming (txt2img_stream)
+users (--cancel-fraction of the gRPC requests is cut off mid-way by a client deadline, of the streams
+cancelled by the client after a step) and a user that sends invalid inputs, which must come back as
+INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT) naming the field. With --pipeline it serves the
+pipeline itself (`stepdiff serve`, free ports); with --url it attaches to a running server. Every
+--sample-every seconds it records the resident memory (RSS) of tritonserver and each of its model
+processes (from /proc, so the server must run on this machine), the GPU memory in use (Triton's
+nv_gpu_memory_used_bytes, where there is a GPU), `stepdiff_active_sequences` and the cancellations
+counted per model.
+
+Memory must stay flat: the least-squares slope over the last half of the run (never the --warmup
+seconds) of the summed RSS, of tritonserver's own RSS and of the GPU memory must stay under
+--max-growth-mib-per-min; runs shorter than 10 minutes report the slopes without judging them. With
+--previous (an earlier run's --out against the same server) that run's samples and figures join this
+one's: two 9.5-minute legs make one 19-minute verdict.
+
+Writes soak.json and soak.md to --out; exits 1 on any unexpected error, generations still active once
+the load has stopped, a tritonserver restart, more cancellations counted by the server than made by the
+client or over 2 + 5% fewer, or memory growth at or over the limit.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import numpy as np
 from locust import User, between, task
 from locust.argument_parser import parse_options
 from locust.env import Environment
@@ -51,6 +63,12 @@ BAD_INPUTS = {  # type -> (txt2img options, what the error message must name)
 }
 EXPECTED_STATUS = {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}
 INVALID = "invalid"  # request names of BadInputUser start with it
+MIN_JUDGED_S = 600  # memory growth is judged in runs (all legs) that span at least this long
+CANCELLED_METRIC = "stepdiff_cancelled_requests_total"  # per model (label "model")
+# A cancel that reaches the server after the generation's last step finds nothing to stop and is not
+# counted there (0 to 2 in 100 in short runs on a loaded 2-core machine): up to 2 + 5% of the client's
+# cancellations may be missing from the server's count.
+LATE_CANCELS, LATE_CANCEL_SHARE = 2, 0.05
 
 
 class SoakHttpUser(locustfile.HttpUser):
@@ -59,6 +77,10 @@ class SoakHttpUser(locustfile.HttpUser):
 
 class SoakGrpcUser(locustfile.GrpcUser):
     weight = 2
+
+
+class SoakStreamUser(locustfile.StreamUser):
+    weight = 1
 
 
 class BadInputUser(User):
@@ -105,6 +127,9 @@ class BadInputUser(User):
             exception=exception,
             context={},
         )
+
+
+USERS = {"HTTP": SoakHttpUser, "gRPC": SoakGrpcUser, "gRPC stream": SoakStreamUser, "invalid inputs": BadInputUser}
 
 
 def parse_duration(text: str) -> float:
@@ -159,13 +184,22 @@ def start_server(args: argparse.Namespace) -> subprocess.Popen:
     return process
 
 
-def metric(url: str, name: str) -> int | None:
-    """A gauge or counter summed over its label sets; None when the endpoint or the metric is not there."""
+def read_metrics(url: str) -> list[tuple[str, dict[str, str], float]]:
+    """Triton's metrics as (name, labels, value); empty when the endpoint does not answer."""
     try:
         text = urllib.request.urlopen(url, timeout=5).read().decode()
     except OSError:
-        return None
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + "{", name + " "))]
+        return []
+    metrics = []
+    for match in re.finditer(r"^(\w+)(?:\{(.*)\})? (\S+)$", text, re.MULTILINE):
+        name, labels, value = match.groups()
+        metrics.append((name, dict(re.findall(r'(\w+)="([^"]*)"', labels or "")), float(value)))
+    return metrics
+
+
+def metric(metrics: list[tuple[str, dict[str, str], float]], name: str) -> int | None:
+    """A gauge or counter summed over its label sets; None when it is not there."""
+    values = [value for metric_name, _, value in metrics if metric_name == name]
     return round(sum(values)) if values else None
 
 
@@ -178,20 +212,25 @@ def rss_mib(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else 0.0
 
 
-def sample(args: argparse.Namespace, started: float) -> dict[str, Any]:
-    """One measurement: RSS per process (MiB) and in total, active sequences, cancellations so far."""
+def sample(args: argparse.Namespace, origin: float) -> dict[str, Any]:
+    """One measurement: RSS per process (MiB) and in total, GPU memory, active sequences, cancellations so far."""
     pid = tritonserver_pid(int(args.url.rsplit(":", 1)[1]))
     processes = {}
     if pid is not None:
         processes["tritonserver"] = rss_mib(pid)
         processes.update({stub.instance: rss_mib(stub.pid) for stub in stub_processes(pid)})
+    metrics = read_metrics(args.metrics_url)
+    gpu_bytes = metric(metrics, "nv_gpu_memory_used_bytes")  # all GPUs Triton sees; absent without one
+    now = time.time()
     return {
-        "t": round(time.monotonic() - started, 1),
+        "t": round(now - origin, 1),
+        "time": now,
         "triton_pid": pid,
         "rss_mib": round(sum(processes.values()), 1) if processes else None,
         "rss_by_process_mib": {name: round(value, 1) for name, value in processes.items()},
-        "active_sequences": metric(args.metrics_url, "stepdiff_active_sequences"),
-        "cancelled_total": metric(args.metrics_url, "stepdiff_cancelled_requests_total"),
+        "gpu_memory_mib": None if gpu_bytes is None else round(gpu_bytes / 2**20, 1),
+        "active_sequences": metric(metrics, "stepdiff_active_sequences"),
+        "cancelled": {labels["model"]: round(value) for name, labels, value in metrics if name == CANCELLED_METRIC},
         "load_average_1m": os.getloadavg()[0],  # of this machine: other work here skews the figures
     }
 
@@ -199,10 +238,11 @@ def sample(args: argparse.Namespace, started: float) -> dict[str, Any]:
 def kind_of(name: str) -> str:
     if name.startswith(INVALID):
         return "invalid input"
-    return "cancelled" if name.endswith("cancelled") else "good"
+    outcome = "cancelled" if name.endswith("cancelled") else "good"
+    return f"stream {outcome}" if name.startswith("txt2img_stream ") else outcome
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, previous: dict[str, Any] | None) -> dict[str, Any]:
     """The load, the samples and the summary."""
     options = parse_options(
         [
@@ -220,35 +260,107 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ]
     )  # fmt: skip  (locust's own options plus the locustfile's)
     env = Environment(
-        user_classes=[SoakHttpUser, SoakGrpcUser, BadInputUser],
+        user_classes=list(USERS.values()),
         host=f"http://{args.url}",
         stop_timeout=30,
         parsed_options=options,
     )
-    started = time.monotonic()
-    samples = [sample(args, started)]
+    origin = previous["samples"][0]["time"] if previous else time.time()  # one timeline for all legs
+    samples = [sample(args, origin)]
     runner = env.create_local_runner()
     runner.start(args.users, spawn_rate=args.users)
     load_started = time.monotonic()
     while (elapsed := time.monotonic() - load_started) < args.duration:
         gevent.sleep(min(args.sample_every, args.duration - elapsed))
-        samples.append(sample(args, started))
+        samples.append(sample(args, origin))
         last, total = samples[-1], env.stats.total
         print(
             f"soak: {time.monotonic() - load_started:.0f}/{args.duration:.0f} s, {total.num_requests} requests, "
-            f"{total.num_failures} unexpected errors, RSS {last['rss_mib']} MiB, active {last['active_sequences']}",
+            f"{total.num_failures} unexpected errors, RSS {last['rss_mib']} MiB, GPU {last['gpu_memory_mib']} MiB, "
+            f"active {last['active_sequences']}",
             flush=True,
         )
     runner.quit()
     load_seconds = time.monotonic() - load_started
     settle_deadline = time.monotonic() + 30  # cut-off generations stop at their next step
-    while (metric(args.metrics_url, "stepdiff_active_sequences") or 0) > 0 and time.monotonic() < settle_deadline:
+    while (metric(read_metrics(args.metrics_url), "stepdiff_active_sequences") or 0) > 0:
+        if time.monotonic() > settle_deadline:
+            break
         time.sleep(0.5)
-    samples.append(sample(args, started))
-    return summarize(args, env, samples, load_seconds)
+    samples.append(sample(args, origin))
+    return summarize(args, env, samples, load_seconds, previous)
 
 
-def summarize(args: argparse.Namespace, env: Environment, samples: list[dict], load_seconds: float) -> dict[str, Any]:
+def points(samples: list[dict], key: str) -> list[tuple[float, float]]:
+    """(seconds, value) of the samples that have ``key`` measured."""
+    return [(entry["t"], entry[key]) for entry in samples if entry[key] is not None]
+
+
+def slope(series: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of (seconds, MiB) points in MiB per minute; None for fewer than 3 points."""
+    if len(series) < 3:
+        return None
+    seconds, mib = zip(*series, strict=True)
+    return round(float(np.polyfit(seconds, mib, 1)[0]) * 60, 3) + 0.0  # + 0.0: never -0.0
+
+
+def growth(args: argparse.Namespace, samples: list[dict]) -> dict[str, Any]:
+    """Memory slopes over the last half of the run (after the warm-up) and whether they are judged."""
+    span = samples[-1]["t"] - samples[0]["t"]
+    start = max(args.warmup, samples[0]["t"] + span / 2)
+    window = [entry for entry in samples if entry["t"] >= start]
+    by_process: dict[str, list] = {}
+    for entry in window:
+        for name, value in entry["rss_by_process_mib"].items():
+            by_process.setdefault(name, []).append((entry["t"], value))
+    series = {
+        "RSS, all processes": points(window, "rss_mib"),
+        "RSS, tritonserver": by_process.get("tritonserver", []),
+        "GPU memory": points(window, "gpu_memory_mib"),
+    }
+    rates = {name: rate for name, values in series.items() if (rate := slope(values)) is not None}
+    judged = span >= MIN_JUDGED_S and bool(rates)
+    limit = args.max_growth_mib_per_min
+    too_fast = {name: rate for name, rate in rates.items() if rate >= limit} if judged else {}
+    if not rates:
+        verdict = "not measured"
+    elif not judged:
+        verdict = f"too short to judge (the samples span {span / 60:.1f} min; {MIN_JUDGED_S // 60} min needed)"
+    elif too_fast:
+        verdict = "growing: " + ", ".join(f"{name} {rate:+.2f} MiB/min" for name, rate in too_fast.items())
+    else:
+        verdict = f"flat (every slope under {limit} MiB/min)"
+    return {
+        "window_s": [round(start, 1), samples[-1]["t"]],
+        "max_mib_per_min": limit,
+        "judged": judged,
+        "mib_per_min": rates,
+        "by_process_mib_per_min": {name: slope(values) for name, values in by_process.items()},
+        "too_fast": too_fast,
+        "verdict": verdict,
+    }
+
+
+def memory_figures(samples: list[dict], key: str, warmup: float) -> dict[str, float] | None:
+    """Start, after warm-up, end and max of one sampled figure (MiB); None when it was never measured."""
+    measured = [entry for entry in samples if entry[key] is not None]
+    if not measured:
+        return None
+    warm = next((entry for entry in measured if entry["t"] >= warmup), measured[-1])
+    return {
+        "start_mib": measured[0][key],
+        "after_warmup_mib": warm[key],
+        "warmup_s": warm["t"],
+        "end_mib": measured[-1][key],
+        "max_mib": max(entry[key] for entry in measured),
+        "growth_after_warmup_mib": round(measured[-1][key] - warm[key], 1),
+    }
+
+
+def summarize(
+    args: argparse.Namespace, env: Environment, leg: list[dict], load_seconds: float, previous: dict[str, Any] | None
+) -> dict[str, Any]:
+    """This run's request figures and, over all legs' samples, the memory figures and the verdict."""
     requests = {}
     for entry in sorted(env.stats.entries.values(), key=lambda entry: entry.name):
         requests[entry.name] = {
@@ -270,59 +382,115 @@ def summarize(args: argparse.Namespace, env: Environment, samples: list[dict], l
     errors = [
         {"request": error.name, "error": str(error.error), "occurrences": error.occurrences}
         for error in env.stats.errors.values()
+    ] + [  # exceptions raised in a task outside a request (locust logs them but counts no failure)
+        {"request": "task", "error": row["msg"], "occurrences": row["count"]} for row in env.runner.exceptions.values()
     ]
-    measured = [entry for entry in samples if entry["rss_mib"] is not None]
-    warm = next((entry for entry in measured if entry["t"] >= args.warmup), measured[-1] if measured else None)
-    memory = None
-    if measured:
-        memory = {
-            "rss_start_mib": measured[0]["rss_mib"],
-            "rss_after_warmup_mib": warm["rss_mib"],
-            "warmup_s": warm["t"],
-            "rss_end_mib": measured[-1]["rss_mib"],
-            "rss_max_mib": max(entry["rss_mib"] for entry in measured),
-            "growth_after_warmup_mib": round(measured[-1]["rss_mib"] - warm["rss_mib"], 1),
-            "by_process_start_mib": measured[0]["rss_by_process_mib"],
-            "by_process_end_mib": measured[-1]["rss_by_process_mib"],
+    first, last = leg[0], leg[-1]
+    cancelled_by_client = [
+        (name.split()[0], row["count"]) for name, row in requests.items() if "cancelled" in row["kind"]
+    ]
+    cancellations = {
+        model: {
+            "client": sum(count for name, count in cancelled_by_client if name == model),
+            "server": count - first["cancelled"].get(model, 0),
         }
-    first, last = samples[0], samples[-1]
+        for model, count in last["cancelled"].items()
+    }
+    samples = (previous["samples"] if previous else []) + leg
+    pids = {entry["triton_pid"] for entry in samples if entry["triton_pid"] is not None}
+    memory = memory_figures(samples, "rss_mib", args.warmup)
+    if memory:
+        measured = [entry["rss_by_process_mib"] for entry in samples if entry["rss_mib"] is not None]
+        memory.update(by_process_start_mib=measured[0], by_process_end_mib=measured[-1])
     total = env.stats.total
-    return {
+    unexpected = total.num_failures + sum(row["count"] for row in env.runner.exceptions.values())
+    this_leg = {
+        "out": str(args.out),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "server": f"own (`stepdiff serve --pipeline {args.pipeline}`)" if args.pipeline else f"attached ({args.url})",
         "duration_s": round(load_seconds, 1),
+        "total_requests": total.num_requests,
+        "unexpected_errors": unexpected,
+        "active_sequences_end": last["active_sequences"],
+    }
+    report = {
+        "date": this_leg["date"],
+        "server": f"own (`stepdiff serve --pipeline {args.pipeline}`)" if args.pipeline else f"attached ({args.url})",
+        "duration_s": this_leg["duration_s"],
         "cpu_count": os.cpu_count(),
-        "users": {"total": args.users, "weights": {"http": 1, "grpc": 2, "invalid inputs": 1}},
+        "users": {"total": args.users, "weights": {name: user.weight for name, user in USERS.items()}},
         "options": {
             key: getattr(args, key) for key in ("steps", "sizes", "cancel_fraction", "cancel_after", "cpu_threads")
         },
         "total_requests": total.num_requests,
         "requests_per_s": round(total.num_requests / load_seconds, 2),
-        "unexpected_errors": total.num_failures,
+        "unexpected_errors": unexpected,
         "by_kind": kinds,
         "invalid_by_type": invalid_by_type,
         "requests": requests,
         "errors": errors,
-        "cancelled_by_server": (
-            last["cancelled_total"] - first["cancelled_total"]
-            if None not in (first["cancelled_total"], last["cancelled_total"])
-            else None
-        ),
+        "cancellations": cancellations,
+        "cancelled_by_server": sum(counts["server"] for counts in cancellations.values()) if cancellations else None,
         "active_sequences_end": last["active_sequences"],
-        "triton_restarts_seen": len({entry["triton_pid"] for entry in measured}) - 1 if measured else None,
+        "triton_restarts_seen": len(pids) - 1 if pids else None,
+        "legs": (previous["legs"] if previous else []) + [this_leg],
         "memory": memory,
+        "gpu_memory": memory_figures(samples, "gpu_memory_mib", args.warmup),
+        "growth": growth(args, samples),
         "samples": samples,
     }
+    report["failures"] = failures(report)
+    return report
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    """What makes the soak fail; empty when it passes."""
+    found = [
+        f"{leg['unexpected_errors']} unexpected errors in {leg['out']}"
+        for leg in report["legs"]
+        if leg["unexpected_errors"]
+    ] + [
+        f"{leg['active_sequences_end']} generations still active after {leg['out']}"
+        for leg in report["legs"]
+        if leg["active_sequences_end"]
+    ]
+    if report["triton_restarts_seen"]:
+        found.append(f"tritonserver restarted {report['triton_restarts_seen']} times")
+    found += [
+        f"{model}: the client cancelled {counts['client']}, the server counted {counts['server']}"
+        for model, counts in report["cancellations"].items()
+        if not 0 <= counts["client"] - counts["server"] <= LATE_CANCELS + LATE_CANCEL_SHARE * counts["client"]
+    ]
+    if report["growth"]["too_fast"]:
+        found.append(f"memory {report['growth']['verdict']} (limit {report['growth']['max_mib_per_min']})")
+    return found
+
+
+def per_minute(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
 
 
 def markdown(report: dict[str, Any]) -> str:
+    weights = " : ".join(f"{name} {weight}" for name, weight in report["users"]["weights"].items())
     lines = [
         f"# Soak run, {report['date']}",
         "",
         f"Server: {report['server']}, {report['cpu_count']} CPUs. {report['duration_s']:.0f} s of load, "
-        f"{report['users']['total']} locust users "
-        f"(weights HTTP 1 : gRPC 2 : invalid inputs 1); options {report['options']}.",
+        f"{report['users']['total']} locust users (weights {weights}); options {report['options']}.",
         "",
+    ]
+    if len(report["legs"]) > 1:
+        lines += [
+            "Earlier runs against the same server, whose samples join this one's for the memory figures:",
+            "",
+            *(
+                f"- {leg['date']}, {leg['duration_s']:.0f} s, {leg['total_requests']} requests, "
+                f"{leg['unexpected_errors']} unexpected errors, active sequences after it: "
+                f"{leg['active_sequences_end']} ({leg['out']})"
+                for leg in report["legs"][:-1]
+            ),
+            "",
+        ]
+    lines += [
         "| kind | requests | unexpected errors |",
         "|---|---|---|",
         *(
@@ -345,32 +513,56 @@ def markdown(report: dict[str, Any]) -> str:
         "Unexpected errors: " + ("none." if not report["errors"] else ""),
         *(f"- {error['request']}: {error['error']} (x{error['occurrences']})" for error in report["errors"]),
         "",
+        "Cancellations, by the client / as the server counted them: "
+        + ", ".join(f"{model} {c['client']} / {c['server']}" for model, c in report["cancellations"].items())
+        + f" (up to {LATE_CANCELS} + {LATE_CANCEL_SHARE:.0%} may reach the server after the last step, "
+        "with nothing left to stop).",
+        "",
     ]
-    memory = report["memory"]
+    memory, gpu, growth_ = report["memory"], report["gpu_memory"], report["growth"]
+    rows = {
+        "RSS, tritonserver + model processes (sum; shared pages count once per process)": memory,
+        "GPU memory in use (Triton's nv_gpu_memory_used_bytes, all GPUs)": gpu,
+    }
+    lines += [
+        "| memory, MiB | start | after warm-up | end | max | end minus after warm-up |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {name} | {m['start_mib']:.0f} | {m['after_warmup_mib']:.0f} ({m['warmup_s']:.0f} s) "
+            f"| {m['end_mib']:.0f} | {m['max_mib']:.0f} | {m['growth_after_warmup_mib']:+.1f} |"
+            for name, m in rows.items()
+            if m
+        ),
+        "",
+    ]
+    if not memory:
+        lines += ["RSS: not measured (no tritonserver with that HTTP port on this machine).", ""]
+    if not gpu:
+        lines += ["GPU memory: no GPU (the server exports no nv_gpu_memory_used_bytes).", ""]
     if memory:
         lines += [
-            "Resident memory of tritonserver and its model processes (sum of RSS, MiB; shared pages count once "
-            "per process):",
-            "",
-            f"| start | after warm-up ({memory['warmup_s']:.0f} s) | end | max | end minus after warm-up |",
-            "|---|---|---|---|---|",
-            f"| {memory['rss_start_mib']:.0f} | {memory['rss_after_warmup_mib']:.0f} | {memory['rss_end_mib']:.0f} "
-            f"| {memory['rss_max_mib']:.0f} | {memory['growth_after_warmup_mib']:+.1f} |",
-            "",
-            "| process | start | end |",
-            "|---|---|---|",
+            "| process | start | end | MiB/min over the last half |",
+            "|---|---|---|---|",
             *(
-                f"| {name} | {value:.0f} | {memory['by_process_end_mib'].get(name, 0):.0f} |"
+                f"| {name} | {value:.0f} | {memory['by_process_end_mib'].get(name, 0):.0f} "
+                f"| {per_minute(growth_['by_process_mib_per_min'].get(name))} |"
                 for name, value in memory["by_process_start_mib"].items()
             ),
             "",
         ]
-    else:
-        lines += ["Memory: not measured (no tritonserver with that HTTP port on this machine).", ""]
+    window = growth_["window_s"]
     lines += [
+        f"Growth over the last half, {window[0]:.0f} to {window[1]:.0f} s (least-squares slope, MiB/min): "
+        + (
+            ", ".join(f"{name} {per_minute(value)}" for name, value in growth_["mib_per_min"].items())
+            or "nothing measured"
+        )
+        + f". Verdict: {growth_['verdict']}.",
+        "",
         f"Active sequences once the load stopped: {report['active_sequences_end']}. "
-        f"Generations the server counted as cancelled: {report['cancelled_by_server']}. "
         f"tritonserver restarts seen: {report['triton_restarts_seen']}.",
+        "",
+        "**PASS**" if not report["failures"] else "**FAIL**: " + "; ".join(report["failures"]) + ".",
         "",
     ]
     return "\n".join(lines)
@@ -383,17 +575,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     target.add_argument("--url", help="HTTP host:port of a running server (on this machine, for memory)")
     parser.add_argument("--grpc-url", help="with --url: gRPC host:port (default: the HTTP port + 1)")
     parser.add_argument("--metrics-url", help="with --url: metrics URL (default: http://host:<HTTP port + 2>/metrics)")
-    parser.add_argument("--duration", type=parse_duration, default="10m", help="e.g. 600, 90s, 10m, 2h (default 10m)")
-    parser.add_argument("--users", type=int, default=4)
+    parser.add_argument("--duration", type=parse_duration, default="10m", help="e.g. 600, 90s, 9m30s, 2h (default 10m)")
+    parser.add_argument("--users", type=int, default=5)
     parser.add_argument("--steps", default="8,12,20", help="num_inference_steps values of the good requests")
     parser.add_argument("--sizes", default="64x64,64x48", help="HEIGHTxWIDTH values of the good requests")
     parser.add_argument("--cancel-fraction", type=float, default=0.2, help="share of gRPC requests cut off mid-way")
     parser.add_argument("--cancel-after", type=float, default=0.03, help="client deadline of those, seconds")
     parser.add_argument("--sample-every", type=float, default=5.0, help="seconds between memory samples")
-    parser.add_argument("--warmup", type=float, default=60.0, help="memory growth is judged after this many seconds")
+    parser.add_argument(
+        "--warmup", type=parse_duration, default="60", help="seconds from the start left out of the growth verdict"
+    )
+    parser.add_argument(
+        "--max-growth-mib-per-min", type=float, default=1.0, help="memory growth that fails the run (default 1.0)"
+    )
+    parser.add_argument(
+        "--previous", type=Path, help="with --url: the --out of an earlier run against the same server, continued here"
+    )
     parser.add_argument("--cpu-threads", type=int, default=1, help="with --pipeline: torch threads per model")
     parser.add_argument("--out", type=Path, default=Path("results/soak"))
     args = parser.parse_args(argv)
+    if args.previous and not args.url:
+        parser.error("--previous continues a run against the same server: give its --url")
     if args.url:
         host, port = args.url.rsplit(":", 1)
         args.grpc_url = args.grpc_url or f"{host}:{int(port) + 1}"
@@ -403,10 +605,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    previous = json.loads((args.previous / "soak.json").read_text()) if args.previous else None
     args.out.mkdir(parents=True, exist_ok=True)
     server = start_server(args) if args.pipeline else None
     try:
-        report = run(args)
+        report = run(args, previous)
     finally:
         if server is not None:
             server.send_signal(signal.SIGINT)
@@ -415,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "soak.md").write_text(markdown(report))
     print(markdown(report))
     print(f"soak: wrote {args.out / 'soak.json'} and {args.out / 'soak.md'}")
-    return 1 if report["unexpected_errors"] or report["active_sequences_end"] else 0
+    return 1 if report["failures"] else 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""load_tests/soak.py, briefly, against the session server: the report's figures and no unexpected errors."""
+"""load_tests/soak.py, briefly, against the session server: the report's figures, the memory verdict, two legs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from conftest import REPO
 
 
-def test_short_soak_reports_errors_memory_and_active_sequences(server, tmp_path):
+def soak(server, out, *extra: str) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
         str(REPO / "load_tests" / "soak.py"),
@@ -19,10 +19,8 @@ def test_short_soak_reports_errors_memory_and_active_sequences(server, tmp_path)
         server.grpc_url,
         "--metrics-url",
         server.metrics_url,
-        "--duration",
-        "10s",
         "--users",
-        "4",
+        "5",
         "--sample-every",
         "2",
         "--warmup",
@@ -30,17 +28,27 @@ def test_short_soak_reports_errors_memory_and_active_sequences(server, tmp_path)
         "--steps",
         "8,12",
         "--out",
-        str(tmp_path),
+        str(out),
+        *extra,
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    return subprocess.run(command, capture_output=True, text=True, timeout=180)
+
+
+def test_short_soak_reports_errors_memory_streams_and_an_unjudged_slope(server, tmp_path):
+    result = soak(server, tmp_path, "--duration", "0m15s")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "soak.json").read_text())
-    assert report["unexpected_errors"] == 0 and report["errors"] == []
-    assert report["by_kind"]["good"]["count"] > 0 and report["by_kind"]["cancelled"]["count"] > 0
+    assert report["unexpected_errors"] == 0 and report["errors"] == [] and report["failures"] == []
+    kinds = report["by_kind"]
+    assert all(kinds[kind]["count"] > 0 for kind in ("good", "cancelled", "stream good", "stream cancelled")), kinds
     assert all(count > 0 for count in report["invalid_by_type"].values()), report["invalid_by_type"]
-    assert report["cancelled_by_server"] > 0
+    cancellations = report["cancellations"]  # the server's counts, within the share of late cancels (failures)
+    assert cancellations["txt2img_stream"]["client"] == kinds["stream cancelled"]["count"]
+    assert cancellations["txt2img"]["client"] == kinds["cancelled"]["count"]
+    assert all(counts["server"] > 0 for counts in cancellations.values()), cancellations
     assert report["active_sequences_end"] == 0
     assert report["requests_per_s"] > 0 and report["triton_restarts_seen"] == 0
+    assert report["duration_s"] >= 15 and len(report["legs"]) == 1
     memory = report["memory"]
     assert set(memory["by_process_end_mib"]) == {
         "tritonserver",
@@ -50,6 +58,29 @@ def test_short_soak_reports_errors_memory_and_active_sequences(server, tmp_path)
         "vae_decode_0_0",
         *(f"txt2img_0_{index}" for index in range(4)),  # txt2img runs four instances
     }
-    assert 0 < memory["rss_start_mib"] <= memory["rss_max_mib"] and memory["rss_end_mib"] <= memory["rss_max_mib"]
+    assert 0 < memory["start_mib"] <= memory["max_mib"] and memory["end_mib"] <= memory["max_mib"]
+    assert report["gpu_memory"] is None  # CPU: no GPU, which is no failure
+    growth = report["growth"]
+    assert not growth["judged"] and growth["verdict"].startswith("too short to judge") and not growth["too_fast"]
+    assert set(growth["mib_per_min"]) == {"RSS, all processes", "RSS, tritonserver"}
+    assert set(growth["by_process_mib_per_min"]) == set(memory["by_process_end_mib"])
     summary = (tmp_path / "soak.md").read_text()
-    assert "| **all** |" in summary and "Unexpected errors: none." in summary
+    assert "| **all** |" in summary and "Unexpected errors: none." in summary and "**PASS**" in summary
+    assert "GPU memory: no GPU" in summary and "too short to judge" in summary
+
+    # A second leg continuing the first (--previous), whose samples are moved 10 minutes back: the run
+    # then spans over 10 minutes and its growth is judged, here against a limit that any slope exceeds.
+    previous = tmp_path / "earlier"
+    previous.mkdir()
+    for entry in report["samples"]:
+        entry["time"] -= 600
+    (previous / "soak.json").write_text(json.dumps(report))
+    second = tmp_path / "second"
+    result = soak(server, second, "--duration", "6s", "--previous", str(previous), "--max-growth-mib-per-min=-1e9")
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((second / "soak.json").read_text())
+    assert len(report["legs"]) == 2 and report["triton_restarts_seen"] == 0 and report["unexpected_errors"] == 0
+    growth = report["growth"]
+    assert growth["judged"] and growth["window_s"][0] > 300 and growth["verdict"].startswith("growing")
+    assert len(report["failures"]) == 1 and report["failures"][0].startswith("memory growing")
+    assert "**FAIL**: memory growing" in (second / "soak.md").read_text()
