@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP_OPTIONS ?=
 TINY_SD := build/tiny-sd
 
-.PHONY: install demo test lint test-gpu bench-gpu serve-tiny load-test perf load-report soak clean
+.PHONY: install demo test lint test-gpu bench-gpu serve-tiny load-test perf load-report soak docker-smoke clean
 # Against a running server (e.g. `make serve-tiny` in another terminal):
 HOST ?= localhost
 DURATION ?= 60s
@@ -45,6 +45,12 @@ load-report: $(VENV)/.installed
 
 soak: $(TINY_SD)/model_index.json
 	HF_HUB_OFFLINE=1 $(PY) load_tests/soak.py --pipeline $(TINY_SD) --duration $(SOAK_DURATION) --users $(SOAK_USERS) --out results/soak
+
+# Build the Docker image and serve the tiny pipeline from a container; needs a running dockerd (README: Docker).
+# Not part of `make test` (.ci/run runs it after). E.g. make docker-smoke DOCKER_SMOKE_OPTIONS="--out results/x"
+DOCKER_SMOKE_OPTIONS ?=
+docker-smoke: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) deploy/docker_smoke.py $(DOCKER_SMOKE_OPTIONS)
 
 test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not gpu"

@@ -202,9 +202,11 @@ def reference_image(pipe, prompt: str, seed: int, scheduler: str | None = None, 
 
 @pytest.fixture(scope="session")
 def limited_server(tiny_sd, tmp_path_factory):
-    """A second server with tight limits: 2 active sequences, 1 request per forward, 2 s idle TTL."""
+    """A second server with tight limits: 2 active sequences, 4 waiting for at most 10 s, 1 request per
+    forward, 2 s idle TTL."""
     log_file = tmp_path_factory.mktemp("limited") / "tritonserver.log"
-    limits = ("--max-active-sequences", "2", "--max-batch-size", "1")
+    limits = ("--max-active-sequences", "2", "--max-queue", "4", "--queue-timeout-seconds", "10")
+    limits += ("--max-batch-size", "1")
     with running_server(tiny_sd, log_file, *limits, environ={"STEPDIFF_SEQUENCE_IDLE_SECONDS": "2"}) as running:
         yield running
 

@@ -125,6 +125,8 @@ def test_models_see_only_libpython_from_the_interpreters_libdir(tmp_path, monkey
         (["--warmup", "512x0"], {}, "warmup='512x0': expected sizes HEIGHTxWIDTH"),
         (["--step-lookahead", "0"], {}, "step_lookahead=0: allowed 1..8"),
         (["--step-lookahead", "9"], {}, "step_lookahead=9: allowed 1..8"),
+        (["--max-queue", "-1"], {}, "max_queue=-1: must be >= 0"),
+        ([], {"STEPDIFF_QUEUE_TIMEOUT_SECONDS": "0"}, "queue_timeout_seconds=0.0: must be > 0 and finite"),
         ([], {"STEPDIFF_DENOISER": "fast"}, "denoiser='fast': allowed exact, compiled, eager"),
     ],
 )

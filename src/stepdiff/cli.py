@@ -26,6 +26,8 @@ SERVE_FLAGS = (
     "cpu_threads",
     "max_batch_size",
     "max_active_sequences",
+    "max_queue",
+    "queue_timeout_seconds",
     "max_steps",
     "max_pixels",
     "denoiser",
@@ -75,7 +77,18 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-active-sequences",
         type=int,
-        help=f"concurrent generations before 'server busy' (default {Settings.max_active_sequences})",
+        help=f"generations run at once; later ones wait in a queue (default {Settings.max_active_sequences})",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        help="generations that may wait for a slot, oldest first, before 'server busy' (0: none wait; default "
+        f"{Settings.max_queue})",
+    )
+    parser.add_argument(
+        "--queue-timeout-seconds",
+        type=float,
+        help=f"longest wait in the queue before 'server busy' (default {Settings.queue_timeout_seconds:g})",
     )
     parser.add_argument(
         "--max-steps", type=int, help=f"largest num_inference_steps accepted (default {Settings.max_steps})"
@@ -159,7 +172,8 @@ def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
         f"stepdiff: device {device or settings.torch_device()}, dtype "
         f"{str(settings.torch_dtype()).removeprefix('torch.')}; limits: max_steps {settings.max_steps}, "
         f"max_pixels {settings.max_pixels}, max_prompt_bytes {settings.max_prompt_bytes}, "
-        f"max_active_sequences {settings.max_active_sequences}{share}, max_batch_size "
+        f"max_active_sequences {settings.max_active_sequences}{share}, max_queue {settings.max_queue} (timeout "
+        f"{settings.queue_timeout_seconds:g} s), max_batch_size "
         f"{settings.max_batch_size or 'model config'}; "
         f"denoiser {settings.denoiser}, warm-up {settings.warmup or 'on first use'}, step lookahead "
         f"{settings.step_lookahead}; "

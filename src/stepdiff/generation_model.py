@@ -4,6 +4,10 @@
 ``orchestrator.generate`` over BLS and answers through the request's response sender. Requests thus
 run concurrently in one instance, and their step calls meet (and batch) in denoise_step.
 
+At most as many generations run at once, over every instance of both models, as denoise_step admits
+(``max_active_sequences``); later ones wait their turn in a FIFO of at most ``max_queue``, for up to
+``queue_timeout_seconds`` (``admission``). Inputs are checked before a request queues.
+
 Each BLS call is counted in ``stepdiff_stage_calls_in_flight`` until answered: with Triton's own counts
 of the requests a model answered, that tells ``stepdiff serve``'s watchdog a model that holds calls
 without answering (hung) from one that has none.
@@ -13,23 +17,68 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from .adapters import Stage, load_adapter
-from .engine import ServerBusy
+from .admission import Admission, SharedSlots
 from .orchestrator import generate
 from .params import PARAM_NAMES, encode_image, integer, parse_generation_params, parse_output_options
+from .repository import generations_admitted
 from .triton_io import bls_call, error_response, load_settings, numpy_inputs, release_triton_objects
 
 FINAL = "TRITONSERVER_RESPONSE_COMPLETE_FINAL"
 # Seconds finalize waits for the generations still in flight to answer before cancelling them.
 FINALIZE_GRACE = 5.0
+QUEUE_WAIT_BUCKETS = [0.01, 0.05, 0.25, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
+
+
+class QueueMetrics:
+    """Admission's observer: ``stepdiff_queue_length`` (gauge), ``stepdiff_queue_wait_seconds``
+    (histogram) and ``stepdiff_queue_rejections_total`` (counter per ``reason``), labelled by model. The
+    instances of a model add to the same series."""
+
+    def __init__(self, model_name: str):
+        labels = {"model": model_name}
+        # Keep the families alive as long as their metrics (Triton deletes metrics with their family).
+        self.families = [
+            pb_utils.MetricFamily(name=name, description=description, kind=kind)
+            for name, description, kind in (
+                ("stepdiff_queue_length", "Generations waiting for a slot", pb_utils.MetricFamily.GAUGE),
+                (
+                    "stepdiff_queue_wait_seconds",
+                    "Seconds from a generation's arrival to its start (0: at once) or to leaving the queue",
+                    pb_utils.MetricFamily.HISTOGRAM,
+                ),
+                (
+                    "stepdiff_queue_rejections_total",
+                    "Generations refused with UNAVAILABLE: the queue was full or the wait timed out",
+                    pb_utils.MetricFamily.COUNTER,
+                ),
+            )
+        ]
+        length, wait, rejections = self.families
+        self.length = length.Metric(labels=labels)
+        self.wait = wait.Metric(labels=labels, buckets=QUEUE_WAIT_BUCKETS)
+        self.rejections = {
+            reason: rejections.Metric(labels={**labels, "reason": reason}) for reason in ("queue_full", "queue_timeout")
+        }
+
+    def queued(self, change: int) -> None:
+        self.length.increment(change)
+
+    def waited(self, seconds: float) -> None:
+        self.wait.observe(seconds)
+
+    def rejected(self, reason: str) -> None:
+        self.rejections[reason].increment(1)
 
 
 class GenerationModel:
@@ -44,7 +93,13 @@ class GenerationModel:
         )
         self.tasks: set[asyncio.Task] = set()
         self.executor: ThreadPoolExecutor | None = None
-        self.active = 0
+        # args["model_repository"] is this model's directory; denoise_step's is next to it.
+        limit = generations_admitted(Path(args["model_repository"]).parent, os.environ)
+        self.admission = Admission(
+            SharedSlots.for_server(limit, self.settings.max_queue),
+            self.settings.queue_timeout_seconds,
+            QueueMetrics(args["model_name"]),
+        )
         self.cancelled_family = pb_utils.MetricFamily(
             name="stepdiff_cancelled_requests_total",
             description="Generations stopped because the client cancelled, timed out or went away",
@@ -66,7 +121,7 @@ class GenerationModel:
             # executor, and asyncio's own (cpu count + 4 threads, made on first use) would cap the step
             # calls in flight at that, each thread blocked until its call is answered. The stub sets no
             # executor of its own, so nothing of Triton's is replaced.
-            workers = self.settings.max_active_sequences * self.settings.step_lookahead + 8
+            workers = self.admission.slots.limit * self.settings.step_lookahead + 8
             self.executor = ThreadPoolExecutor(max_workers=workers)
             asyncio.get_running_loop().set_default_executor(self.executor)
         for request in requests:
@@ -78,28 +133,27 @@ class GenerationModel:
     async def _serve(self, request: Any) -> None:
         sender = request.get_response_sender()
         final = getattr(pb_utils, FINAL)
-        self.active += 1
         try:
-            if self.active > self.settings.max_active_sequences:
-                # Checked here, at the door: Triton 2.51's BLS reports every child error as INTERNAL.
-                raise ServerBusy(
-                    f"server busy: {self.active - 1} generations in progress "
-                    f"(limit {self.settings.max_active_sequences}); retry later"
-                )
             raw = numpy_inputs(request, (*PARAM_NAMES, "preview_every", "output_format", "jpeg_quality"))
             params = parse_generation_params(raw, self.adapter.info, self.settings)
             output = parse_output_options(raw)
             preview_every = integer(raw, "preview_every", 0, 0, self.settings.max_steps) if self.streaming else 0
-            result = await generate(
-                self._call_stage,
-                params,
-                [spec.name for spec in self.adapter.conditioning],
-                on_step=(lambda *progress: self._progress(sender, *progress)) if self.streaming else None,
-                is_cancelled=request.is_cancelled,
-                lookahead=self.settings.step_lookahead,
-                preview_every=preview_every,
-            )
-            if result is None:
+            # The limits are checked here, at the door: Triton 2.51's BLS reports every child error as INTERNAL.
+            async with self.admission.slot(request.is_cancelled) as started:
+                result = (
+                    await generate(
+                        self._call_stage,
+                        params,
+                        [spec.name for spec in self.adapter.conditioning],
+                        on_step=(lambda *progress: self._progress(sender, *progress)) if self.streaming else None,
+                        is_cancelled=request.is_cancelled,
+                        lookahead=self.settings.step_lookahead,
+                        preview_every=preview_every,
+                    )
+                    if started
+                    else None
+                )
+            if result is None:  # cancelled while waiting or between steps
                 self._cancelled(sender)
                 return
             image = result.image.as_numpy()[0]
@@ -114,8 +168,6 @@ class GenerationModel:
                 self._cancelled(sender)
                 return
             response = error_response(error)
-        finally:
-            self.active -= 1
         sender.send(response, flags=final)
 
     async def _call_stage(
@@ -167,7 +219,8 @@ class GenerationModel:
         self._finish_generations(FINALIZE_GRACE)
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
-        del self.cancelled, self.cancelled_family, self.stage_calls, self.stage_calls_family
+        self.admission.close()
+        del self.cancelled, self.cancelled_family, self.stage_calls, self.stage_calls_family, self.admission
         release_triton_objects()
 
     def _finish_generations(self, grace: float) -> None:

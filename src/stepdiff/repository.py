@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from .adapters.base import TensorSpec
-from .settings import Settings
+from .settings import Settings, instance_count
 
 TEMPLATE = Path(__file__).resolve().parent / "model_repository"  # ships in the package
 PRODUCER = "text_encoder"  # outputs the conditioning
@@ -123,6 +123,14 @@ def write_repository_for(
 def config_parameters(config: model_config_pb2.ModelConfig) -> dict[str, Any]:
     """``config``'s parameters in the shape Triton hands a model (``args["model_config"]``), for Settings.load."""
     return {"parameters": {key: {"string_value": value.string_value} for key, value in config.parameters.items()}}
+
+
+def generations_admitted(repository: Path, environ: Mapping[str, str]) -> int:
+    """How many generations txt2img and txt2img_stream run at once in all: what the denoise_step instances
+    of ``repository`` admit together, under ``environ`` (Settings.generations_admitted)."""
+    config = read_config(repository / CONSUMER / "config.pbtxt")
+    instances = instance_count(json_format.MessageToDict(config, preserving_proto_field_name=True))
+    return Settings.load(config_parameters(config), environ).generations_admitted(instances)
 
 
 def model_settings(repository: Path, environ: Mapping[str, str]) -> dict[str, Settings]:

@@ -21,6 +21,7 @@ With ``stepdiff serve --gpus`` a stage model runs on the GPU Triton assigns its 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -46,6 +47,8 @@ class Settings:
     cpu_threads: int = 0
     max_batch_size: int = 0
     max_active_sequences: int = 256
+    max_queue: int = 256  # generations waiting for a slot past max_active_sequences (0: refused at once)
+    queue_timeout_seconds: float = 60.0
     max_steps: int = 200
     max_pixels: int = 1024 * 1024
     max_prompt_bytes: int = 4096
@@ -97,9 +100,11 @@ class Settings:
         for name in ("max_active_sequences", "max_steps", "max_pixels", "max_prompt_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        for name in ("max_batch_size",):
+        for name in ("max_batch_size", "max_queue"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+        if not 0 < self.queue_timeout_seconds < math.inf:
+            raise ValueError(f"queue_timeout_seconds={self.queue_timeout_seconds}: must be > 0 and finite")
         if self.denoiser not in MODES:
             raise ValueError(f"denoiser={self.denoiser!r}: allowed {', '.join(MODES)}")
         self.warmup_sizes()
@@ -162,6 +167,14 @@ class Settings:
         (unless the limit is below the instance count); at most ``instances - 1`` sequences of it are lost
         to rounding (none when the instances divide it, as 256 by 1, 2, 4 or 8 GPUs)."""
         return max(1, self.max_active_sequences // instances)
+
+    def generations_admitted(self, instances: int) -> int:
+        """How many generations txt2img and txt2img_stream run at once in all, with ``instances``
+        denoise_step instances: what those admit together (the limit less what the shares lose to
+        rounding), so that denoise_step never refuses a generation they admitted. Triton places a new
+        sequence in the lowest-numbered free slot over all instances, so while at most that many run,
+        every sequence sits in an instance's first share of slots."""
+        return min(self.max_active_sequences, instances * self.sequences_per_instance(instances))
 
     def apply_threads(self) -> None:
         """Pin torch's intra-op threads (results depend on the thread count on CPU)."""
