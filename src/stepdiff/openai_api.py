@@ -246,7 +246,7 @@ def txt2img_error(error: InferenceServerException, images: ImageRequest) -> Open
     if name in ("height", "width"):
         prefix = f"size={images.size[0]}x{images.size[1]}: " if images.size else ""
         return invalid("size", prefix + message)
-    return invalid(name if name == "prompt" or name in TXT2IMG_FIELDS else None, message)
+    return invalid(name if name == "prompt" or name in TXT2IMG_FIELDS or name in LIST_FIELDS else None, message)
 
 
 @dataclass(frozen=True)
