@@ -20,7 +20,6 @@ import contextlib
 import os
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import triton_python_backend_utils as pb_utils
 
 from .adapters import Stage, load_adapter
 from .admission import Admission, SharedSlots
+from .executor import DemandThreadPool
 from .orchestrator import generate
 from .params import PARAM_NAMES, encode_image, integer, parse_generation_params, parse_output_options
 from .repository import generations_admitted
@@ -92,7 +92,7 @@ class GenerationModel:
             self.settings.pipeline, Stage.INFO, self.settings.torch_device(), self.settings.torch_dtype()
         )
         self.tasks: set[asyncio.Task] = set()
-        self.executor: ThreadPoolExecutor | None = None
+        self.executor: DemandThreadPool | None = None
         # args["model_repository"] is this model's directory; denoise_step's is next to it.
         limit = generations_admitted(Path(args["model_repository"]).parent, os.environ)
         self.admission = Admission(
@@ -122,7 +122,7 @@ class GenerationModel:
             # calls in flight at that, each thread blocked until its call is answered. The stub sets no
             # executor of its own, so nothing of Triton's is replaced.
             workers = self.admission.slots.limit * self.settings.step_lookahead + 8
-            self.executor = ThreadPoolExecutor(max_workers=workers)
+            self.executor = DemandThreadPool(max_workers=workers)
             asyncio.get_running_loop().set_default_executor(self.executor)
         for request in requests:
             task = asyncio.ensure_future(self._serve(request))
