@@ -98,9 +98,8 @@ def main() -> int:
     for name in names:
         first, last = samples[0]["rss_by_process_mib"].get(name, 0), samples[-1]["rss_by_process_mib"].get(name, 0)
         counts = [s.get("threads", {}).get(name) for s in (samples[0], samples[-1])]
-        print(
-            f"  {name:24s} {per_request[name]:+8.2f}   ({first:.0f} -> {last:.0f} MiB, threads {counts[0]} -> {counts[1]})"
-        )
+        memory = f"{first:.0f} -> {last:.0f} MiB"
+        print(f"  {name:24s} {per_request[name]:+8.2f}   ({memory}, threads {counts[0]} -> {counts[1]})")
     return 0
 
 
