@@ -118,6 +118,17 @@ def test_models_see_only_libpython_from_the_interpreters_libdir(tmp_path, monkey
     assert link.name == sysconfig.get_config_var("INSTSONAME") and link.resolve().is_file()
 
 
+def test_malloc_settings_apply_unless_the_user_sets_them(tmp_path, monkeypatch):
+    from stepdiff import server
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    env = server.server_environment(server.locate_triton(), {})
+    assert env["MALLOC_ARENA_MAX"] == "2"
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "65536"
+
+
 @pytest.mark.parametrize(
     ("flags", "environ", "message"),
     [
