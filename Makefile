@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP_OPTIONS ?=
 TINY_SD := build/tiny-sd
 
-.PHONY: install demo test lint test-gpu bench-gpu serve-tiny load-test perf load-report soak docker-smoke clean
+.PHONY: install demo test lint test-gpu bench-gpu bench-families serve-tiny load-test perf load-report soak docker-smoke clean
 # Against a running server (e.g. `make serve-tiny` in another terminal):
 HOST ?= localhost
 DURATION ?= 60s
@@ -60,13 +60,23 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# On a CUDA machine: the side-by-side benchmark (SD-1.5 size and QwenImage size, random weights) into BENCH_OUT
+# On a CUDA machine: the side-by-side benchmark (SD-1.5 size, random weights) into BENCH_OUT, then bench-families
 BENCH_OUT ?= results/bench-$(shell date +%Y-%m-%d)
 bench-gpu: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m stepdiff make-tiny sd15-size build/sd15-size --dtype float16
-	HF_HUB_OFFLINE=1 $(PY) -m stepdiff make-tiny qwenimage-size build/qwenimage-size --dtype bfloat16
 	HF_HUB_OFFLINE=1 $(PY) load_tests/bench_batching.py --pipeline build/sd15-size --out $(BENCH_OUT) --clear-compile-cache
-	HF_HUB_OFFLINE=1 $(PY) load_tests/bench_qwenimage.py --pipeline build/qwenimage-size --out $(BENCH_OUT)/qwenimage
+	$(MAKE) bench-families BENCH_OUT=$(BENCH_OUT)
+
+# On a CUDA machine: per-step time in-process vs Triton (concurrency 1 and 8) of each family's `*-size` build
+# (random weights), each in its dtype, into BENCH_OUT/families (one table per build + results.md over all)
+BENCH_FAMILIES ?= sd15-size:float16 sdxl-size:float16 sd3-size:float16 flux-size:bfloat16 qwenimage-size:bfloat16
+bench-families: $(VENV)/.installed
+	set -e; for build in $(BENCH_FAMILIES); do \
+		name=$${build%%:*}; dtype=$${build##*:}; \
+		HF_HUB_OFFLINE=1 $(PY) -m stepdiff make-tiny $$name build/$$name --dtype $$dtype; \
+		HF_HUB_OFFLINE=1 $(PY) load_tests/bench_families.py --pipeline build/$$name --dtype $$dtype \
+			--out $(BENCH_OUT)/families; \
+	done
 
 # On a CUDA machine: host syncs per step, graph replay vs stock diffusers (tests/test_gpu.py)
 test-gpu: $(VENV)/.installed

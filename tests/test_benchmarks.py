@@ -88,31 +88,61 @@ def test_batching_benchmark_writes_its_tables(tiny_sd, tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 0
 
 
-def test_qwenimage_benchmark_writes_its_table(tiny_qwen, tmp_path):
-    [port] = free_ports(1)
-    run_script(
-        "bench_qwenimage.py",
-        "--pipeline",
-        str(tiny_qwen),
-        "--out",
-        str(tmp_path),
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-        "--dtype",
-        "float32",
-        "--sizes",
-        "64",
-        "--steps",
-        "2",
-        "--concurrency",
-        "1,2",
-        "--rounds",
-        "1",
-    )
-    assert "ms/step" in (tmp_path / "results.md").read_text()
-    assert json.loads((tmp_path / "results.json").read_text())
+def test_families_benchmark_appends_each_family_to_one_table(tiny_qwen, tiny_sdxl, tmp_path):
+    """bench_families on three families, one after another into one --out: QwenImage (true CFG with its
+    default negative prompt), Flux dev (embedded guidance) and SDXL (CFG), each with its own files and a
+    row in the combined table."""
+    from stepdiff.tiny import make_tiny
+
+    tiny_flux = make_tiny("flux", tmp_path / "pipelines" / "tiny-flux")
+    out = tmp_path / "out"
+    for pipeline in (tiny_qwen, tiny_flux, tiny_sdxl):
+        [port] = free_ports(1)
+        output = run_script(
+            "bench_families.py",
+            "--pipeline",
+            str(pipeline),
+            "--out",
+            str(out),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--sizes",
+            "64",
+            "--steps",
+            "2",
+            "--concurrency",
+            "1,2",
+            "--rounds",
+            "1",
+        )
+        assert "ms/step" in output
+    expected = {
+        "tiny-qwenimage": (
+            "QwenImage",
+            "QwenImagePipeline",
+            {"true_cfg_scale": 4.0, "negative_prompt": "blurry, low quality"},
+        ),
+        "tiny-flux": (
+            "Flux.1 dev",
+            "FluxPipeline",
+            {"guidance_scale": 3.5, "true_cfg_scale": 1.0, "negative_prompt": None},
+        ),
+        "tiny-sdxl": ("SDXL", "StableDiffusionXLPipeline", {"guidance_scale": 5.0, "negative_prompt": None}),
+    }
+    for name, (family, pipeline_class, guidance) in expected.items():
+        result = json.loads((out / f"{name}.json").read_text())
+        assert (result["config"]["family"], result["config"]["pipeline_class"]) == (family, pipeline_class)
+        assert result["config"]["dtype"] == "float32"  # the default on CPU
+        assert {key: result["guidance"].get(key) for key in guidance} == guidance  # the family's defaults
+        assert set(result["in_process"]) == set(result["triton"]) == {"64/1", "64/2"}
+        assert result["triton"]["64/2"]["mean_requests_per_batched_step"] > 0
+        markdown = (out / f"{name}.md").read_text()
+        assert markdown.startswith(f"# {family} per-step time") and pipeline_class in markdown
+    combined = (out / "results.md").read_text().splitlines()
+    rows = [line for line in combined if line.startswith("| ") and "`tiny-" in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| SDXL"] * 2 + ["| Flux.1 dev"] * 2 + ["| QwenImage"] * 2
 
 
 def test_lora_benchmark_writes_its_table(tiny_sd, tmp_path):
