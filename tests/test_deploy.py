@@ -56,6 +56,7 @@ def test_single_gpu_deployment_serves_safely():
     assert next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"]["medium"] == "Memory"
     assert container["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]
     assert pod["terminationGracePeriodSeconds"] > 30  # Triton's own wait for generations in flight
+    assert container["command"][:2] == ["/usr/bin/tini", "--"]  # the image's PID 1 (command replaces ENTRYPOINT)
     assert {port["name"] for port in objects["Service"]["spec"]["ports"]} == {"http", "grpc", "metrics"}
 
 
