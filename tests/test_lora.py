@@ -290,10 +290,3 @@ def test_adapters_that_cannot_be_stacked_fall_back_to_forwards_per_setting(tiny_
     monkeypatch.setattr(mixed_lora, "MAX_STACKED_RANK", 4)  # rank 4 each: three stacked exceed it
     denoiser = load_adapter(str(tiny_sd), Stage.DENOISE, torch.device("cpu"), torch.float32, loras)
     assert denoiser.mixed_lora is None
-
-
-def test_families_without_lora_loading_refuse_it_at_start(tiny_qwen, tmp_path):
-    from stepdiff.adapters import Stage, load_adapter
-
-    with pytest.raises(ValueError, match="--lora: LoRA adapters are not supported for QwenImagePipeline yet"):
-        load_adapter(str(tiny_qwen), Stage.DENOISE, torch.device("cpu"), torch.float32, {"any": str(tmp_path)})

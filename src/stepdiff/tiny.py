@@ -686,7 +686,8 @@ def make_tiny_lora(
 ) -> Path:
     """Write a random LoRA for the pipeline in ``pipeline_dir`` to ``out_dir`` as diffusers saves one
     (``pytorch_lora_weights.safetensors``): the denoiser's attention projections, and with
-    ``text_encoder`` the text encoder's. Offline, and the same bytes for the same pipeline and seed."""
+    ``text_encoder`` the (CLIP) text encoder's, where the pipeline's LoRA loader has one (not QwenImage).
+    Offline, and the same bytes for the same pipeline and seed."""
     from diffusers import DiffusionPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -695,6 +696,11 @@ def make_tiny_lora(
     denoiser_name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
     components = {denoiser_name: LORA_TARGETS["denoiser"]}
     if text_encoder:
+        if "text_encoder" not in getattr(pipe, "_lora_loadable_modules", ()):
+            raise ValueError(
+                f"--text-encoder: {type(pipe).__name__} loads LoRA into its {denoiser_name} only, "
+                "not into a text encoder"
+            )
         components["text_encoder"] = LORA_TARGETS["text_encoder"]
     torch.manual_seed(seed)
     layers = {}

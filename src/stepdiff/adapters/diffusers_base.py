@@ -7,6 +7,7 @@ and the conditioning tensors its text encoders produce, and writes the slices of
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -84,9 +85,34 @@ class DiffusersAdapter:
             return None
 
     def load_lora(self, name: str, path: str) -> None:
-        """Load the LoRA at ``path`` as adapter ``name`` into this stage's components, as the pipeline's
-        ``load_lora_weights`` does for the whole pipeline."""
-        raise ValueError(f"--lora: LoRA adapters are not supported for {self.pipeline_class.__name__} yet")
+        """``load_lora_weights(path, adapter_name=name)`` for the components this stage holds, with the
+        pipeline's own loader classmethods: ``lora_state_dict``, then ``load_lora_into_unet`` /
+        ``load_lora_into_transformer`` for the denoiser and ``load_lora_into_text_encoder`` for each text
+        encoder among its LoRA components; a key that fits none of them stops the load."""
+        pipe = self.pipe
+        if not hasattr(pipe, "lora_state_dict"):
+            raise ValueError(f"--lora: diffusers loads no LoRA adapters for {self.pipeline_class.__name__}")
+        state_dict, network_alphas, metadata = lora_state_dict(pipe, path)
+        check_lora_keys(pipe, name, path, state_dict)
+        for component_name in pipe._lora_loadable_modules:
+            component = getattr(pipe, component_name, None)
+            if component is None:
+                continue
+            common = {"adapter_name": name, "metadata": metadata, "_pipeline": pipe}
+            if component_name in ("unet", "transformer"):
+                load = getattr(pipe, f"load_lora_into_{component_name}")
+                if "network_alphas" in inspect.signature(load).parameters:  # SD, SDXL, Flux (SD3, QwenImage: none)
+                    common["network_alphas"] = network_alphas
+                load(state_dict, **{component_name: component}, **common)
+            else:
+                pipe.load_lora_into_text_encoder(
+                    state_dict,
+                    network_alphas,
+                    text_encoder=component,
+                    prefix=component_name,
+                    lora_scale=pipe.lora_scale,
+                    **common,
+                )
 
     def activate_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
         """Make ``loras`` (name, scale) this stage's active adapters, as the pipeline's
@@ -213,6 +239,20 @@ class DiffusersAdapter:
             return rgb_preview(np.moveaxis(latents[:3], 0, -1))
         rgb = np.einsum("chw,cr->hwr", latents, factors)
         return rgb_preview(rgb if self.latent_rgb_bias is None else rgb + self.latent_rgb_bias)
+
+
+def lora_state_dict(pipe: Any, path: str) -> tuple[dict[str, torch.Tensor], dict[str, float] | None, Any]:
+    """The pipeline's ``lora_state_dict(path)`` (kohya and other formats converted) as (state dict,
+    network alphas, metadata): SD's returns alphas, Flux's on request (``return_alphas``), SD3's and
+    QwenImage's none."""
+    kwargs: dict[str, Any] = {"return_lora_metadata": True}
+    if "return_alphas" in inspect.signature(pipe.lora_state_dict).parameters:
+        kwargs["return_alphas"] = True
+    outputs = pipe.lora_state_dict(path, **kwargs)
+    if len(outputs) == 3:
+        return outputs
+    state_dict, metadata = outputs
+    return state_dict, None, metadata
 
 
 def check_lora_keys(pipe: Any, name: str, path: str, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -18,7 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..runner import Rows
 from .base import GenerationParams, PipelineInfo, RequestState, text_embeddings, to_uint8
-from .diffusers_base import DiffusersAdapter, check_lora_keys, classifier_free_guidance
+from .diffusers_base import DiffusersAdapter, classifier_free_guidance
 from .loading import Stage, compatible_schedulers, load_component_config, vae_scale_factor
 
 STAGE_COMPONENTS = {
@@ -96,36 +96,6 @@ class StableDiffusionAdapter(DiffusersAdapter):
         if self.time_cond_proj_dim is not None:
             kept["timestep_cond"] = self.timestep_cond(params)
         return self.new_state(correlation_id, params, kept, scheduler, timesteps, generator, latents)
-
-    def load_lora(self, name: str, path: str) -> None:
-        """``load_lora_weights(path, adapter_name=name)`` for the components this stage holds: the UNet,
-        the text encoder(s); a key that fits none of the pipeline's LoRA components stops the load."""
-        state_dict, network_alphas, metadata = self.pipe.lora_state_dict(path, return_lora_metadata=True)
-        check_lora_keys(self.pipe, name, path, state_dict)
-        for component_name in self.pipe._lora_loadable_modules:
-            component = getattr(self.pipe, component_name, None)
-            if component is None:
-                continue
-            if component_name == "unet":
-                self.pipe.load_lora_into_unet(
-                    state_dict,
-                    network_alphas,
-                    unet=component,
-                    adapter_name=name,
-                    metadata=metadata,
-                    _pipeline=self.pipe,
-                )
-            else:
-                self.pipe.load_lora_into_text_encoder(
-                    state_dict,
-                    network_alphas,
-                    text_encoder=component,
-                    prefix=component_name,
-                    lora_scale=self.pipe.lora_scale,
-                    adapter_name=name,
-                    _pipeline=self.pipe,
-                    metadata=metadata,
-                )
 
     def timestep_cond(self, params: GenerationParams) -> torch.Tensor:
         """The guidance-scale embedding an LCM-distilled UNet takes, as the pipeline builds it."""
