@@ -258,13 +258,28 @@ def lora_denoiser(tiny_sd, loras):
     return load_adapter(str(tiny_sd), Stage.DENOISE, torch.device("cpu"), torch.float32, loras)
 
 
+def mixed_forward_matching_each_row_alone(denoiser, key, batch: dict, settings) -> torch.Tensor:
+    """One mixed forward of ``batch`` with row i under ``settings[i]``; asserts each row equals the same
+    batch run by PEFT under that row's setting (to float rounding; exactly for a row without adapters)."""
+    from stepdiff.adapters.base import lora_key, mixed_lora_key
+    from stepdiff.adapters.mixed_lora import LORA_SCALES
+
+    scales = torch.cat([denoiser.mixed_lora.scale_row(setting, torch.device("cpu")) for setting in settings])
+    with torch.inference_mode():
+        mixed = denoiser.denoise(mixed_lora_key(key), {**batch, LORA_SCALES: scales})
+        for row, setting in enumerate(settings):
+            alone = denoiser.denoise(lora_key(setting, key), batch)[row]
+            if setting:
+                torch.testing.assert_close(mixed[row], alone, rtol=1e-4, atol=1e-5)
+            else:
+                assert torch.equal(mixed[row], alone)
+    return mixed
+
+
 def test_one_forward_gives_each_row_its_own_lora_setting(lora_denoiser):
     """Rows of four settings (none, one adapter, another at 0.6, two adapters) in one mixed forward equal,
     row by row, the same batch run by PEFT under that row's setting: to float rounding, and exactly for the
     row without adapters. Run twice with the settings reversed: nothing depends on a row's position."""
-    from stepdiff.adapters.base import lora_key, mixed_lora_key
-    from stepdiff.adapters.mixed_lora import LORA_SCALES
-
     [template] = lora_denoiser.warmup_rows(64, 64)
     generator = torch.Generator().manual_seed(0)
     batch = {
@@ -272,15 +287,7 @@ def test_one_forward_gives_each_row_its_own_lora_setting(lora_denoiser):
         for name, value in template.tensors.items()
     }
     for settings in (MIXED_SETTINGS, MIXED_SETTINGS[::-1]):
-        scales = torch.cat([lora_denoiser.mixed_lora.scale_row(setting, torch.device("cpu")) for setting in settings])
-        with torch.inference_mode():
-            mixed = lora_denoiser.denoise(mixed_lora_key(template.key), {**batch, LORA_SCALES: scales})
-            for row, setting in enumerate(settings):
-                alone = lora_denoiser.denoise(lora_key(setting, template.key), batch)[row]
-                if setting:
-                    torch.testing.assert_close(mixed[row], alone, rtol=1e-4, atol=1e-5)
-                else:
-                    assert torch.equal(mixed[row], alone)
+        mixed = mixed_forward_matching_each_row_alone(lora_denoiser, template.key, batch, settings)
         assert not torch.equal(mixed[0], mixed[1])  # the adapters do change their rows
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import reference_image, reference_pipeline, running_server
 from test_batching import psnr
-from test_lora import batch_sizes
+from test_lora import batch_sizes, mixed_forward_matching_each_row_alone
 
 from stepdiff.tiny import make_tiny, make_tiny_lora
 
@@ -135,8 +135,7 @@ def test_one_forward_gives_each_row_its_own_lora_setting(family, pipeline, loras
     rows, each with its own noise) every row equals PEFT's forward under that row's setting, exactly for
     the row without adapters."""
     from stepdiff.adapters import GenerationParams, Stage, load_adapter
-    from stepdiff.adapters.base import lora_key, mixed_lora_key
-    from stepdiff.adapters.mixed_lora import LORA_SCALES
+    from stepdiff.adapters.base import lora_key
 
     cpu = torch.device("cpu")
     encoder = load_adapter(str(pipeline), Stage.TEXT_ENCODER, cpu, torch.float32)
@@ -151,15 +150,7 @@ def test_one_forward_gives_each_row_its_own_lora_setting(family, pipeline, loras
     rows = len(MIXED_SETTINGS)
     batch = {name: value[:1].repeat(rows, *[1] * (value.dim() - 1)) for name, value in template.tensors.items()}
     batch["hidden_states"] = torch.randn(batch["hidden_states"].shape, generator=generator)
-    scales = torch.cat([denoiser.mixed_lora.scale_row(setting, cpu) for setting in MIXED_SETTINGS])
-    with torch.inference_mode():
-        mixed = denoiser.denoise(mixed_lora_key(template.key), {**batch, LORA_SCALES: scales})
-        for row, setting in enumerate(MIXED_SETTINGS):
-            alone = denoiser.denoise(lora_key(setting, template.key), batch)[row]
-            if setting:
-                torch.testing.assert_close(mixed[row], alone, rtol=1e-4, atol=1e-5)
-            else:
-                assert torch.equal(mixed[row], alone)
+    mixed = mixed_forward_matching_each_row_alone(denoiser, template.key, batch, MIXED_SETTINGS)
     assert not torch.equal(mixed[1], denoiser.denoise(lora_key((), template.key), batch)[1])  # the adapters act
 
 
