@@ -127,6 +127,34 @@ def wait_for_line(process: subprocess.Popen, marker: str, timeout: float = 300) 
     raise AssertionError(f"launcher never printed {marker!r}; output:\n" + "\n".join(lines))
 
 
+def final_latents_of_mixes(denoiser, runner, conditioning: dict, options: tuple, mixes: list, first: int = 0) -> list:
+    """For each mix (one LoRA setting per request), its requests stepping together through a StepEngine on
+    ``runner`` until done: their final latents, one list per mix. Mix ``m``'s requests are sequences (and
+    seeds) ``10 * (first + m) + i``; ``options`` are GenerationParams' after prompt, negative and seed."""
+    from stepdiff.adapters import GenerationParams
+    from stepdiff.engine import StepCall, StepEngine
+
+    def params(seed: int, setting: tuple) -> GenerationParams:
+        return GenerationParams("a cat", None, seed, *options, loras=setting)
+
+    engine = StepEngine(denoiser, 8, 8, 60, runner)
+    finals = []
+    for index, mix in enumerate(mixes, start=first):
+        ids = [10 * index + request for request in range(len(mix))]
+        results = engine.run(
+            [
+                StepCall(i, start=True, conditioning=conditioning, params=params(i, setting))
+                for i, setting in zip(ids, mix, strict=True)
+            ]
+        )
+        assert all(result.error is None for result in results), results
+        while not results[0].done:
+            results = engine.run([StepCall(i) for i in ids])
+            assert all(result.error is None for result in results), results
+        finals.append([result.latents for result in results])
+    return finals
+
+
 @contextlib.contextmanager
 def running_server(
     pipeline: Path,

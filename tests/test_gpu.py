@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import final_latents_of_mixes
 
 from stepdiff.adapters import GenerationParams, Stage, load_adapter
 from stepdiff.engine import StepCall, StepEngine
@@ -148,29 +149,11 @@ def test_mixed_lora_forwards_replay_one_graph_for_any_mix(tiny_sd, tmp_path):
     with torch.inference_mode():
         conditioning = encoder.encode_prompt(GenerationParams("a cat", None, 0, *options))
 
-    def latents(mixes: list, stacked) -> tuple[list[torch.Tensor], int]:
+    def latents(mixes: list, stacked) -> tuple[list[list[torch.Tensor]], int]:
         """The final latents of one request per setting in ``mixes``, stepping together; graphs captured."""
         denoiser.mixed_lora = stacked  # None: forwards grouped by setting
         runner = DenoiserRunner(denoiser.denoise, CUDA, "exact", max_rows=16)
-        engine = StepEngine(denoiser, 8, 8, 60, runner)
-        finals = []
-        for first, mix in enumerate(mixes):
-            ids = [10 * first + index for index in range(len(mix))]
-            engine.run(
-                [
-                    StepCall(
-                        i,
-                        start=True,
-                        conditioning=conditioning,
-                        params=GenerationParams("a cat", None, i, *options, loras=setting),
-                    )
-                    for i, setting in zip(ids, mix, strict=True)
-                ]
-            )
-            while not (results := engine.run([StepCall(i) for i in ids]))[0].done:
-                assert all(result.error is None for result in results), results
-            finals.append([result.latents for result in results])
-        return finals, runner.stats.graphs
+        return final_latents_of_mixes(denoiser, runner, conditioning, options, mixes), runner.stats.graphs
 
     stacked = denoiser.mixed_lora
     mixes = [[(), (("a", 1.0),), (("b", 0.5),)], [(("a", -0.7), ("b", 1.2)), (), (("a", 0.3),)]]

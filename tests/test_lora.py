@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import reference_image, reference_pipeline, running_server, start_launcher
+from conftest import final_latents_of_mixes, reference_image, reference_pipeline, running_server, start_launcher
 from PIL import Image
 from test_batching import psnr
 from tritonclient.utils import InferenceServerException
@@ -297,3 +297,34 @@ def test_adapters_that_cannot_be_stacked_fall_back_to_forwards_per_setting(tiny_
     monkeypatch.setattr(mixed_lora, "MAX_STACKED_RANK", 4)  # rank 4 each: three stacked exceed it
     denoiser = load_adapter(str(tiny_sd), Stage.DENOISE, torch.device("cpu"), torch.float32, loras)
     assert denoiser.mixed_lora is None
+
+
+def test_compiled_forwards_mix_any_settings_without_compiling_again(tiny_sd, lora_denoiser):
+    """With ``--denoiser compiled`` every forward with adapters takes the stacked path, whose scales are an
+    input: once the first forward has compiled, other mixes, other scales and one setting for all compile
+    nothing again (Dynamo's ``error_on_recompile``), and every request's final latents equal those of the
+    eager runner (which runs one setting through PEFT) to float rounding."""
+    import torch._dynamo
+
+    from stepdiff.adapters import GenerationParams, Stage, load_adapter
+    from stepdiff.runner import DenoiserRunner
+
+    cpu = torch.device("cpu")
+    encoder = load_adapter(str(tiny_sd), Stage.TEXT_ENCODER, cpu, torch.float32)
+    options = (2, 7.5, 64, 64, "EulerDiscreteScheduler")
+    with torch.inference_mode():
+        conditioning = encoder.encode_prompt(GenerationParams("a cat", None, 0, *options))
+    mixes = [MIXED_SETTINGS[:3], [MIXED_SETTINGS[3], (), (("style-a", 0.3),)], [(("style_b", 0.9),)] * 3]
+
+    def latents(mode: str, chosen: list, first: int = 0) -> list:
+        runner = runners.setdefault(mode, DenoiserRunner(lora_denoiser.denoise, cpu, mode))
+        return final_latents_of_mixes(lora_denoiser, runner, conditioning, options, chosen, first)
+
+    runners: dict[str, DenoiserRunner] = {}
+    eager = latents("eager", mixes)  # leaves style_b active in PEFT: the compiled forwards must not mind
+    compiled = latents("compiled", mixes[:1])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled += latents("compiled", mixes[1:], first=1)
+    for eager_mix, compiled_mix in zip(eager, compiled, strict=True):
+        for one, other in zip(eager_mix, compiled_mix, strict=True):
+            torch.testing.assert_close(other, one, rtol=1e-4, atol=1e-5)

@@ -170,9 +170,12 @@ class StepEngine:
         """The runner's forwards per compatible group (at most ``max_batch_size`` requests), then each
         request's guidance and scheduler step. A lone request runs its own stock calls, unbatched.
         Requests with different LoRA settings share a forward when the adapter stacks its LoRAs
-        (``mixed_lora``, not with ``compiled``); otherwise forwards are grouped by setting. Requests of
-        one setting run diffusers' own LoRA path (``set_adapters``)."""
-        mixes = self.adapter.mixed_lora is not None and self.runner.mode != "compiled"
+        (``mixed_lora``); otherwise forwards are grouped by setting. Requests of one setting run
+        diffusers' own LoRA path (``set_adapters``), except with ``compiled``: there every forward with
+        adapters takes the stacked path, whose scales are a tensor input, since PEFT's are Python floats
+        that Dynamo guards on (each new setting or scale would compile again)."""
+        mixes = self.adapter.mixed_lora is not None
+        compiled = self.runner.mode == "compiled"
         groups: dict[object, list[tuple[int, RequestState]]] = defaultdict(list)
         for item in stepping:
             groups[(self.adapter.batch_key(item[1]), () if mixes else item[1].params.loras)].append(item)
@@ -180,7 +183,8 @@ class StepEngine:
             for first in range(0, len(members), self.max_batch_size):
                 chunk = members[first : first + self.max_batch_size]
                 # one setting for all (a lone request too): diffusers' own path, exactly as stock
-                mixed = mixes and len({state.params.loras for _, state in chunk}) > 1
+                settings = {state.params.loras for _, state in chunk}
+                mixed = mixes and (len(settings) > 1 or (compiled and settings != {()}))
                 try:
                     rows = [self._rows(state, mixed) for _, state in chunk]
                     outputs = self.runner.run([item for request in rows for item in request], separate=len(chunk) == 1)
