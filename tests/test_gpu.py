@@ -135,10 +135,12 @@ def test_a_forward_that_cannot_be_captured_runs_eagerly():
     assert torch.equal(output, x + 1)
 
 
-def test_mixed_lora_forwards_replay_one_graph_for_any_mix(tiny_sd, tmp_path):
-    """Requests of different LoRA settings share one replayed graph per row bucket: a new mix of adapters
-    and scales captures nothing, and each request stays close to its own setting run in a forward
-    grouped by setting (the fallback)."""
+@pytest.mark.parametrize("mode", ["exact", "compiled"])
+def test_mixed_lora_forwards_replay_one_graph_for_any_mix(tiny_sd, tmp_path, mode):
+    """Requests of different LoRA settings share one replayed graph per row bucket (``exact``, and
+    ``compiled``, where one setting for all takes the stacked path too): a new mix of adapters and scales
+    captures nothing, and each request stays close to its own setting run in a forward grouped by
+    setting (the fallback, ``exact``)."""
     from stepdiff.tiny import make_tiny_lora
 
     loras = {name: str(make_tiny_lora(tiny_sd, tmp_path / name, seed=seed)) for seed, name in enumerate("ab")}
@@ -149,17 +151,19 @@ def test_mixed_lora_forwards_replay_one_graph_for_any_mix(tiny_sd, tmp_path):
     with torch.inference_mode():
         conditioning = encoder.encode_prompt(GenerationParams("a cat", None, 0, *options))
 
-    def latents(mixes: list, stacked) -> tuple[list[list[torch.Tensor]], int]:
+    def latents(mixes: list, stacked, mode: str) -> tuple[list[list[torch.Tensor]], int]:
         """The final latents of one request per setting in ``mixes``, stepping together; graphs captured."""
         denoiser.mixed_lora = stacked  # None: forwards grouped by setting
-        runner = DenoiserRunner(denoiser.denoise, CUDA, "exact", max_rows=16)
+        runner = DenoiserRunner(denoiser.denoise, CUDA, mode, max_rows=16)
         return final_latents_of_mixes(denoiser, runner, conditioning, options, mixes), runner.stats.graphs
 
     stacked = denoiser.mixed_lora
     mixes = [[(), (("a", 1.0),), (("b", 0.5),)], [(("a", -0.7), ("b", 1.2)), (), (("a", 0.3),)]]
-    mixed, graphs = latents(mixes, stacked)
-    assert graphs == 1, f"{graphs} graphs for two mixes of 3 requests (one row bucket): a mix must not capture"
-    grouped, _ = latents(mixes, None)
+    if mode == "compiled":
+        mixes.append([(("b", 0.9),)] * 3)
+    mixed, graphs = latents(mixes, stacked, mode)
+    assert graphs == 1, f"{graphs} graphs for {len(mixes)} mixes of 3 requests (one row bucket): a mix must not capture"
+    grouped, _ = latents(mixes, None, "exact")
     for mixed_mix, grouped_mix in zip(mixed, grouped, strict=True):
         for one, other in zip(mixed_mix, grouped_mix, strict=True):
             # fp16 forwards of other batch sizes round differently: compare the whole latents, not elements
