@@ -17,6 +17,7 @@ with "step" = 0, 1, ... and END on the last call, which returns "latents". An EN
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import sys
 from pathlib import Path
@@ -68,12 +69,11 @@ def run(client, args: argparse.Namespace) -> np.ndarray:
     conditioning = [output.name for output in client.get_model_metadata("text_encoder").outputs]
     embeddings = infer(client, "text_encoder", inputs, conditioning)
     sequence_id = random.getrandbits(63) + 1
-    started = infer(
-        client, "denoise_step", {**inputs, **embeddings}, ["num_steps"], sequence_id=sequence_id, sequence_start=True
-    )
-    num_steps = int(started["num_steps"].reshape(-1)[0])
     finished = False
     try:
+        first = {**inputs, **embeddings}
+        started = infer(client, "denoise_step", first, ["num_steps"], sequence_id=sequence_id, sequence_start=True)
+        num_steps = int(started["num_steps"].reshape(-1)[0])
         for index in range(num_steps):
             last = index == num_steps - 1
             step = {"step": np.array([[index]], dtype=np.int32)}
@@ -88,9 +88,12 @@ def run(client, args: argparse.Namespace) -> np.ndarray:
             print(f"step {index + 1}/{num_steps}", file=sys.stderr, flush=True)
         finished = True
     finally:
-        if not finished:  # free the sequence's state at once instead of waiting for the idle sweep
+        # Free the sequence at once: its state, and its slot in Triton's sequence batcher, which only an END
+        # frees (a refused START took one too); otherwise both wait for the 600 s idle timeout.
+        if not finished:
             abort = {"abort": np.array([[True]])}
-            infer(client, "denoise_step", abort, [], sequence_id=sequence_id, sequence_end=True)
+            with contextlib.suppress(Exception):  # the original error is the one to report
+                infer(client, "denoise_step", abort, [], sequence_id=sequence_id, sequence_end=True)
     image = infer(client, "vae_decode", {"latents": result["latents"]}, ["image"])["image"]
     return image[0]
 

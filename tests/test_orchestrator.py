@@ -93,8 +93,9 @@ def test_a_cancel_stops_within_one_step_and_aborts_after_the_calls_in_flight():
     assert len(steps) == 3 + 1  # one more step at most: the call in flight when the cancel came
 
 
-def test_a_failed_step_call_ends_the_generation_without_an_abort():
-    """denoise_step frees a sequence whose call failed; a dead one has nothing left to abort."""
+def test_a_failed_step_call_ends_the_sequence_with_an_abort():
+    """denoise_step frees the state of a sequence whose call failed, but only an END frees its slot in
+    Triton's sequence batcher: the abort goes out once the call in flight is back, and nothing else."""
     stages = RecordingStages(num_steps=30)
     stages.fail_at_step = 4
     try:
@@ -103,5 +104,26 @@ def test_a_failed_step_call_ends_the_generation_without_an_abort():
         assert "not healthy" in str(error)
     else:
         raise AssertionError("the step call's error did not reach the caller")
-    assert not any("abort" in call["inputs"] for call in stages.calls)
-    assert len(stages.calls) <= 6  # nothing is sent after the failure but the call already in flight
+    *steps, abort = stages.calls
+    assert "abort" in abort["inputs"] and abort["end"] and abort["in_flight_before"] == 0
+    assert not any("abort" in call["inputs"] or call["end"] for call in steps)
+    assert len(steps) <= 6  # nothing is sent after the failure but the call already in flight
+
+
+def test_a_refused_start_ends_the_sequence_with_an_abort():
+    """A START that denoise_step refuses (server busy, a bad input) still took a sequence slot in Triton."""
+    stages = RecordingStages()
+
+    async def refuse_start(model, inputs, outputs, correlation_id=0, start=False, end=False):
+        if start:
+            raise RuntimeError("denoise_step: server busy: 8 active sequences (limit 8); retry later")
+        return await RecordingStages.__call__(stages, model, inputs, outputs, correlation_id, start, end)
+
+    try:
+        asyncio.run(generate(refuse_start, PARAMS, ["prompt_embeds"], lookahead=2))
+    except RuntimeError as error:
+        assert "server busy" in str(error)
+    else:
+        raise AssertionError("the refused START did not reach the caller")
+    [abort] = stages.calls
+    assert "abort" in abort["inputs"] and abort["end"]

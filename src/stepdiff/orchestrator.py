@@ -101,9 +101,11 @@ async def generate(
     see exactly its step (a preview, the last step with END) waits until none is in flight and goes
     out alone. A cancel is checked right before each call: at most ``lookahead - 1`` more steps run.
 
-    The denoise sequence always ends: normally with END on the last step; after a cancel or an error
-    elsewhere with an END carrying ``abort`` once the calls in flight are back, so denoise_step frees
-    the state; after a failed denoise_step call with nothing more (denoise_step has freed it).
+    The denoise sequence always ends: normally with END on the last step; otherwise (a cancel, an
+    error, a refused START) with an END carrying ``abort`` once the calls in flight are back. That frees
+    denoise_step's state, and also the sequence's slot in Triton's sequence batcher, which only an END
+    (or ``max_sequence_idle_microseconds``) frees: denoise_step freeing its own state after a failed call
+    is not enough, and 1024 such sequences would fill the batcher.
     """
     inputs = params_as_inputs(params)
     conditioning = await call("text_encoder", inputs, list(conditioning_names))
@@ -111,18 +113,10 @@ async def generate(
     in_flight: collections.deque[asyncio.Future] = collections.deque()
     progress = {"steps": 0}
     finished = False
-    # A denoise_step call that failed leaves no state to abort: denoise_step frees a sequence whose call
-    # fails, and a dead process takes every state with it (an abort would only wait for another error).
-    step_failed = False
 
     async def collect(num_steps: int, preview: bool = False) -> Any:
         """Await the oldest call in flight; report its step."""
-        nonlocal step_failed
-        try:
-            result = await in_flight.popleft()
-        except Exception:
-            step_failed = True
-            raise
+        result = await in_flight.popleft()
         progress["steps"] += 1
         latents = result.get("latents")
         if on_step is not None:
@@ -130,11 +124,7 @@ async def generate(
         return latents
 
     try:
-        try:
-            first = await call("denoise_step", {**inputs, **conditioning}, ["num_steps"], correlation_id, start=True)
-        except Exception:
-            step_failed = True
-            raise
+        first = await call("denoise_step", {**inputs, **conditioning}, ["num_steps"], correlation_id, start=True)
         num_steps = host_scalar(first["num_steps"])
         latents = None
         for index in range(num_steps):
@@ -156,9 +146,9 @@ async def generate(
             for pending in in_flight:  # let them finish before the abort (they may still be on their way)
                 with contextlib.suppress(Exception):
                     await pending
-            if not step_failed:
-                with contextlib.suppress(Exception):  # the original error (or the cancel) is what matters
-                    await call("denoise_step", {"abort": batch_of_one(True, np.bool_)}, [], correlation_id, end=True)
+            # the original error (or the cancel) is what matters; a dead process fails this one at once
+            with contextlib.suppress(Exception):
+                await call("denoise_step", {"abort": batch_of_one(True, np.bool_)}, [], correlation_id, end=True)
     if latents is None:
         raise RuntimeError("denoise_step finished the sequence without returning latents")
     decoded = await call("vae_decode", {"latents": latents}, ["image"])
