@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 
 from stepdiff.adapters import GenerationParams
 from stepdiff.orchestrator import generate
@@ -25,7 +26,8 @@ class RecordingStages:
         self.in_flight = 0
         self.calls: list[dict] = []  # denoise_step calls after START, in the order they were sent
 
-    fail_at_step: int | None = None  # the step call that returns an error, as a dead denoise_step would
+    fail_at_step: int | None = None  # the step call that returns ``failure``
+    failure = "denoise_step: Stub process 'denoise_step_0_0' is not healthy."  # a dead denoise_step
 
     async def __call__(self, model, inputs, outputs, correlation_id=0, start=False, end=False):
         if model == "text_encoder":
@@ -40,7 +42,7 @@ class RecordingStages:
             async with self.served_in_order:
                 await asyncio.sleep(0.005)
                 if self.fail_at_step is not None and len(self.calls) > self.fail_at_step:
-                    raise RuntimeError("denoise_step: Stub process 'denoise_step_0_0' is not healthy.")
+                    raise RuntimeError(self.failure)
         finally:
             self.in_flight -= 1
         return {"latents": np.ones((1, 4, 8, 8), np.float32)} if "latents" in outputs else {}
@@ -93,21 +95,35 @@ def test_a_cancel_stops_within_one_step_and_aborts_after_the_calls_in_flight():
     assert len(steps) == 3 + 1  # one more step at most: the call in flight when the cancel came
 
 
+def failed_generation(stages: RecordingStages) -> str:
+    """Run a generation that must fail; its error's message."""
+    try:
+        asyncio.run(generate(stages, PARAMS, ["prompt_embeds"], lookahead=2))
+    except RuntimeError as error:
+        return str(error)
+    raise AssertionError("the step call's error did not reach the caller")
+
+
 def test_a_failed_step_call_ends_the_sequence_with_an_abort():
     """denoise_step frees the state of a sequence whose call failed, but only an END frees its slot in
     Triton's sequence batcher: the abort goes out once the call in flight is back, and nothing else."""
     stages = RecordingStages(num_steps=30)
-    stages.fail_at_step = 4
-    try:
-        asyncio.run(generate(stages, PARAMS, ["prompt_embeds"], lookahead=2))
-    except RuntimeError as error:
-        assert "not healthy" in str(error)
-    else:
-        raise AssertionError("the step call's error did not reach the caller")
+    stages.fail_at_step, stages.failure = 4, "denoise_step: RuntimeError: CUDA error: an illegal memory access"
+    assert "illegal memory access" in failed_generation(stages)
     *steps, abort = stages.calls
     assert "abort" in abort["inputs"] and abort["end"] and abort["in_flight_before"] == 0
     assert not any("abort" in call["inputs"] or call["end"] for call in steps)
     assert len(steps) <= 6  # nothing is sent after the failure but the call already in flight
+
+
+@pytest.mark.parametrize("failure", ["Stub process 'denoise_step_0_0' is not healthy.", "Server not ready"])
+def test_no_abort_after_a_dead_process_or_a_stopping_server(failure):
+    """The restart (or the stop) that follows frees every slot; an abort could only wait for it."""
+    stages = RecordingStages(num_steps=30)
+    stages.fail_at_step, stages.failure = 4, f"denoise_step: {failure}"
+    assert failure in failed_generation(stages)
+    assert not any("abort" in call["inputs"] for call in stages.calls)
+    assert len(stages.calls) <= 6
 
 
 def test_a_refused_start_ends_the_sequence_with_an_abort():

@@ -72,6 +72,12 @@ def new_correlation_id() -> int:
     return secrets.randbits(63) + 1
 
 
+# Errors of another model, as BLS in 2.51 words them, after which the server restarts or stops:
+MODEL_PROCESS_DIED = "is not healthy"  # "Stub process '<instance>' is not healthy." (the launcher restarts)
+SERVER_NOT_READY = "Server not ready"  # the server is stopping or restarting: it takes no new requests
+NOTHING_TO_ABORT = (MODEL_PROCESS_DIED, SERVER_NOT_READY)
+
+
 @dataclass
 class GenerationResult:
     image: Any
@@ -105,7 +111,8 @@ async def generate(
     error, a refused START) with an END carrying ``abort`` once the calls in flight are back. That frees
     denoise_step's state, and also the sequence's slot in Triton's sequence batcher, which only an END
     (or ``max_sequence_idle_microseconds``) frees: denoise_step freeing its own state after a failed call
-    is not enough, and 1024 such sequences would fill the batcher.
+    is not enough, and 1024 such sequences would fill the batcher. Not after ``NOTHING_TO_ABORT``
+    errors: the server restarts or stops, which frees every slot, and an abort would wait for that.
     """
     inputs = params_as_inputs(params)
     conditioning = await call("text_encoder", inputs, list(conditioning_names))
@@ -113,6 +120,15 @@ async def generate(
     in_flight: collections.deque[asyncio.Future] = collections.deque()
     progress = {"steps": 0}
     finished = False
+    step_errors: list[str] = []
+
+    async def denoise_call(*args: Any, **kwargs: Any) -> Any:
+        """A denoise_step call whose error is kept for the abort's decision."""
+        try:
+            return await call("denoise_step", *args, **kwargs)
+        except Exception as error:
+            step_errors.append(str(error))
+            raise
 
     async def collect(num_steps: int, preview: bool = False) -> Any:
         """Await the oldest call in flight; report its step."""
@@ -124,7 +140,7 @@ async def generate(
         return latents
 
     try:
-        first = await call("denoise_step", {**inputs, **conditioning}, ["num_steps"], correlation_id, start=True)
+        first = await denoise_call({**inputs, **conditioning}, ["num_steps"], correlation_id, start=True)
         num_steps = host_scalar(first["num_steps"])
         latents = None
         for index in range(num_steps):
@@ -137,7 +153,7 @@ async def generate(
                 return None
             step_input = {"step": batch_of_one(index, np.int32)} if alone else {}
             wanted = ["latents"] if last else ["step_index", "latents"] if preview else ["step_index"]
-            in_flight.append(asyncio.ensure_future(call("denoise_step", step_input, wanted, correlation_id, end=last)))
+            in_flight.append(asyncio.ensure_future(denoise_call(step_input, wanted, correlation_id, end=last)))
             if alone:
                 latents = await collect(num_steps, preview)
         finished = True
@@ -146,9 +162,10 @@ async def generate(
             for pending in in_flight:  # let them finish before the abort (they may still be on their way)
                 with contextlib.suppress(Exception):
                     await pending
-            # the original error (or the cancel) is what matters; a dead process fails this one at once
-            with contextlib.suppress(Exception):
-                await call("denoise_step", {"abort": batch_of_one(True, np.bool_)}, [], correlation_id, end=True)
+            restarting = any(reason in error for error in step_errors for reason in NOTHING_TO_ABORT)
+            if not restarting:
+                with contextlib.suppress(Exception):  # the original error (or the cancel) is what matters
+                    await call("denoise_step", {"abort": batch_of_one(True, np.bool_)}, [], correlation_id, end=True)
     if latents is None:
         raise RuntimeError("denoise_step finished the sequence without returning latents")
     decoded = await call("vae_decode", {"latents": latents}, ["image"])

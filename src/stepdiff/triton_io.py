@@ -21,6 +21,7 @@ from torch.utils import dlpack
 from .adapters import Stage, StepAdapter, load_adapter
 from .adapters.base import InvalidInput
 from .engine import ServerBusy
+from .orchestrator import MODEL_PROCESS_DIED, SERVER_NOT_READY
 from .settings import Settings
 
 
@@ -109,8 +110,6 @@ def error_response(error: BaseException) -> Any:
 
 # Errors of another model that a caller may retry, as BLS in 2.51 words them (it reports every child
 # error as INTERNAL, so the message tells):
-MODEL_PROCESS_DIED = "is not healthy"  # "Stub process '<instance>' is not healthy." (the launcher restarts)
-SERVER_NOT_READY = "Server not ready"  # the server is stopping or restarting: it takes no new requests
 SERVER_BUSY = "server busy:"  # ServerBusy's message, e.g. denoise_step refusing a START past the limit
 RETRY_LATER = (MODEL_PROCESS_DIED, SERVER_NOT_READY, SERVER_BUSY)
 
