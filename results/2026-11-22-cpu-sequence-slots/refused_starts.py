@@ -12,7 +12,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "client"))
-import generate  # noqa: E402  (client/generate.py)
+import generate  # client/generate.py
 
 
 def refused_start(client: grpcclient.InferenceServerClient, sequence_id: int) -> str:
