@@ -185,7 +185,9 @@ def test_concurrent_mixed_requests_share_forwards_and_match_solo_runs(family, fa
     """Different prompts, step counts, guidance (on and off), negative prompts and step indices in one forward.
 
     12-14 steps: on CPU the text encoders (T5 over 256-512 tokens) stagger the starts, so shorter
-    generations overlap less (Flux: mean forward 1.4 at 5-7 steps).
+    generations overlap less (Flux: mean forward 1.4 at 5-7 steps). Solo runs would give 1.0. Measured on
+    a 2-core CI machine: SDXL 3.6, SD3 2.9, Flux 2.4, Flux schnell 2.0-2.3 (its guidance-free rows step
+    fastest); a bound of 1.5 leaves room for a slower machine and still fails when forwards are not shared.
     """
     jobs = [
         dict(
@@ -201,7 +203,7 @@ def test_concurrent_mixed_requests_share_forwards_and_match_solo_runs(family, fa
         for i in range(8)
     ]
 
-    assert_batched_like_solo(family_server, jobs, min_mean_batch=2.0)
+    assert_batched_like_solo(family_server, jobs, min_mean_batch=1.5)
 
 
 def test_stream_and_stepwise_client_give_the_txt2img_image(family, family_server, tmp_path):

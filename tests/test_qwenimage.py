@@ -104,7 +104,8 @@ def test_concurrent_cfg_and_plain_requests_batch_and_match_solo_runs(qwen_server
         for i in range(8)
     ]
 
-    assert_batched_like_solo(qwen_server, jobs, min_mean_batch=2.0)
+    # Solo runs give 1.0; 2.4 measured on a 2-core machine, where the text encoder staggers the starts.
+    assert_batched_like_solo(qwen_server, jobs, min_mean_batch=1.5)
 
 
 def test_stream_sends_progress_previews_and_the_same_image(qwen_server):
