@@ -323,6 +323,32 @@ def triton_statistics(grpc_url: str) -> dict[str, dict[str, float]]:
     return stats
 
 
+def stage_executions(grpc_url: str) -> dict[str, tuple[int, int, int]]:
+    """text_encoder and vae_decode: requests, executions and compute ns summed over executions (Triton's
+    batch statistics count a batched execution once, where the request statistics count it per request)."""
+    import tritonclient.grpc as grpcclient
+
+    found = {}
+    with grpcclient.InferenceServerClient(grpc_url) as client:
+        for model in ("text_encoder", "vae_decode"):
+            stats = client.get_inference_statistics(model).model_stats[0]
+            compute_ns = sum(batch.compute_infer.ns for batch in stats.batch_stats)
+            found[model] = (stats.inference_count, stats.execution_count, compute_ns)
+    return found
+
+
+def stage_costs(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    """Per stage between two ``stage_executions``: requests per execution and execute ms per request."""
+    costs = {}
+    for model in after:
+        requests, executions, compute_ns = (a - b for a, b in zip(after[model], before[model], strict=True))
+        costs[model] = {
+            "mean_batch": requests / max(executions, 1),
+            "execute_ms_per_request": compute_ns / max(requests, 1) / 1e6,
+        }
+    return costs
+
+
 def step_breakdown(before: dict, after: dict, requests: int) -> dict[str, float]:
     """Milliseconds per request (stages) and per step call (denoise_step) between two statistics snapshots."""
     delta = {model: {k: after[model][k] - before[model][k] for k in after[model]} for model in after}
@@ -368,13 +394,15 @@ def through_triton(args, baseline: dict, mode: str) -> dict:
             )
         sweep = []
         for concurrency in args.concurrency:
+            stages_before = stage_executions(grpc_url)
             row = closed_loop(load, metrics_url, concurrency, args.duration, triton.tritonserver_pid(args.port))
+            row["stages"] = stage_costs(stages_before, stage_executions(grpc_url))
             sweep.append(row)
             print(
                 f"[{mode}] closed loop c={concurrency:3d}: {row['images_per_s']:6.2f} images/s  p50 "
                 f"{row['p50_s']:.2f} s  "
                 f"p99 {row['p99_s']:.2f} s  mean forward batch {row['mean_forward_batch']:.2f}  "
-                f"step calls/s {row['step_calls_per_s']:.0f}  CPU cores {row['cpu_cores']}",
+                f"step calls/s {row['step_calls_per_s']:.0f}  CPU cores {row['cpu_cores']}  stages {row['stages']}",
                 flush=True,
             )
         peak = max(row["images_per_s"] for row in sweep)
@@ -465,15 +493,18 @@ def report(result: dict, out: Path) -> None:
             f"## Throughput, stepdiff `{mode}`, {schedulers[0]} (ceiling: in-process UNet {variant} at that batch)",
             "",
             "| concurrency | images/s | p50 s | p99 s | mean requests/forward | step calls/s | ceiling images/s "
-            "| vs ceiling |",
-            "|---|---|---|---|---|---|---|---|",
+            "| vs ceiling | text_encoder requests/execution, execute ms/request | vae_decode execute ms/request |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in tri["sweep"]:
             ceil = ceiling.get(variant, {}).get(row["concurrency"], {}).get("images_per_s")
             versus = f"{ceil:.2f} | {row['images_per_s'] / ceil:.2f}x" if ceil else "— | —"
+            encoder, decoder = (row["stages"][model] for model in ("text_encoder", "vae_decode"))
             lines.append(
                 f"| {row['concurrency']} | {row['images_per_s']:.2f} | {row['p50_s']:.2f} | {row['p99_s']:.2f} | "
-                f"{row['mean_forward_batch']:.2f} | {row.get('step_calls_per_s', float('nan')):.0f} | {versus} |"
+                f"{row['mean_forward_batch']:.2f} | {row.get('step_calls_per_s', float('nan')):.0f} | {versus} | "
+                f"{encoder['mean_batch']:.2f}, {encoder['execute_ms_per_request']:.1f} | "
+                f"{decoder['execute_ms_per_request']:.1f} |"
             )
         ol = tri["open_loop"]
         lines += [

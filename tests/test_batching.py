@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
+from queue import Queue
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 SCHEDULERS = ["PNDMScheduler", "DDIMScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"]
 
@@ -16,9 +20,10 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def denoise_counts(server) -> tuple[int, int]:
+def inference_counts(server, model: str = "denoise_step") -> tuple[int, int]:
+    """Triton's statistics of ``model``: requests (inferences) and model executions so far."""
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        stats = client.get_inference_statistics("denoise_step").model_stats[0]
+        stats = client.get_inference_statistics(model).model_stats[0]
     return stats.inference_count, stats.execution_count
 
 
@@ -31,12 +36,14 @@ def assert_batched_like_solo(server, jobs: list[dict], min_mean_batch: float) ->
         return server.txt2img(**job)[0]
 
     solo = [run(job) for job in jobs]
-    inferences_before, executions_before = denoise_counts(server)
+    before = {model: inference_counts(server, model) for model in ("denoise_step", "text_encoder")}
     with ThreadPoolExecutor(len(jobs)) as pool:
         together = list(pool.map(run, jobs))
-    inferences, executions = denoise_counts(server)
-    mean_batch = (inferences - inferences_before) / (executions - executions_before)
-    print(f"mean denoise_step batch {mean_batch:.2f}")
+    mean_batch, encoder_batch = (
+        (inferences - before[model][0]) / (executions - before[model][1])
+        for model, (inferences, executions) in ((m, inference_counts(server, m)) for m in before)
+    )
+    print(f"mean denoise_step batch {mean_batch:.2f}, text_encoder {encoder_batch:.2f}")
     assert mean_batch >= min_mean_batch
     for job, alone, batched in zip(jobs, solo, together, strict=True):
         assert psnr(alone, batched) >= 40, job
@@ -57,12 +64,12 @@ def test_concurrent_mixed_requests_share_forwards_and_match_solo_runs(server):
         for i in range(8)
     ]
     solo = [server.txt2img("a photo of a cat", **job)[0] for job in jobs]
-    inferences_before, executions_before = denoise_counts(server)
+    inferences_before, executions_before = inference_counts(server)
     forwards_before = server.metric("stepdiff_denoise_batch_size_count")
     rows_before = server.metric("stepdiff_denoise_batch_size_sum")
     with ThreadPoolExecutor(len(jobs)) as pool:
         batched = list(pool.map(lambda job: server.txt2img("a photo of a cat", **job)[0], jobs))
-    inferences, executions = denoise_counts(server)
+    inferences, executions = inference_counts(server)
     mean_batch = (inferences - inferences_before) / (executions - executions_before)
     forwards = server.metric("stepdiff_denoise_batch_size_count") - forwards_before
     mean_forward = (server.metric("stepdiff_denoise_batch_size_sum") - rows_before) / forwards
@@ -97,3 +104,38 @@ def test_request_joins_while_others_are_mid_way(server):
         for future in longs:
             future.result()
     assert finished["short"] < min(finished[f"long{i}"] for i in range(3)), "the short request waited for the long ones"
+
+
+def test_a_burst_of_prompts_shares_text_encoder_executions_and_each_gets_its_own_embeddings(server):
+    """16 step-API text_encoder calls sent at once (gRPC async): those queued while the first ran reach
+    the model together (Triton's dynamic batcher) and share forwards; each request gets its solo result."""
+    prompts = [f"a photo of {animal}" for animal in ("a cat", "a dog", "an owl", "a red panda")] * 4
+
+    def inputs(prompt: str) -> list[grpcclient.InferInput]:
+        tensor = grpcclient.InferInput("prompt", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[prompt.encode()]], dtype=np.object_))
+        return [tensor]
+
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        solo = {prompt: client.infer("text_encoder", inputs(prompt)).as_numpy("prompt_embeds") for prompt in prompts}
+        inferences_before, executions_before = inference_counts(server, "text_encoder")
+        answers: Queue = Queue()
+        for index, prompt in enumerate(prompts):
+            callback = functools.partial(lambda index, result, error: answers.put((index, result, error)), index)
+            client.async_infer("text_encoder", inputs(prompt), callback)
+        results = [answers.get(timeout=60) for _ in prompts]
+    inferences, executions = inference_counts(server, "text_encoder")
+    assert inferences - inferences_before == len(prompts)
+    assert executions - executions_before < len(prompts), "no two text_encoder requests shared an execution"
+    for index, result, error in results:
+        assert error is None, error
+        np.testing.assert_allclose(result.as_numpy("prompt_embeds"), solo[prompts[index]], rtol=1e-4, atol=1e-5)
+
+
+def test_text_encoder_refuses_more_than_one_prompt_per_request(server):
+    tensor = grpcclient.InferInput("prompt", [2, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[b"a cat"], [b"a dog"]], dtype=np.object_))
+    with grpcclient.InferenceServerClient(server.grpc_url) as client, pytest.raises(InferenceServerException) as raised:
+        client.infer("text_encoder", [tensor])
+    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "prompt: expected exactly one value (shape [1]), got shape [2, 1]" in raised.value.message()

@@ -184,8 +184,8 @@ def test_bad_inputs_are_rejected_and_service_continues(family, family_server, fa
 def test_concurrent_mixed_requests_share_forwards_and_match_solo_runs(family, family_server):
     """Different prompts, step counts, guidance (on and off), negative prompts and step indices in one forward.
 
-    12-14 steps: on CPU the text encoders (T5 over 256-512 tokens) stagger the starts, so shorter
-    generations overlap less (Flux: mean forward 1.4 at 5-7 steps). Solo runs would give 1.0. Measured on
+    12-14 steps: on CPU the generations start staggered (each START waits for the forward in progress),
+    so shorter ones overlap less (Flux: mean forward 1.4 at 5-7 steps). Solo runs would give 1.0. Measured on
     a 2-core CI machine: SDXL 3.6, SD3 2.9, Flux 2.4, Flux schnell 2.0-2.3 (its guidance-free rows step
     fastest); a bound of 1.5 leaves room for a slower machine and still fails when forwards are not shared.
     """

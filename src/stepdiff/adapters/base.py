@@ -1,6 +1,7 @@
 """The step protocol every pipeline family implements, and the per-request state it works on.
 
-One diffusion request runs as ``encode_prompt`` (text_encoder model), ``prepare`` then N x
+One diffusion request runs as ``encode_prompts`` (text_encoder model, several requests per text-encoder
+forward when their ``text_batch_key`` is equal), ``prepare`` then N x
 (``denoiser_rows`` -> ``forward`` -> ``guide`` -> ``step``) (denoise_step model, one step per call) and
 ``decode`` (vae_decode model). The runner (``stepdiff.runner``) batches the rows of several requests
 into one ``forward`` (the adapter's eager denoiser call), replayed as a CUDA graph on the GPU.
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
     from .mixed_lora import MixedLoRA
 
 STEP_METHODS = (
-    "encode_prompt",
+    "text_batch_key",
+    "encode_prompts",
     "prepare",
     "batch_key",
     "denoiser_rows",
@@ -138,11 +140,16 @@ class StepAdapter(Protocol):
     """A pipeline family, decomposed into the stages and steps the Triton models call."""
 
     family: ClassVar[str]
-    conditioning: ClassVar[tuple[TensorSpec, ...]]  # what encode_prompt returns (some optional)
+    conditioning: ClassVar[tuple[TensorSpec, ...]]  # what encode_prompts returns per request (some optional)
     info: PipelineInfo
 
-    def encode_prompt(self, params: GenerationParams) -> dict[str, torch.Tensor]:
-        """Prompt -> conditioning tensors [1, ...], negative ones only when guidance is on."""
+    def text_batch_key(self, params: GenerationParams) -> Hashable:
+        """Requests with equal keys can share one ``encode_prompts`` call."""
+
+    def encode_prompts(self, batch: Sequence[GenerationParams]) -> list[dict[str, torch.Tensor]]:
+        """Prompts of requests with one ``text_batch_key`` -> each request's conditioning tensors [1, ...]
+        (negative ones only when guidance is on), in one text-encoder forward; a batch of one runs the
+        pipeline's own ``encode_prompt`` call for that request."""
 
     def prepare(
         self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]

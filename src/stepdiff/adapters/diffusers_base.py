@@ -163,9 +163,30 @@ class DiffusersAdapter:
         names = [spec.name for spec in self.conditioning if not spec.name.endswith("_mask")]
         return [name for name in names if self.used_with(name, do_cfg)]
 
-    def request_conditioning(self, do_cfg: bool, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``encode_prompt``'s outputs that the request uses (the pipelines return negatives regardless)."""
-        return {name: value for name, value in tensors.items() if self.used_with(name, do_cfg)}
+    def text_batch_key(self, params: GenerationParams) -> Hashable:
+        """One text-encoder forward per guidance rule, negative prompt given or not (the pipelines treat
+        None apart from "": SDXL's zeros) and LoRA setting (text-encoder adapters)."""
+        return self.uses_cfg(params), params.negative_prompt is None, params.loras
+
+    def encode_prompts(self, batch: Sequence[GenerationParams]) -> list[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def encode_prompt(self, params: GenerationParams) -> dict[str, torch.Tensor]:
+        """One request's conditioning (``encode_prompts`` of a batch of one)."""
+        return self.encode_prompts([params])[0]
+
+    @staticmethod
+    def batch_texts(batch: Sequence[GenerationParams]) -> dict[str, list[str] | None]:
+        """The batch's prompts and negative prompts as the pipelines' ``encode_prompt`` takes them (lists;
+        None for negatives when no request gives one: ``text_batch_key`` keeps None and text apart)."""
+        negatives = None if batch[0].negative_prompt is None else [params.negative_prompt for params in batch]
+        return {"prompt": [params.prompt for params in batch], "negative_prompt": negatives}
+
+    def request_rows(self, do_cfg: bool, **tensors: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Row i of each batched ``encode_prompt`` output the requests use (the pipelines return negatives
+        regardless), for request i."""
+        used = {name: value for name, value in tensors.items() if self.used_with(name, do_cfg)}
+        return split_rows(used)
 
     def new_state(
         self,
@@ -274,6 +295,12 @@ def check_lora_keys(pipe: Any, name: str, path: str, state_dict: Mapping[str, to
         module = module_path.split(".lora")[0]
         if module not in dict(component.named_modules()):
             raise ValueError(f"--lora {name}={path}: key {key!r} names no module of the {component_name}")
+
+
+def split_rows(batched: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Per request i: row i of every tensor, [1, ...]."""
+    size = next(iter(batched.values())).shape[0]
+    return [{name: value[row : row + 1] for name, value in batched.items()} for row in range(size)]
 
 
 def classifier_free_guidance(state: RequestState, outputs: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -29,7 +29,7 @@ from .base import (
     text_embeddings,
     to_uint8,
 )
-from .diffusers_base import DiffusersAdapter
+from .diffusers_base import DiffusersAdapter, split_rows
 from .flow_matching import flow_timesteps, pack_latents, unpack_latents
 from .loading import Stage, compatible_schedulers, load_component_config, vae_scale_factor
 
@@ -115,19 +115,19 @@ class FluxAdapter(DiffusersAdapter):
         """The texts a request is conditioned on, in the pipeline's order: cond, then uncond."""
         return tuple(TEXTS) if do_cfg else ("prompt",)
 
-    def encode_prompt(self, params: GenerationParams) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, batch: Sequence[GenerationParams]) -> list[dict[str, torch.Tensor]]:
         conditioning = {}
-        prompts = {"prompt": params.prompt, "negative_prompt": params.negative_prompt}
-        for text in self._texts(self.uses_cfg(params)):
+        texts = self.batch_texts(batch)
+        for text in self._texts(self.uses_cfg(batch[0])):
             embeds, pooled, _ = self.pipe.encode_prompt(
-                prompts[text],
+                texts[text],
                 prompt_2=None,
                 device=self.device,
                 num_images_per_prompt=1,
                 max_sequence_length=MAX_SEQUENCE_LENGTH,
             )
             conditioning |= dict(zip(TEXTS[text], (embeds, pooled), strict=True))
-        return conditioning
+        return split_rows(conditioning)
 
     def prepare(
         self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]

@@ -112,19 +112,18 @@ class QwenImageAdapter(DiffusersAdapter):
         """The texts a request is conditioned on, in the pipeline's order: cond, then uncond."""
         return TEXTS if do_cfg else TEXTS[:1]
 
-    def encode_prompt(self, params: GenerationParams) -> dict[str, torch.Tensor]:
-        conditioning = {}
-        prompts = {"prompt": params.prompt, "negative_prompt": params.negative_prompt}
-        for name in self._texts(self.uses_cfg(params)):
-            embeds, mask = self.pipe.encode_prompt(
-                prompts[name], self.device, 1, max_sequence_length=MAX_SEQUENCE_LENGTH
-            )
-            conditioning[f"{name}_embeds"] = embeds
-            # diffusers drops an all-ones mask (a single prompt has no padding); the stages pass it explicitly
-            conditioning[f"{name}_embeds_mask"] = (
-                torch.ones(embeds.shape[:2], dtype=torch.long) if mask is None else mask
-            )
-        return conditioning
+    def encode_prompts(self, batch: Sequence[GenerationParams]) -> list[dict[str, torch.Tensor]]:
+        rows: list[dict[str, torch.Tensor]] = [{} for _ in batch]
+        texts = self.batch_texts(batch)
+        for name in self._texts(self.uses_cfg(batch[0])):
+            embeds, mask = self.pipe.encode_prompt(texts[name], self.device, 1, max_sequence_length=MAX_SEQUENCE_LENGTH)
+            # diffusers pads a batch's embeddings to its longest prompt and drops an all-ones mask (a single
+            # prompt has no padding): each request keeps its own tokens and passes an explicit all-ones mask
+            lengths = [embeds.shape[1]] * len(batch) if mask is None else mask.sum(dim=1).tolist()
+            for row, (conditioning, length) in enumerate(zip(rows, lengths, strict=True)):
+                conditioning[f"{name}_embeds"] = embeds[row : row + 1, :length]
+                conditioning[f"{name}_embeds_mask"] = torch.ones((1, length), dtype=torch.long)
+        return rows
 
     def prepare(
         self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]

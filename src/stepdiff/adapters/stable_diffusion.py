@@ -73,14 +73,13 @@ class StableDiffusionAdapter(DiffusersAdapter):
         """diffusers' ``do_classifier_free_guidance``."""
         return params.guidance_scale > 1 and self.time_cond_proj_dim is None
 
-    def encode_prompt(self, params: GenerationParams) -> dict[str, torch.Tensor]:
-        do_cfg = self.uses_cfg(params)
+    def encode_prompts(self, batch: Sequence[GenerationParams]) -> list[dict[str, torch.Tensor]]:
+        do_cfg = self.uses_cfg(batch[0])
+        texts = self.batch_texts(batch)
         prompt_embeds, negative_prompt_embeds = self.pipe.encode_prompt(
-            params.prompt, self.device, 1, do_cfg, params.negative_prompt
+            texts["prompt"], self.device, 1, do_cfg, texts["negative_prompt"]
         )
-        return self.request_conditioning(
-            do_cfg, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds
-        )
+        return self.request_rows(do_cfg, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
 
     def prepare(
         self, correlation_id: int, params: GenerationParams, conditioning: dict[str, torch.Tensor]

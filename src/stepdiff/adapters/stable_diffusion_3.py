@@ -104,19 +104,20 @@ class StableDiffusion3Adapter(DiffusersAdapter):
         """diffusers' ``do_classifier_free_guidance``."""
         return params.guidance_scale > 1
 
-    def encode_prompt(self, params: GenerationParams) -> dict[str, torch.Tensor]:
-        do_cfg = self.uses_cfg(params)
+    def encode_prompts(self, batch: Sequence[GenerationParams]) -> list[dict[str, torch.Tensor]]:
+        do_cfg = self.uses_cfg(batch[0])
+        texts = self.batch_texts(batch)
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
-            params.prompt,
+            texts["prompt"],
             prompt_2=None,
             prompt_3=None,
             device=self.device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=do_cfg,
-            negative_prompt=params.negative_prompt,
+            negative_prompt=texts["negative_prompt"],
             max_sequence_length=MAX_SEQUENCE_LENGTH,
         )
-        return self.request_conditioning(
+        return self.request_rows(
             do_cfg,
             prompt_embeds=embeds,
             negative_prompt_embeds=negative,

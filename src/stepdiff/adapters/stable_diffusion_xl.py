@@ -9,6 +9,7 @@ would apply one. ``force_zeros_for_empty_prompt`` is the pipeline's own ``encode
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -61,16 +62,17 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         if vae is not None and vae.dtype == torch.float16 and vae.config.force_upcast:
             vae.to(torch.float32)  # what the pipeline's upcast_vae() does before every decode
 
-    def encode_prompt(self, params: GenerationParams) -> dict[str, torch.Tensor]:
-        do_cfg = self.uses_cfg(params)
+    def encode_prompts(self, batch: Sequence[GenerationParams]) -> list[dict[str, torch.Tensor]]:
+        do_cfg = self.uses_cfg(batch[0])
+        texts = self.batch_texts(batch)
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
-            params.prompt,
+            texts["prompt"],
             device=self.device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=do_cfg,
-            negative_prompt=params.negative_prompt,
+            negative_prompt=texts["negative_prompt"],
         )
-        return self.request_conditioning(
+        return self.request_rows(
             do_cfg,
             prompt_embeds=embeds,
             negative_prompt_embeds=negative,

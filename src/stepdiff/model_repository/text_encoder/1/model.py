@@ -1,10 +1,15 @@
-"""text_encoder: generation inputs -> prompt embeddings (negative ones when guidance is on)."""
+"""text_encoder: generation inputs -> prompt embeddings (negative ones when guidance is on).
+
+Triton's dynamic batcher hands over the requests that queued while the stage was busy; those with the same
+guidance, negative-prompt presence and LoRA setting share one text-encoder forward (``encode_batch``).
+"""
 
 import torch
 import triton_python_backend_utils as pb_utils
 
-from stepdiff.adapters import Stage
+from stepdiff.adapters import GenerationParams, Stage
 from stepdiff.params import PARAM_NAMES, parse_generation_params
+from stepdiff.text_batching import encode_batch
 from stepdiff.triton_io import (
     error_response,
     load_stage,
@@ -19,21 +24,26 @@ class TritonPythonModel:
         self.settings, self.adapter = load_stage(args, Stage.TEXT_ENCODER)
 
     def execute(self, requests):
-        responses = []
+        parsed = []
         for request in requests:
             try:
-                params = parse_generation_params(numpy_inputs(request, PARAM_NAMES), self.adapter.info, self.settings)
-                with torch.inference_mode():
-                    self.adapter.activate_loras(params.loras)
-                    conditioning = self.adapter.encode_prompt(params)
-                outputs = [
-                    output_tensor(name, value.float() if value.is_floating_point() else value)
-                    for name, value in conditioning.items()
-                ]
-                responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
+                raw = numpy_inputs(request, PARAM_NAMES)
+                parsed.append(parse_generation_params(raw, self.adapter.info, self.settings))
             except Exception as error:  # noqa: BLE001 - every error goes back to its own request
-                responses.append(error_response(error))
-        return responses
+                parsed.append(error)
+        valid = [params for params in parsed if isinstance(params, GenerationParams)]
+        with torch.inference_mode():
+            encoded = iter(encode_batch(self.adapter, valid))
+        return [self._response(item if isinstance(item, Exception) else next(encoded)) for item in parsed]
+
+    @staticmethod
+    def _response(result):
+        if isinstance(result, Exception):
+            return error_response(result)
+        outputs = [
+            output_tensor(name, value.float() if value.is_floating_point() else value) for name, value in result.items()
+        ]
+        return pb_utils.InferenceResponse(output_tensors=outputs)
 
     def finalize(self):
         release_triton_objects()
