@@ -53,7 +53,16 @@ def test_unsupported_pipeline_class_names_the_step_methods(tiny_sd, tmp_path):
     result = run_serve("--pipeline", str(other))
     assert result.returncode == 2
     assert "KandinskyPipeline has no step-wise adapter" in result.stderr
-    for method in ("encode_prompt()", "prepare()", "denoiser_rows()", "forward()", "guide()", "step()", "decode()"):
+    for method in (
+        "text_batch_key()",
+        "encode_prompts()",
+        "prepare()",
+        "denoiser_rows()",
+        "forward()",
+        "guide()",
+        "step()",
+        "decode()",
+    ):
         assert method in result.stderr
 
 
