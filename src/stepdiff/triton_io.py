@@ -59,8 +59,13 @@ def load_stage(args: dict[str, Any], stage: Stage) -> tuple[Settings, StepAdapte
 def release_triton_objects() -> None:
     """Free, from ``finalize``, what still refers to Triton objects (metrics the caller deleted, requests
     and tensors kept alive by reference cycles such as stored exceptions' tracebacks). Freed later, at
-    interpreter exit, they crashed the model's process (segfault in the 2.51 stub)."""
+    interpreter exit, they crashed the model's process (segfault in the 2.51 stub).
+
+    What is left is then frozen: the interpreter's exit skips collecting the heap of torch, diffusers and
+    the weights again (1 s and more per model process, and Triton unloads a model's instances one by one).
+    """
     gc.collect()
+    gc.freeze()
 
 
 def numpy_inputs(request: Any, names: Iterable[str]) -> dict[str, np.ndarray]:
