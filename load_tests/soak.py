@@ -33,6 +33,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -212,13 +213,32 @@ def rss_mib(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else 0.0
 
 
+def gpu_mib_by_pid() -> dict[int, float]:
+    """GPU memory per process from nvidia-smi (MiB); empty without it."""
+    if shutil.which("nvidia-smi") is None:
+        return {}
+    query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+    try:
+        text = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    used: dict[int, float] = {}
+    for line in text.splitlines():
+        pid, _, mib = line.partition(",")
+        if pid.strip().isdigit() and mib.strip().isdigit():
+            used[int(pid)] = used.get(int(pid), 0.0) + float(mib)
+    return used
+
+
 def sample(args: argparse.Namespace, origin: float) -> dict[str, Any]:
-    """One measurement: RSS per process (MiB) and in total, GPU memory, active sequences, cancellations so far."""
+    """One measurement: RSS and GPU memory per process (MiB), the RSS sum, the GPU's memory in use, the
+    denoiser's CUDA graphs, active sequences and cancellations so far."""
     pid = tritonserver_pid(int(args.url.rsplit(":", 1)[1]))
-    processes = {}
+    processes, gpu_by_process = {}, {}
     if pid is not None:
-        processes["tritonserver"] = rss_mib(pid)
-        processes.update({stub.instance: rss_mib(stub.pid) for stub in stub_processes(pid)})
+        names = {pid: "tritonserver"} | {stub.pid: stub.instance for stub in stub_processes(pid)}
+        processes = {name: rss_mib(process) for process, name in names.items()}
+        gpu_by_process = {names[process]: mib for process, mib in gpu_mib_by_pid().items() if process in names}
     metrics = read_metrics(args.metrics_url)
     gpu_bytes = metric(metrics, "nv_gpu_memory_used_bytes")  # all GPUs Triton sees; absent without one
     now = time.time()
@@ -229,6 +249,8 @@ def sample(args: argparse.Namespace, origin: float) -> dict[str, Any]:
         "rss_mib": round(sum(processes.values()), 1) if processes else None,
         "rss_by_process_mib": {name: round(value, 1) for name, value in processes.items()},
         "gpu_memory_mib": None if gpu_bytes is None else round(gpu_bytes / 2**20, 1),
+        "gpu_by_process_mib": gpu_by_process,
+        "denoiser_graphs": metric(metrics, "stepdiff_denoiser_graphs"),
         "active_sequences": metric(metrics, "stepdiff_active_sequences"),
         "cancelled": {labels["model"]: round(value) for name, labels, value in metrics if name == CANCELLED_METRIC},
         "load_average_1m": os.getloadavg()[0],  # of this machine: other work here skews the figures
@@ -310,9 +332,13 @@ def growth(args: argparse.Namespace, samples: list[dict]) -> dict[str, Any]:
     start = max(args.warmup, samples[0]["t"] + span / 2)
     window = [entry for entry in samples if entry["t"] >= start]
     by_process: dict[str, list] = {}
+    gpu_by_process: dict[str, list] = {}
     for entry in window:
         for name, value in entry["rss_by_process_mib"].items():
             by_process.setdefault(name, []).append((entry["t"], value))
+        for name, value in entry.get("gpu_by_process_mib", {}).items():
+            gpu_by_process.setdefault(name, []).append((entry["t"], value))
+    graphs = [entry["denoiser_graphs"] for entry in window if entry.get("denoiser_graphs") is not None]
     series = {
         "RSS, all processes": points(window, "rss_mib"),
         "RSS, tritonserver": by_process.get("tritonserver", []),
@@ -336,6 +362,9 @@ def growth(args: argparse.Namespace, samples: list[dict]) -> dict[str, Any]:
         "judged": judged,
         "mib_per_min": rates,
         "by_process_mib_per_min": {name: slope(values) for name, values in by_process.items()},
+        "gpu_by_process_mib_per_min": {name: slope(values) for name, values in gpu_by_process.items()},
+        "gpu_by_process_window_mib": {name: [values[0][1], values[-1][1]] for name, values in gpu_by_process.items()},
+        "denoiser_graphs_window": [graphs[0], graphs[-1]] if graphs else None,  # captures inside the window
         "too_fast": too_fast,
         "verdict": verdict,
     }
@@ -551,6 +580,19 @@ def markdown(report: dict[str, Any]) -> str:
             "",
         ]
     window = growth_["window_s"]
+    if growth_.get("gpu_by_process_mib_per_min"):
+        lines += [
+            "| GPU memory by process (nvidia-smi), MiB | window start | end | MiB/min over the last half |",
+            "|---|---|---|---|",
+            *(
+                f"| {name} | {first:.0f} | {last:.0f} | {per_minute(growth_['gpu_by_process_mib_per_min'][name])} |"
+                for name, (first, last) in growth_["gpu_by_process_window_mib"].items()
+            ),
+            "",
+        ]
+    if growth_.get("denoiser_graphs_window"):
+        first, last = growth_["denoiser_graphs_window"]
+        lines += [f"CUDA graphs the denoiser had captured: {first} when the last half began, {last} at its end.", ""]
     lines += [
         f"Growth over the last half, {window[0]:.0f} to {window[1]:.0f} s (least-squares slope, MiB/min): "
         + (

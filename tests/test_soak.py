@@ -83,4 +83,8 @@ def test_short_soak_reports_errors_memory_streams_and_an_unjudged_slope(server, 
     growth = report["growth"]
     assert growth["judged"] and growth["window_s"][0] > 300 and growth["verdict"].startswith("growing")
     assert len(report["failures"]) == 1 and report["failures"][0].startswith("memory growing")
-    assert "**FAIL**: memory growing" in (second / "soak.md").read_text()
+    assert growth["denoiser_graphs_window"] == [0, 0]  # the runner's graphs in the judged half (none on CPU)
+    assert growth["gpu_by_process_mib_per_min"] == {}  # no nvidia-smi here
+    summary = (second / "soak.md").read_text()
+    assert "**FAIL**: memory growing" in summary
+    assert "CUDA graphs the denoiser had captured: 0 when the last half began, 0 at its end." in summary
