@@ -41,7 +41,7 @@ class StepCall:
     end: bool = False
     abort: bool = False
     step: int | None = None
-    wants_latents: bool = False  # the latents after this step (they always come with END once done)
+    wants_latents: bool = False  # the latents after this step, to the caller (StepResult has them once done)
     params: GenerationParams | None = None
     conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -53,7 +53,8 @@ class StepResult:
     step_index: int = 0
     num_steps: int = 0
     done: bool = False
-    latents: torch.Tensor | None = None  # after this call's step, when wanted (final once ``done``)
+    latents: torch.Tensor | None = None  # after this call's step, when wanted, and once ``done`` (on the
+    # device unless fetched by END after the last step: reading them back waits for the step's forward)
     error: Exception | None = None
 
 
@@ -138,7 +139,7 @@ class StepEngine:
                 result.step_index, result.num_steps, result.done = state.step_index, state.num_steps, state.done
                 if index in finished:
                     result.latents = finished[index]
-                elif not call.start and (call.wants_latents or (state.done and call.end)):
+                elif not call.start and (call.wants_latents or state.done):
                     result.latents = self.adapter.output_latents(state)
             if result.error is not None or call.end:  # a finished request waits for its END (or the sweep)
                 self._finish(call.correlation_id)
