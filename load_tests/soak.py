@@ -326,18 +326,22 @@ def slope(series: list[tuple[float, float]]) -> float | None:
     return round(float(np.polyfit(seconds, mib, 1)[0]) * 60, 3) + 0.0  # + 0.0: never -0.0
 
 
+def series_by_process(samples: list[dict], key: str) -> dict[str, list[tuple[float, float]]]:
+    """(seconds, MiB) per process of a per-process figure (absent from samples of older runs)."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for entry in samples:
+        for name, value in entry.get(key, {}).items():
+            series.setdefault(name, []).append((entry["t"], value))
+    return series
+
+
 def growth(args: argparse.Namespace, samples: list[dict]) -> dict[str, Any]:
     """Memory slopes over the last half of the run (after the warm-up) and whether they are judged."""
     span = samples[-1]["t"] - samples[0]["t"]
     start = max(args.warmup, samples[0]["t"] + span / 2)
     window = [entry for entry in samples if entry["t"] >= start]
-    by_process: dict[str, list] = {}
-    gpu_by_process: dict[str, list] = {}
-    for entry in window:
-        for name, value in entry["rss_by_process_mib"].items():
-            by_process.setdefault(name, []).append((entry["t"], value))
-        for name, value in entry.get("gpu_by_process_mib", {}).items():
-            gpu_by_process.setdefault(name, []).append((entry["t"], value))
+    by_process = series_by_process(window, "rss_by_process_mib")
+    gpu_by_process = series_by_process(window, "gpu_by_process_mib")
     graphs = [entry["denoiser_graphs"] for entry in window if entry.get("denoiser_graphs") is not None]
     series = {
         "RSS, all processes": points(window, "rss_mib"),
