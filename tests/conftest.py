@@ -151,6 +151,8 @@ def final_latents_of_mixes(denoiser, runner, conditioning: dict, options: tuple,
         while not results[0].done:
             results = engine.run([StepCall(i) for i in ids])
             assert all(result.error is None for result in results), results
+        results = engine.run([StepCall(i, end=True) for i in ids])  # the final latents; frees the states
+        assert all(result.error is None and result.done for result in results), results
         finals.append([result.latents for result in results])
     return finals
 

@@ -42,6 +42,30 @@ def test_sequence_lifecycle_returns_latents_and_frees_state(adapters):
     assert engine.states == {}
 
 
+def test_end_after_the_last_step_returns_the_same_latents_without_a_step(adapters):
+    """txt2img's way to finish: every step without END, then END alone, which takes no step and
+    returns exactly the latents END on the last step returns; a step call after the last one fails."""
+    encoder, denoiser = adapters
+    engine = StepEngine(denoiser, 8, 4, 60)
+    finals = []
+    for cid, end_apart in ((1, False), (2, True)):
+        start(engine, encoder, cid, params(steps=3))
+        for index in range(3):
+            [result] = engine.run([StepCall(cid, end=index == 2 and not end_apart)])
+            assert result.error is None and result.step_index == index + 1
+        if end_apart:
+            [extra] = engine.run([StepCall(cid)])  # no END: one step too many
+            assert isinstance(extra.error, InvalidInput) and "send END for its latents" in str(extra.error)
+            start(engine, encoder, cid, params(steps=3))
+            for _ in range(3):
+                engine.run([StepCall(cid)])
+            [result] = engine.run([StepCall(cid, end=True)])
+            assert result.error is None and result.done and engine.forward_batch_sizes == []
+        finals.append(result.latents)
+    assert torch.equal(finals[0], finals[1]) and finals[1].dtype == torch.float32
+    assert engine.states == {}
+
+
 def test_compatible_requests_share_one_forward_and_batches_are_capped(adapters):
     encoder, denoiser = adapters
     engine = StepEngine(denoiser, 2, 8, 60)

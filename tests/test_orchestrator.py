@@ -48,7 +48,7 @@ class RecordingStages:
         return {"latents": np.ones((1, 4, 8, 8), np.float32)} if "latents" in outputs else {}
 
 
-def test_two_calls_in_flight_previews_and_end_go_alone():
+def test_two_calls_in_flight_previews_alone_and_an_end_call_after_the_last_step():
     stages, progress = RecordingStages(), []
 
     async def on_step(step, num_steps, latents):
@@ -56,25 +56,24 @@ def test_two_calls_in_flight_previews_and_end_go_alone():
 
     result = asyncio.run(generate(stages, PARAMS, ["prompt_embeds"], on_step=on_step, preview_every=4, lookahead=2))
     assert result is not None
-    steps = stages.calls
+    *steps, end = stages.calls
     assert len(steps) == 10 and max(call["in_flight_before"] for call in steps) == 1  # never more than 2 at once
     alone = [index for index, call in enumerate(steps) if "step" in call["inputs"]]
-    assert alone == [3, 7, 9]  # previews after steps 4 and 8, and the last step (END)
+    assert alone == [3, 7]  # previews after steps 4 and 8
     assert all(steps[index]["in_flight_before"] == 0 for index in alone)
-    assert [index for index, call in enumerate(steps) if call["end"]] == [9]
-    assert [index for index, call in enumerate(steps) if call["in_flight_before"] == 1] == [
-        1,
-        2,
-        5,
-        6,
-    ]  # overlapped (8 follows a preview)
+    # the last step overlaps like any other; END then takes no step and fetches the final latents
+    assert [index for index, call in enumerate(steps) if call["in_flight_before"] == 1] == [1, 2, 5, 6, 9]
+    assert not any(call["end"] for call in steps) and all("latents" not in call["outputs"] for call in steps[8:])
+    assert end["end"] and end["inputs"] == set() and end["outputs"] == ["latents"] and end["in_flight_before"] == 0
     assert progress == [(step, step in (4, 8)) for step in range(1, 11)]
 
 
 def test_lookahead_one_sends_every_step_alone_with_its_index():
     stages = RecordingStages()
     asyncio.run(generate(stages, PARAMS, ["prompt_embeds"], lookahead=1))
-    assert all("step" in call["inputs"] and call["in_flight_before"] == 0 for call in stages.calls)
+    *steps, end = stages.calls
+    assert all("step" in call["inputs"] and call["in_flight_before"] == 0 for call in steps)
+    assert end["end"] and "step" not in end["inputs"]
 
 
 def test_a_cancel_stops_within_one_step_and_aborts_after_the_calls_in_flight():

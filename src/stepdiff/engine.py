@@ -2,12 +2,16 @@
 
 Triton's sequence batcher hands ``StepEngine.run`` one call per sequence. A START call creates the
 request's state; a step call advances it by one step (the rows of all compatible step calls of one
-``run`` share the runner's denoiser forwards); a step call can ask for its latents (previews), the
-last one returns the final latents and frees the state; an abort frees it.
+``run`` share the runner's denoiser forwards); a step call can ask for its latents (previews). END
+on the last step returns the final latents and frees the state; so does END on a call after the last
+step, which takes no step (txt2img's way: its last step then batches like any other); an abort frees it.
 
 Nothing in an intermediate step waits for the GPU to finish that step: ``run`` queues the step's work,
 then waits only for the run ``max_runahead - 1`` runs back, so the GPU always has this run queued
-while the next call's round trip and batch assembly happen.
+while the next call's round trip and batch assembly happen. Final latents asked for after the last
+step are copied to the host behind the earlier runs' work and ahead of this run's, so waiting for them
+costs no more than that runahead wait; only latents of a step taken in this run (END on the last step,
+a preview) wait for this run's forward.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ class StepCall:
     end: bool = False
     abort: bool = False
     step: int | None = None
-    wants_latents: bool = False  # the latents after this step (they always come with the last step)
+    wants_latents: bool = False  # the latents after this step, to the caller (StepResult has them once done)
     params: GenerationParams | None = None
     conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -49,7 +53,8 @@ class StepResult:
     step_index: int = 0
     num_steps: int = 0
     done: bool = False
-    latents: torch.Tensor | None = None  # after this call's step, when wanted (final once ``done``)
+    latents: torch.Tensor | None = None  # after this call's step, when wanted, and once ``done`` (on the
+    # device unless fetched by END after the last step: reading them back waits for the step's forward)
     error: Exception | None = None
 
 
@@ -104,6 +109,7 @@ class StepEngine:
         """Calls of distinct sequences: one step each, compatible ones sharing forwards."""
         results = [StepResult() for _ in calls]
         stepping: list[tuple[int, RequestState]] = []
+        finished: dict[int, torch.Tensor] = {}  # final latents of END calls after the last step, on the host
         for index, call in enumerate(calls):
             try:
                 state = self._accept(call)
@@ -113,23 +119,29 @@ class StepEngine:
                 continue
             if state is not None:
                 stepping.append((index, state))
+            elif call.end and not call.abort and (done := self.states.get(call.correlation_id)) is not None:
+                finished[index] = self._copy_out(done)
+        copied = self._record() if finished else None
         if stepping:
             self._step(stepping, results)
             if self.runner.device.type == "cuda":
-                self.queued.append(torch.cuda.Event())
-                self.queued[-1].record()
+                self.queued.append(self._record())
                 # Wait after queueing, not before: meanwhile every generation's next call reaches Triton,
                 # so the next batch forms full when this returns (waiting first made Triton form a batch
                 # of whoever had arrived, and generations split into groups taking turns).
                 self._wait_for_gpu(self.max_runahead - 1)
+        if copied is not None:
+            copied.synchronize()
         for index, call in enumerate(calls):
             state = self.states.get(call.correlation_id)
             result = results[index]
             if state is not None and result.error is None:
                 result.step_index, result.num_steps, result.done = state.step_index, state.num_steps, state.done
-                if not call.start and (call.wants_latents or state.done):
+                if index in finished:
+                    result.latents = finished[index]
+                elif not call.start and (call.wants_latents or state.done):
                     result.latents = self.adapter.output_latents(state)
-            if result.error is not None or result.done or call.end:
+            if result.error is not None or call.end:  # a finished request waits for its END (or the sweep)
                 self._finish(call.correlation_id)
         return results
 
@@ -158,8 +170,29 @@ class StepEngine:
                 f"{state.num_steps}"
             )
         if state.done:
-            raise InvalidInput(f"sequence {call.correlation_id} already took all {state.num_steps} steps")
+            if call.end:  # the final latents, after the last step
+                return None
+            raise InvalidInput(
+                f"sequence {call.correlation_id} already took all {state.num_steps} steps (send END for its latents)"
+            )
         return state
+
+    def _copy_out(self, state: RequestState) -> torch.Tensor:
+        """A finished request's final latents as float32 on the host; on the GPU a copy queued behind the
+        work already queued (``_record`` then marks when it is done)."""
+        latents = self.adapter.output_latents(state).float()
+        if latents.device.type != "cuda":
+            return latents
+        host = torch.empty(latents.shape, dtype=latents.dtype, pin_memory=True)
+        return host.copy_(latents, non_blocking=True)
+
+    def _record(self) -> torch.cuda.Event | None:
+        """An event after the GPU work queued so far (None off the GPU)."""
+        if self.runner.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
     def _wait_for_gpu(self, pending: int) -> None:
         """Wait until at most ``pending`` earlier runs may still have GPU work queued."""

@@ -104,8 +104,12 @@ async def generate(
     Triton's sequence batcher when denoise_step finishes one: the per-step round trip overlaps the GPU
     instead of following it. Calls in flight together are interchangeable ("the next step", no
     ``step`` input), since two calls sent at once may reach Triton in either order. A call that must
-    see exactly its step (a preview, the last step with END) waits until none is in flight and goes
-    out alone. A cancel is checked right before each call: at most ``lookahead - 1`` more steps run.
+    see exactly its step (a preview) waits until none is in flight and goes out alone. The last step
+    goes out like the others; once every step is back, an END call that takes no step fetches the
+    final latents. (END on the last step itself would have to go out alone, and the forward it joins
+    would wait for the GPU to copy its latents out: at 30 steps and 32 requests, nearly every forward
+    holds some request's last step.) A cancel is checked right before each call: at most
+    ``lookahead - 1`` more steps run.
 
     The denoise sequence always ends: normally with END on the last step; otherwise (a cancel, an
     error, a refused START) with an END carrying ``abort`` once the calls in flight are back. That frees
@@ -142,20 +146,23 @@ async def generate(
     try:
         first = await denoise_call({**inputs, **conditioning}, ["num_steps"], correlation_id, start=True)
         num_steps = host_scalar(first["num_steps"])
-        latents = None
         for index in range(num_steps):
-            last = index == num_steps - 1
-            preview = not last and preview_every > 0 and (index + 1) % preview_every == 0
-            alone = last or preview or lookahead == 1
+            preview = index < num_steps - 1 and preview_every > 0 and (index + 1) % preview_every == 0
+            alone = preview or lookahead == 1
             while in_flight and (alone or len(in_flight) >= lookahead):
                 await collect(num_steps)
             if is_cancelled():  # checked right before sending: a cancel seen while waiting counts
                 return None
             step_input = {"step": batch_of_one(index, np.int32)} if alone else {}
-            wanted = ["latents"] if last else ["step_index", "latents"] if preview else ["step_index"]
-            in_flight.append(asyncio.ensure_future(denoise_call(step_input, wanted, correlation_id, end=last)))
+            wanted = ["step_index", "latents"] if preview else ["step_index"]
+            in_flight.append(asyncio.ensure_future(denoise_call(step_input, wanted, correlation_id)))
             if alone:
-                latents = await collect(num_steps, preview)
+                await collect(num_steps, preview)
+        while in_flight:
+            await collect(num_steps)
+        if is_cancelled():
+            return None
+        latents = (await denoise_call({}, ["latents"], correlation_id, end=True)).get("latents")
         finished = True
     finally:
         if not finished:

@@ -134,7 +134,7 @@ class TritonPythonModel:
                 output_tensor("step_index", np.array([[result.step_index]], dtype=np.int32)),
                 output_tensor("num_steps", np.array([[result.num_steps]], dtype=np.int32)),
             ]
-            if result.latents is not None:
+            if result.latents is not None and call.wants_latents:  # reading them back waits for the GPU
                 outputs.append(output_tensor("latents", result.latents.float().cpu().numpy()))
             responses[index] = pb_utils.InferenceResponse(output_tensors=outputs)
         for size in self.engine.forward_batch_sizes:
