@@ -7,7 +7,8 @@
 #       buckets to what 8 users can fill), starts the load in the background, then runs COMMAND
 #   bash load_tests/gpu_soak.sh wait SECONDS
 #       waits up to SECONDS for the run to finish
-# Each call copies the logs, and the report once written, to $OUT.
+# Each call copies the logs, the samples so far (samples.jsonl) and the report once written to $OUT: a
+# machine taken away between calls still leaves the samples up to its last call.
 set -u
 export HF_HUB_OFFLINE=1
 sizes=512x512,384x384,512x384
@@ -16,14 +17,14 @@ collect() {
   cp /tmp/soak-start.log "$OUT/" 2>/dev/null
   tail -c 20000 /tmp/soak.log > "$OUT/soak.log" 2>/dev/null
   tail -c 20000 /tmp/serve.log > "$OUT/serve.log" 2>/dev/null
-  cp /tmp/soak/run/soak.md /tmp/soak/run/soak.json "$OUT/" 2>/dev/null
+  cp /tmp/soak/run/soak.md /tmp/soak/run/soak.json /tmp/soak/run/samples.jsonl "$OUT/" 2>/dev/null
   tail -3 /tmp/soak.log 2>/dev/null
 }
 if [ "$1" = start ]; then
   bash .gpu/install.sh >/dev/null 2>&1
   python3 -m pip install -q --no-index --no-deps --no-compile .gpu-load/wheels/*.whl
   python3 -m pip install -q --no-deps --no-build-isolation .
-  python3 -c "import stepdiff.cli, locust" || { echo "gpu_soak: stepdiff or locust does not import"; exit 1; }
+  { python3 -c "import locust" && python3 -c "import stepdiff.cli"; } || { echo "gpu_soak: stepdiff or locust does not import"; exit 1; }
   python3 -m stepdiff make-tiny sd15-size /tmp/sd15 --dtype float16 >/dev/null 2>&1
   began=$(date +%s)
   setsid nohup python3 -m stepdiff serve --pipeline /tmp/sd15 --device cuda --dtype float16 --warmup $sizes \
@@ -35,7 +36,7 @@ if [ "$1" = start ]; then
     sleep 2
   done
   echo "server ready after $(( $(date +%s) - began )) s" > /tmp/soak-start.log
-  grep -o "denoise_step: denoiser.*" /tmp/serve.log | head -2 >> /tmp/soak-start.log
+  grep -ho "denoise_step: denoiser.*" /tmp/serve.log ~/.cache/stepdiff/logs/tritonserver-8000.log | head -2 >> /tmp/soak-start.log
   cat /tmp/soak-start.log
   setsid nohup python3 load_tests/soak.py --url localhost:8000 --duration "$2" --users 8 --steps 10,20,30 \
     --sizes $sizes --out /tmp/soak/run > /tmp/soak.log 2>&1 < /dev/null &

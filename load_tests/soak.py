@@ -21,9 +21,10 @@ seconds) of the summed RSS, of tritonserver's own RSS and of the GPU memory must
 --previous (an earlier run's --out against the same server) that run's samples and figures join this
 one's: two 9.5-minute legs make one 19-minute verdict.
 
-Writes soak.json and soak.md to --out; exits 1 on any unexpected error, generations still active once
-the load has stopped, a tritonserver restart, more cancellations counted by the server than made by the
-client or over 2 + 5% fewer, or memory growth at or over the limit.
+Writes soak.json and soak.md to --out, and each sample to samples.jsonl as it is taken (a run cut
+short still leaves those); exits 1 on any unexpected error, generations still active once the load
+has stopped, a tritonserver restart, more cancellations counted by the server than made by the client
+or over 2 + 5% fewer, or memory growth at or over the limit.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from datetime import UTC, datetime
@@ -213,14 +215,33 @@ def rss_mib(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else 0.0
 
 
+def output_of_spawned(command: list[str], timeout: float) -> str:
+    """``command``'s stdout, started with posix_spawn rather than fork. Under gevent, subprocess forks,
+    and with gRPC calls in flight gRPC skips its fork handlers and the child can die inside gRPC before
+    it runs the command (on the H200, 55 of 59 nvidia-smi samples of a soak were lost that way)."""
+    with tempfile.TemporaryFile() as stdout:
+        pid = os.posix_spawnp(command[0], command, os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, stdout.fileno(), 1)])
+        deadline = time.monotonic() + timeout
+        while (status := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise TimeoutError(f"{command[0]} gave no answer in {timeout} s")
+            gevent.sleep(0.02)
+        if os.waitstatus_to_exitcode(status[1]) != 0:
+            raise OSError(f"{command[0]} exited with {os.waitstatus_to_exitcode(status[1])}")
+        stdout.seek(0)
+        return stdout.read().decode()
+
+
 def gpu_mib_by_pid() -> dict[int, float]:
     """GPU memory per process from nvidia-smi (MiB); empty without it."""
     if shutil.which("nvidia-smi") is None:
         return {}
     query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
     try:
-        text = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
+        text = output_of_spawned(query, timeout=10)
+    except (OSError, TimeoutError):
         return {}
     used: dict[int, float] = {}
     for line in text.splitlines():
@@ -288,13 +309,21 @@ def run(args: argparse.Namespace, previous: dict[str, Any] | None) -> dict[str, 
         parsed_options=options,
     )
     origin = previous["samples"][0]["time"] if previous else time.time()  # one timeline for all legs
-    samples = [sample(args, origin)]
+    samples: list[dict[str, Any]] = []
+    kept = (args.out / "samples.jsonl").open("w")  # as they come: a run cut short still leaves its samples
+
+    def take_sample() -> None:
+        samples.append(sample(args, origin))
+        kept.write(json.dumps(samples[-1]) + "\n")
+        kept.flush()
+
+    take_sample()
     runner = env.create_local_runner()
     runner.start(args.users, spawn_rate=args.users)
     load_started = time.monotonic()
     while (elapsed := time.monotonic() - load_started) < args.duration:
         gevent.sleep(min(args.sample_every, args.duration - elapsed))
-        samples.append(sample(args, origin))
+        take_sample()
         last, total = samples[-1], env.stats.total
         print(
             f"soak: {time.monotonic() - load_started:.0f}/{args.duration:.0f} s, {total.num_requests} requests, "
@@ -309,7 +338,8 @@ def run(args: argparse.Namespace, previous: dict[str, Any] | None) -> dict[str, 
         if time.monotonic() > settle_deadline:
             break
         time.sleep(0.5)
-    samples.append(sample(args, origin))
+    take_sample()
+    kept.close()
     return summarize(args, env, samples, load_seconds, previous)
 
 

@@ -64,6 +64,8 @@ def test_short_soak_reports_errors_memory_streams_and_an_unjudged_slope(server, 
     assert not growth["judged"] and growth["verdict"].startswith("too short to judge") and not growth["too_fast"]
     assert set(growth["mib_per_min"]) == {"RSS, all processes", "RSS, tritonserver"}
     assert set(growth["by_process_mib_per_min"]) == set(memory["by_process_end_mib"])
+    kept = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert kept == report["samples"]  # written as they were taken
     summary = (tmp_path / "soak.md").read_text()
     assert "| **all** |" in summary and "Unexpected errors: none." in summary and "**PASS**" in summary
     assert "GPU memory: no GPU" in summary and "too short to judge" in summary
