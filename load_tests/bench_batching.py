@@ -493,7 +493,8 @@ def report(result: dict, out: Path) -> None:
             f"## Throughput, stepdiff `{mode}`, {schedulers[0]} (ceiling: in-process UNet {variant} at that batch)",
             "",
             "| concurrency | images/s | p50 s | p99 s | mean requests/forward | step calls/s | ceiling images/s "
-            "| vs ceiling | text_encoder requests/execution, execute ms/request | vae_decode execute ms/request |",
+            "| vs ceiling | text_encoder requests/execution, execute ms/request "
+            "| vae_decode requests/execution, execute ms/request |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in tri["sweep"]:
@@ -504,7 +505,7 @@ def report(result: dict, out: Path) -> None:
                 f"| {row['concurrency']} | {row['images_per_s']:.2f} | {row['p50_s']:.2f} | {row['p99_s']:.2f} | "
                 f"{row['mean_forward_batch']:.2f} | {row.get('step_calls_per_s', float('nan')):.0f} | {versus} | "
                 f"{encoder['mean_batch']:.2f}, {encoder['execute_ms_per_request']:.1f} | "
-                f"{decoder['execute_ms_per_request']:.1f} |"
+                f"{decoder['mean_batch']:.2f}, {decoder['execute_ms_per_request']:.1f} |"
             )
         ol = tri["open_loop"]
         lines += [

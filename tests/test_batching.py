@@ -139,3 +139,41 @@ def test_text_encoder_refuses_more_than_one_prompt_per_request(server):
         client.infer("text_encoder", [tensor])
     assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "prompt: expected exactly one value (shape [1]), got shape [2, 1]" in raised.value.message()
+
+
+def test_latents_queued_while_vae_decode_runs_share_a_decode_and_bad_ones_fail_alone(server):
+    """A long decode, then 4 requests of another latent shape and one of that shape with NaN, sent at
+    once (gRPC async): those queued behind the long one reach vae_decode together and share decodes;
+    each gets its solo image (within 1 of 255: a batched convolution may round differently) and the
+    NaN request alone gets INVALID_ARG naming latents."""
+    rng = np.random.default_rng(0)
+    long_one = rng.standard_normal((1, 4, 96, 96), dtype=np.float32)
+    small = [rng.standard_normal((1, 4, 8, 8), dtype=np.float32) for _ in range(4)]
+    poisoned = small[0].copy()
+    poisoned[0, 0, 0, 0] = np.nan
+
+    def inputs(latents: np.ndarray) -> list[grpcclient.InferInput]:
+        tensor = grpcclient.InferInput("latents", list(latents.shape), "FP32")
+        tensor.set_data_from_numpy(latents)
+        return [tensor]
+
+    requests = [long_one, *small, poisoned]
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        solo = [client.infer("vae_decode", inputs(latents)).as_numpy("image") for latents in small]
+        inferences_before, executions_before = inference_counts(server, "vae_decode")
+        answers: Queue = Queue()
+        for index, latents in enumerate(requests):
+            callback = functools.partial(lambda index, result, error: answers.put((index, result, error)), index)
+            client.async_infer("vae_decode", inputs(latents), callback)
+        results = {index: (result, error) for index, result, error in (answers.get(timeout=60) for _ in requests)}
+    inferences, executions = inference_counts(server, "vae_decode")
+    assert inferences - inferences_before == len(requests)
+    assert executions - executions_before < len(requests), "no two vae_decode requests shared an execution"
+    assert results[0][1] is None and results[0][0].as_numpy("image").shape == (1, 768, 768, 3)
+    for index, expected in enumerate(solo, start=1):
+        image, error = results[index]
+        assert error is None, error
+        assert np.abs(image.as_numpy("image").astype(int) - expected).max() <= 1
+    error = results[len(requests) - 1][1]
+    assert error is not None and error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "latents: contains NaN or infinity" in error.message()

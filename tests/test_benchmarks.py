@@ -84,6 +84,7 @@ def test_batching_benchmark_writes_its_tables(tiny_sd, tmp_path):
     assert set(results) >= {"baseline", "triton"}
     for row in results["triton"]["eager"]["sweep"]:  # every generation ran each stage once
         assert row["stages"]["text_encoder"]["mean_batch"] >= 1
+        assert row["stages"]["vae_decode"]["mean_batch"] >= 1
         assert row["stages"]["vae_decode"]["execute_ms_per_request"] > 0
     markdown = (tmp_path / "results.md").read_text()
     assert "Concurrency 1" in markdown and "Ceilings" in markdown

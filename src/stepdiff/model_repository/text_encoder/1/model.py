@@ -9,7 +9,7 @@ import triton_python_backend_utils as pb_utils
 
 from stepdiff.adapters import GenerationParams, Stage
 from stepdiff.params import PARAM_NAMES, parse_generation_params
-from stepdiff.text_batching import encode_batch
+from stepdiff.stage_batching import encode_batch
 from stepdiff.triton_io import (
     error_response,
     load_stage,

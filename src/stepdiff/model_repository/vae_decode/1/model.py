@@ -1,9 +1,12 @@
-"""vae_decode: final latents -> uint8 image, the pipeline's own decode and postprocess."""
+"""vae_decode: final latents -> uint8 image, the pipeline's own decode and postprocess.
+Triton's dynamic batcher hands over the requests that queued while the stage was busy; those whose latents
+have the same shape share one VAE decode (``decode_batch``)."""
 
 import torch
 import triton_python_backend_utils as pb_utils
 
 from stepdiff.adapters import Stage
+from stepdiff.stage_batching import decode_batch
 from stepdiff.triton_io import (
     error_response,
     load_stage,
@@ -18,16 +21,22 @@ class TritonPythonModel:
         _, self.adapter = load_stage(args, Stage.DECODE)
 
     def execute(self, requests):
-        responses = []
+        checked = []
         for request in requests:
             try:
-                latents = torch_input(request, "latents")
-                with torch.inference_mode():
-                    image = self.adapter.decode(self.adapter.check_latents(latents))
-                responses.append(pb_utils.InferenceResponse(output_tensors=[output_tensor("image", image)]))
+                checked.append(self.adapter.check_latents(torch_input(request, "latents")))
             except Exception as error:  # noqa: BLE001 - every error goes back to its own request
-                responses.append(error_response(error))
-        return responses
+                checked.append(error)
+        valid = [latents for latents in checked if isinstance(latents, torch.Tensor)]
+        with torch.inference_mode():
+            decoded = iter(decode_batch(self.adapter, valid))
+        return [self._response(item if isinstance(item, Exception) else next(decoded)) for item in checked]
+
+    @staticmethod
+    def _response(result):
+        if isinstance(result, Exception):
+            return error_response(result)
+        return pb_utils.InferenceResponse(output_tensors=[output_tensor("image", result)])
 
     def finalize(self):
         release_triton_objects()

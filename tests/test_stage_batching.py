@@ -1,0 +1,155 @@
+"""The text_encoder and vae_decode stages' batching in-process: requests share forwards (by
+``text_batch_key``; by latent shape) and each gets what it gets alone, and a failing request fails
+alone (the served path: the concurrent tests of test_batching and test_families)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stepdiff.adapters import GenerationParams, Stage, load_adapter
+from stepdiff.stage_batching import decode_batch, encode_batch
+
+PROMPTS = ["a cat", "a red panda sitting on a tree branch in a bamboo forest, soft light", "a dog", ""]
+
+
+FAMILIES = ["sd", "sdxl", "sd3", "flux", "qwenimage"]
+
+
+def tiny_stage(family: str, stage: Stage, tmp_path_factory):
+    from stepdiff.tiny import make_tiny
+
+    path: Path = make_tiny(family, tmp_path_factory.mktemp("pipelines") / f"tiny-{family}")
+    return load_adapter(str(path), stage, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def encoder(request, tmp_path_factory):
+    return tiny_stage(request.param, Stage.TEXT_ENCODER, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def decoder(request, tmp_path_factory):
+    return tiny_stage(request.param, Stage.DECODE, tmp_path_factory)
+
+
+def mixed_requests(encoder) -> list[GenerationParams]:
+    """Different prompt lengths, guidance on and off, negative prompts given and not: several groups."""
+    info = encoder.info
+    requests = []
+    for index in range(8):
+        guided = index % 3 != 2
+        requests.append(
+            GenerationParams(
+                prompt=PROMPTS[index % 4],
+                negative_prompt="blurry, low quality" if index % 2 else None,
+                seed=index,
+                num_inference_steps=info.default_steps,
+                guidance_scale=5.0 if guided else 1.0,
+                height=info.default_height,
+                width=info.default_width,
+                scheduler=info.default_scheduler,
+                true_cfg_scale=4.0 if guided else 1.0,
+            )
+        )
+    return requests
+
+
+def test_grouped_requests_share_forwards_and_each_gets_its_solo_conditioning(encoder, monkeypatch):
+    requests = mixed_requests(encoder)
+    group_sizes = []
+    encode_prompts = encoder.encode_prompts
+
+    def recorded(batch):
+        group_sizes.append(len(batch))
+        return encode_prompts(batch)
+
+    with torch.inference_mode():
+        alone = [encoder.encode_prompt(params) for params in requests]
+        monkeypatch.setattr(encoder, "encode_prompts", recorded)
+        together = encode_batch(encoder, requests)
+
+    keys = [encoder.text_batch_key(params) for params in requests]
+    assert sorted(group_sizes) == sorted(keys.count(key) for key in set(keys))
+    assert max(group_sizes) > 1
+    for params, solo, batched in zip(requests, alone, together, strict=True):
+        assert batched.keys() == solo.keys(), params
+        for name, value in solo.items():
+            assert batched[name].shape == value.shape, (name, params)
+            assert batched[name].dtype == value.dtype, (name, params)
+            torch.testing.assert_close(batched[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failing_request_fails_alone_and_its_group_is_encoded_without_it(encoder, monkeypatch):
+    requests = mixed_requests(encoder)[:4]
+    poisoned = requests[0]
+    encode_prompts = encoder.encode_prompts
+
+    def failing_with_poisoned(batch):
+        if poisoned in batch:
+            raise RuntimeError("text encoder failed")
+        return encode_prompts(batch)
+
+    with torch.inference_mode():
+        alone = [encoder.encode_prompt(params) for params in requests]
+        monkeypatch.setattr(encoder, "encode_prompts", failing_with_poisoned)
+        results = encode_batch(encoder, [requests[0], requests[0], *requests])
+
+    assert [str(result) for result in results[:3]] == ["text encoder failed"] * 3
+    for solo, batched in zip(alone[1:], results[3:], strict=True):
+        for name, value in solo.items():
+            torch.testing.assert_close(batched[name], value, rtol=1e-4, atol=1e-5)
+
+
+def latents_of_two_shapes(decoder) -> list[torch.Tensor]:
+    """Five requests' final latents: three of one shape, two of another, interleaved."""
+    generator = torch.Generator().manual_seed(0)
+    channels = decoder.latent_channels()
+    shapes = [(4, 4), (4, 6), (4, 4), (4, 6), (4, 4)]
+    return [torch.randn(1, channels, *shape, generator=generator) for shape in shapes]
+
+
+def test_latents_of_one_shape_share_a_decode_and_each_gets_its_solo_image(decoder, monkeypatch):
+    requests = latents_of_two_shapes(decoder)
+    decoded_rows = []
+    decode = decoder.decode
+
+    def recorded(latents):
+        decoded_rows.append(latents.shape[0])
+        return decode(latents)
+
+    with torch.inference_mode():
+        alone = [decoder.decode(latents) for latents in requests]
+        monkeypatch.setattr(decoder, "decode", recorded)
+        together = decode_batch(decoder, requests)
+
+    assert sorted(decoded_rows) == [2, 3]
+    for latents, solo, batched in zip(requests, alone, together, strict=True):
+        assert batched.shape == solo.shape and batched.dtype == np.uint8, latents.shape
+        # a batched convolution may round differently in the last float bit: at most 1 of 255
+        assert np.abs(batched.astype(int) - solo).max() <= 1, latents.shape
+
+
+def test_a_failing_decode_fails_alone_and_its_group_is_decoded_without_it(decoder, monkeypatch):
+    requests = latents_of_two_shapes(decoder)
+    poisoned = requests[0]
+    decode = decoder.decode
+
+    def failing_with_poisoned(latents):
+        if any(torch.equal(row[None], poisoned) for row in latents):
+            raise RuntimeError("VAE decode failed")
+        return decode(latents)
+
+    with torch.inference_mode():
+        alone = [decoder.decode(latents) for latents in requests]
+        monkeypatch.setattr(decoder, "decode", failing_with_poisoned)
+        results = decode_batch(decoder, requests)
+
+    assert str(results[0]) == "VAE decode failed"
+    for index in (2, 4):  # the poisoned request's group, decoded request by request: exactly as alone
+        assert np.array_equal(results[index], alone[index])
+    for index in (1, 3):  # the other group, decoded together
+        assert np.abs(results[index].astype(int) - alone[index]).max() <= 1
