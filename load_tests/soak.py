@@ -309,6 +309,7 @@ def run(args: argparse.Namespace, previous: dict[str, Any] | None) -> dict[str, 
         parsed_options=options,
     )
     origin = previous["samples"][0]["time"] if previous else time.time()  # one timeline for all legs
+    settle(args)  # what earlier work left in flight is counted before this run's first sample
     samples: list[dict[str, Any]] = []
     kept = (args.out / "samples.jsonl").open("w")  # as they come: a run cut short still leaves its samples
 
@@ -333,14 +334,27 @@ def run(args: argparse.Namespace, previous: dict[str, Any] | None) -> dict[str, 
         )
     runner.quit()
     load_seconds = time.monotonic() - load_started
-    settle_deadline = time.monotonic() + 30  # cut-off generations stop at their next step
-    while (metric(read_metrics(args.metrics_url), "stepdiff_active_sequences") or 0) > 0:
-        if time.monotonic() > settle_deadline:
-            break
-        time.sleep(0.5)
+    settle(args)  # cut-off generations stop at their next step
     take_sample()
     kept.close()
     return summarize(args, env, samples, load_seconds, previous)
+
+
+# What a generation holds until it ends: a place in the waiting queue, a stage call, a denoise state.
+IN_FLIGHT_METRICS = ("stepdiff_queue_length", "stepdiff_stage_calls_in_flight", "stepdiff_active_sequences")
+
+
+def settle(args: argparse.Namespace, timeout: float = 30) -> None:
+    """Wait (up to ``timeout`` s) until no generation is in flight. A generation cut off by its client
+    is counted as cancelled only when txt2img next checks, which may be before its denoise state exists
+    (waiting for the text encoder): a run whose samples start or end before that would count it in the
+    wrong run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = read_metrics(args.metrics_url)
+        if not any(metric(metrics, name) for name in IN_FLIGHT_METRICS):
+            return
+        time.sleep(0.5)
 
 
 def points(samples: list[dict], key: str) -> list[tuple[float, float]]:
