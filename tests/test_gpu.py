@@ -3,16 +3,19 @@ intermediate step, graph replay byte-identical to stock diffusers, capture fallb
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import final_latents_of_mixes
+from conftest import final_latents_of_mixes, running_server, txt2img_client
 
 from stepdiff.adapters import GenerationParams, Stage, load_adapter
 from stepdiff.engine import StepCall, StepEngine
 from stepdiff.runner import DenoiserRunner, Rows
+from stepdiff.server import stub_processes, tritonserver_pid
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -170,3 +173,24 @@ def test_mixed_lora_forwards_replay_one_graph_for_any_mix(tiny_sd, tmp_path, mod
             error = (one.float() - other.float()).norm() / other.float().norm()
             assert error < 0.01, f"mixed vs grouped latents differ by {error:.2%}"
     denoiser.mixed_lora = stacked
+
+
+def test_orchestrators_hold_no_gpu_memory(tiny_sd, tmp_path):
+    """Served on the GPU, only the three stage models hold GPU memory: txt2img and txt2img_stream pass the
+    text encoder's conditioning on in host memory and never open a CUDA context (each held 518 MiB on
+    an H200 while the conditioning came from the GPU)."""
+    if shutil.which("nvidia-smi") is None:
+        pytest.fail("nvidia-smi is needed to see each process's GPU memory")
+    with running_server(tiny_sd, tmp_path / "tritonserver.log", "--device", "cuda") as server:
+        options = {"num_inference_steps": 2, "height": 64, "width": 64}
+        server.txt2img("a cat", **options)
+        txt2img_client.generate_streaming(server.grpc_url, "a dog", options)
+        stubs = {stub.pid: stub.model for stub in stub_processes(tritonserver_pid(int(server.http_url.split(":")[1])))}
+        query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+        on_gpu = {}
+        for line in subprocess.run(query, capture_output=True, text=True, check=True).stdout.splitlines():
+            pid, _, mib = line.partition(",")
+            if int(pid) in stubs:
+                on_gpu[stubs[int(pid)]] = on_gpu.get(stubs[int(pid)], 0) + int(mib)
+    assert {"text_encoder", "denoise_step", "vae_decode"} <= on_gpu.keys(), f"stage models not seen: {on_gpu}"
+    assert not {"txt2img", "txt2img_stream"} & on_gpu.keys(), f"an orchestrator holds GPU memory (MiB): {on_gpu}"
