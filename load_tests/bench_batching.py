@@ -617,6 +617,11 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=18100)
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose")
     args = parser.parse_args()
+    if args.variants[:1] != ["eager"]:
+        parser.error(f"--variants must start with eager (it gives the reference images), got {','.join(args.variants)}")
+    unknown = sorted(set(args.variants) - {"eager", "exact", "compiled"})
+    if unknown:
+        parser.error(f"--variants: unknown {','.join(unknown)} (allowed: eager, exact, compiled)")
     args.out.mkdir(parents=True, exist_ok=True)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.clear_compile_cache:  # the in-process compile is then cold; the servers' start is warm

@@ -52,6 +52,24 @@ def test_trace_fidelity_finds_every_stage_identical_on_cpu(tiny_sd, tmp_path):
     assert all(row["identical"] for row in trace["rows"]) and trace["first_difference"] is None
 
 
+def test_batching_benchmark_names_a_bad_variants_list_before_loading_anything(tmp_path):
+    """Without eager first there are no reference images: say so at once, not with a KeyError after the
+    in-process runs (as on the GPU machine, where it cost a call)."""
+    for variants, message in (("exact", "must start with eager"), ("eager,graph", "unknown graph")):
+        script, out = str(ROOT / "load_tests" / "bench_batching.py"), str(tmp_path / "out")
+        completed = subprocess.run(
+            [sys.executable, script, "--pipeline", str(tmp_path), "--out", out, "--variants", variants],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert completed.returncode == 2 and f"--variants {message}" in completed.stderr.replace(":", ""), (
+            completed.stderr
+        )
+        assert not (tmp_path / "out").exists()
+
+
 def test_batching_benchmark_writes_its_tables(tiny_sd, tmp_path):
     [port] = free_ports(1)
     run_script(
