@@ -42,7 +42,7 @@ import generate as txt2img_client  # noqa: E402
 from stepdiff import server as triton  # noqa: E402
 from stepdiff.adapters.loading import resolve_pipeline  # noqa: E402
 from stepdiff.repository import write_repository_for  # noqa: E402
-from stepdiff.runner import DenoiserRunner, Rows  # noqa: E402
+from stepdiff.runner import MODES, DenoiserRunner, Rows  # noqa: E402
 from stepdiff.settings import DTYPES, Settings  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on mars, cinematic lighting"
@@ -619,9 +619,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.variants[:1] != ["eager"]:
         parser.error(f"--variants must start with eager (it gives the reference images), got {','.join(args.variants)}")
-    unknown = sorted(set(args.variants) - {"eager", "exact", "compiled"})
+    unknown = sorted(set(args.variants) - set(MODES))
     if unknown:
-        parser.error(f"--variants: unknown {','.join(unknown)} (allowed: eager, exact, compiled)")
+        parser.error(f"--variants: unknown {','.join(unknown)} (allowed: {', '.join(MODES)})")
     args.out.mkdir(parents=True, exist_ok=True)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.clear_compile_cache:  # the in-process compile is then cold; the servers' start is warm

@@ -55,7 +55,7 @@ from tritonclient.utils import InferenceServerException
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import locustfile  # load_tests/locustfile.py: the txt2img users; sets up gRPC for gevent
 
-from stepdiff.server import free_ports, stub_processes, tritonserver_pid
+from stepdiff.server import GPU_MEMORY_QUERY, free_ports, gpu_mib_by_pid, stub_processes, tritonserver_pid
 
 txt2img_client = locustfile.txt2img_client  # client/generate.py
 BAD_INPUTS = {  # type -> (txt2img options, what the error message must name)
@@ -234,21 +234,14 @@ def output_of_spawned(command: list[str], timeout: float) -> str:
         return stdout.read().decode()
 
 
-def gpu_mib_by_pid() -> dict[int, float]:
+def gpu_mib_now() -> dict[int, float]:
     """GPU memory per process from nvidia-smi (MiB); empty without it."""
     if shutil.which("nvidia-smi") is None:
         return {}
-    query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
     try:
-        text = output_of_spawned(query, timeout=10)
+        return gpu_mib_by_pid(output_of_spawned(list(GPU_MEMORY_QUERY), timeout=10))
     except (OSError, TimeoutError):
         return {}
-    used: dict[int, float] = {}
-    for line in text.splitlines():
-        pid, _, mib = line.partition(",")
-        if pid.strip().isdigit() and mib.strip().isdigit():
-            used[int(pid)] = used.get(int(pid), 0.0) + float(mib)
-    return used
 
 
 def sample(args: argparse.Namespace, origin: float) -> dict[str, Any]:
@@ -259,7 +252,7 @@ def sample(args: argparse.Namespace, origin: float) -> dict[str, Any]:
     if pid is not None:
         names = {pid: "tritonserver"} | {stub.pid: stub.instance for stub in stub_processes(pid)}
         processes = {name: rss_mib(process) for process, name in names.items()}
-        gpu_by_process = {names[process]: mib for process, mib in gpu_mib_by_pid().items() if process in names}
+        gpu_by_process = {names[process]: mib for process, mib in gpu_mib_now().items() if process in names}
     metrics = read_metrics(args.metrics_url)
     gpu_bytes = metric(metrics, "nv_gpu_memory_used_bytes")  # all GPUs Triton sees; absent without one
     now = time.time()

@@ -15,7 +15,7 @@ from conftest import final_latents_of_mixes, running_server, txt2img_client
 from stepdiff.adapters import GenerationParams, Stage, load_adapter
 from stepdiff.engine import StepCall, StepEngine
 from stepdiff.runner import DenoiserRunner, Rows
-from stepdiff.server import stub_processes, tritonserver_pid
+from stepdiff.server import GPU_MEMORY_QUERY, gpu_mib_by_pid, stub_processes, tritonserver_pid
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -186,11 +186,10 @@ def test_orchestrators_hold_no_gpu_memory(tiny_sd, tmp_path):
         server.txt2img("a cat", **options)
         txt2img_client.generate_streaming(server.grpc_url, "a dog", options)
         stubs = {stub.pid: stub.model for stub in stub_processes(tritonserver_pid(int(server.http_url.split(":")[1])))}
-        query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
-        on_gpu = {}
-        for line in subprocess.run(query, capture_output=True, text=True, check=True).stdout.splitlines():
-            pid, _, mib = line.partition(",")
-            if int(pid) in stubs:
-                on_gpu[stubs[int(pid)]] = on_gpu.get(stubs[int(pid)], 0) + int(mib)
+        query = subprocess.run(GPU_MEMORY_QUERY, capture_output=True, text=True, check=True).stdout
+        on_gpu: dict[str, float] = {}
+        for pid, mib in gpu_mib_by_pid(query).items():
+            if pid in stubs:
+                on_gpu[stubs[pid]] = on_gpu.get(stubs[pid], 0.0) + mib
     assert {"text_encoder", "denoise_step", "vae_decode"} <= on_gpu.keys(), f"stage models not seen: {on_gpu}"
     assert not {"txt2img", "txt2img_stream"} & on_gpu.keys(), f"an orchestrator holds GPU memory (MiB): {on_gpu}"

@@ -92,3 +92,11 @@ def test_short_soak_reports_errors_memory_streams_and_an_unjudged_slope(server, 
     summary = (second / "soak.md").read_text()
     assert "**FAIL**: memory growing" in summary
     assert "CUDA graphs the denoiser had captured: 0 when the last half began, 0 at its end." in summary
+
+
+def test_gpu_memory_per_process_from_nvidia_smi():
+    """The per-process GPU memory the soak samples: summed over a process's GPUs, unreadable lines left out."""
+    from stepdiff.server import gpu_mib_by_pid
+
+    output = "1234, 4486\n1234, 518\n77, [N/A]\n\n99, 910\n"
+    assert gpu_mib_by_pid(output) == {1234: 5004.0, 99: 910.0}

@@ -283,6 +283,21 @@ def stub_processes(server_pid: int) -> list[StubProcess]:
     return sorted(stubs, key=lambda stub: stub.instance)
 
 
+# nvidia-smi's GPU memory per process, for the soak's samples and the GPU tests
+GPU_MEMORY_QUERY = ("nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
+
+
+def gpu_mib_by_pid(query_output: str) -> dict[int, float]:
+    """``GPU_MEMORY_QUERY``'s output as MiB per process id, summed over GPUs; lines without numbers
+    (e.g. "[N/A]") are left out."""
+    used: dict[int, float] = {}
+    for line in query_output.splitlines():
+        pid, _, mib = line.partition(",")
+        if pid.strip().isdigit() and mib.strip().isdigit():
+            used[int(pid)] = used.get(int(pid), 0.0) + float(mib)
+    return used
+
+
 def tritonserver_pid(http_port: int) -> int | None:
     """The local tritonserver listening on ``http_port`` (found by its command line), if any."""
     flag = f"--http-port={http_port}".encode()
