@@ -36,7 +36,7 @@ if [ "$1" = start ]; then
     sleep 2
   done
   echo "server ready after $(( $(date +%s) - began )) s" > /tmp/soak-start.log
-  grep -ho "denoise_step: denoiser.*" /tmp/serve.log ~/.cache/stepdiff/logs/tritonserver-8000.log | head -2 >> /tmp/soak-start.log
+  grep -hoE "(denoise_step: denoiser|vae_decode: warm-up).*" /tmp/serve.log ~/.cache/stepdiff/logs/tritonserver-8000.log | head -4 >> /tmp/soak-start.log
   cat /tmp/soak-start.log
   setsid nohup python3 load_tests/soak.py --url localhost:8000 --duration "$2" --users 8 --steps 10,20,30 \
     --sizes $sizes --out /tmp/soak/run > /tmp/soak.log 2>&1 < /dev/null &

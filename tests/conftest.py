@@ -157,6 +157,9 @@ def final_latents_of_mixes(denoiser, runner, conditioning: dict, options: tuple,
     return finals
 
 
+WARMUP = "64x64,48x64"  # the session server's --warmup
+
+
 @contextlib.contextmanager
 def running_server(
     pipeline: Path,
@@ -190,10 +193,11 @@ def running_server(
 
 @pytest.fixture(scope="session")
 def server(tiny_sd, tmp_path_factory):
-    """The session's server; it also serves the OpenAI images API (tests/test_openai_api.py)."""
+    """The session's server; it also serves the OpenAI images API (tests/test_openai_api.py) and warms up
+    two sizes at start (``WARMUP``)."""
     [openai_port] = free_ports(1)
     log_file = tmp_path_factory.mktemp("logs") / "tritonserver.log"
-    with running_server(tiny_sd, log_file, "--openai-port", str(openai_port)) as running:
+    with running_server(tiny_sd, log_file, "--openai-port", str(openai_port), "--warmup", WARMUP) as running:
         running.openai_url = f"http://127.0.0.1:{openai_port}/v1"
         yield running
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stepdiff.adapters import GenerationParams, Stage, load_adapter
-from stepdiff.stage_batching import decode_batch, encode_batch
+from stepdiff.stage_batching import decode_batch, encode_batch, warm_up_decode
 
 PROMPTS = ["a cat", "a red panda sitting on a tree branch in a bamboo forest, soft light", "a dog", ""]
 
@@ -153,3 +153,16 @@ def test_a_failing_decode_fails_alone_and_its_group_is_decoded_without_it(decode
         assert np.array_equal(results[index], alone[index])
     for index in (1, 3):  # the other group, decoded together
         assert np.abs(results[index].astype(int) - alone[index]).max() <= 1
+
+
+def test_decode_warm_up_decodes_a_full_batch_of_each_size_largest_first(decoder):
+    """The warm-up decodes the latents that requests of each size would send, the size with most pixels
+    first, so that the decode's memory peak is reserved before serving."""
+    multiple = decoder.info.size_multiple
+    sizes = [(2 * multiple, 2 * multiple), (4 * multiple, 2 * multiple), (2 * multiple, 3 * multiple)]
+    shapes = warm_up_decode(decoder, sizes, 3)
+    assert shapes == [
+        (3, 4 * multiple, 2 * multiple, 3),
+        (3, 2 * multiple, 3 * multiple, 3),
+        (3, 2 * multiple, 2 * multiple, 3),
+    ]

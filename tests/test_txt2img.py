@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import reference_image
+from conftest import WARMUP, reference_image
 
 PROMPTS = [
     "a cup of coffee on a wooden table, morning light, photorealistic",
@@ -89,3 +89,12 @@ def test_true_cfg_scale_is_ignored_by_stable_diffusion(server):
     plain, _ = server.txt2img("a green cup", **options)
     with_true_cfg, _ = server.txt2img("a green cup", true_cfg_scale=9.0, **options)
     assert np.array_equal(plain, with_true_cfg)
+
+
+def test_warm_up_prepares_the_denoiser_and_the_decode_before_ready(server):
+    """``--warmup`` (the session server's sizes): before the server is ready, denoise_step has prepared its
+    row buckets for each size (CUDA graphs on a GPU; none on the CPU) and vae_decode has decoded a full batch
+    of each size, so that its memory peak is reserved before the first request."""
+    log = server.log_file.read_text(errors="replace")
+    assert f"denoise_step: denoiser exact on cpu; warm-up {WARMUP}: 0 CUDA graphs" in log
+    assert f"vae_decode: warm-up {WARMUP}: 4 latents per size decoded in" in log

@@ -65,3 +65,15 @@ def decode_batch(adapter: StepAdapter, batch: Sequence[torch.Tensor]) -> list[np
         return [images[index : index + 1] for index in range(len(group))]
 
     return run_in_groups(batch, lambda latents: tuple(latents.shape), decode_group)
+
+
+def warm_up_decode(adapter: StepAdapter, sizes: Sequence[tuple[int, int]], count: int) -> list[tuple[int, ...]]:
+    """Decode ``count`` zero latents of each (height, width), the largest size first, so that PyTorch's
+    caching allocator reserves the decode's peak memory before the first request (on an H200 soak over
+    three sizes, ``vae_decode`` otherwise took 1.3 GiB more after 4.5 minutes of load). The decoded
+    images' shapes, in order."""
+    shapes = []
+    with torch.inference_mode():
+        for height, width in sorted(sizes, key=lambda size: size[0] * size[1], reverse=True):
+            shapes.append(adapter.decode(adapter.warmup_latents(height, width, count)).shape)
+    return shapes

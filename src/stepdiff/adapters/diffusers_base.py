@@ -47,6 +47,7 @@ class DiffusersAdapter:
     # The family's linear latent -> RGB map for previews ([channels, 3], ComfyUI's factors), and its bias
     latent_rgb_factors: ClassVar[np.ndarray | None] = None
     latent_rgb_bias: ClassVar[np.ndarray | None] = None
+    vae_scale_factor: int  # pixels per latent, set by each family before this __init__ runs
 
     def __init__(self, path: Path, stage: Stage, device: torch.device, dtype: torch.dtype):
         self.path = path
@@ -247,6 +248,11 @@ class DiffusersAdapter:
     def latent_channels(self) -> int:
         """Channels of the latents ``decode`` takes."""
         return self.pipe.vae.config.latent_channels
+
+    def warmup_latents(self, height: int, width: int, count: int) -> torch.Tensor:
+        """Zero latents of ``count`` requests of this size, concatenated as ``decode`` takes them."""
+        factor = self.vae_scale_factor
+        return torch.zeros(count, self.latent_channels(), height // factor, width // factor)
 
     def check_latents(self, latents: torch.Tensor | None) -> torch.Tensor:
         return check_latents(latents, self.latent_channels())

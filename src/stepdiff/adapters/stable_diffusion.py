@@ -47,7 +47,7 @@ class StableDiffusionAdapter(DiffusersAdapter):
 
     def __init__(self, path: Path, stage: Stage, device: torch.device, dtype: torch.dtype):
         unet_config = load_component_config(path, "unet", UNet2DConditionModel)
-        self.scale_factor = vae_scale_factor(path)
+        self.vae_scale_factor = vae_scale_factor(path)
         self.in_channels = unet_config["in_channels"]
         self.sample_size = unet_config["sample_size"]
         self.cross_attention_dim = unet_config["cross_attention_dim"]
@@ -57,12 +57,12 @@ class StableDiffusionAdapter(DiffusersAdapter):
         super().__init__(path, stage, device, dtype)
 
     def pipeline_info(self) -> PipelineInfo:
-        sample = self.sample_size * self.scale_factor
+        sample = self.sample_size * self.vae_scale_factor
         return PipelineInfo(
             pipeline_class=self.pipeline_class.__name__,
             default_height=sample,
             default_width=sample,
-            size_multiple=self.scale_factor,
+            size_multiple=self.vae_scale_factor,
             default_steps=50,
             default_guidance_scale=self.default_guidance_scale,
             default_scheduler=self.scheduler_config["_class_name"],
@@ -89,7 +89,7 @@ class StableDiffusionAdapter(DiffusersAdapter):
         scheduler = self.new_scheduler(params)
         timesteps, _ = retrieve_timesteps(scheduler, params.num_inference_steps, self.device)
         generator = self.seeded_generator(params)
-        shape = (1, self.in_channels, params.height // self.scale_factor, params.width // self.scale_factor)
+        shape = (1, self.in_channels, params.height // self.vae_scale_factor, params.width // self.vae_scale_factor)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=kept["prompt_embeds"].dtype)
         latents = latents * scheduler.init_noise_sigma
         if self.time_cond_proj_dim is not None:
@@ -149,7 +149,7 @@ class StableDiffusionAdapter(DiffusersAdapter):
     def warmup_rows(self, height: int, width: int) -> list[Rows]:
         """Rows of a guided request (one row for LCM UNets, which do not run CFG)."""
         rows = 1 if self.time_cond_proj_dim is not None else 2
-        latent = (self.in_channels, height // self.scale_factor, width // self.scale_factor)
+        latent = (self.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         shapes = {"sample": latent, **self.row_shapes()}
         tensors = {
             name: torch.zeros((rows, *shape), device=self.device, dtype=self.dtype) for name, shape in shapes.items()

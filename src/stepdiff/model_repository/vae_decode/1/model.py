@@ -2,11 +2,14 @@
 Triton's dynamic batcher hands over the requests that queued while the stage was busy; those whose latents
 have the same shape share one VAE decode (``decode_batch``)."""
 
+import json
+import time
+
 import torch
 import triton_python_backend_utils as pb_utils
 
 from stepdiff.adapters import Stage
-from stepdiff.stage_batching import decode_batch
+from stepdiff.stage_batching import decode_batch, warm_up_decode
 from stepdiff.triton_io import (
     error_response,
     load_stage,
@@ -18,7 +21,20 @@ from stepdiff.triton_io import (
 
 class TritonPythonModel:
     def initialize(self, args):
-        _, self.adapter = load_stage(args, Stage.DECODE)
+        settings, self.adapter = load_stage(args, Stage.DECODE)
+        sizes = settings.warmup_sizes()
+        if sizes:
+            batch = json.loads(args["model_config"])["max_batch_size"]
+            began = time.perf_counter()
+            warm_up_decode(self.adapter, sizes, batch)
+            device = self.adapter.device
+            reserved = ""
+            if device.type == "cuda":
+                reserved = f", {torch.cuda.memory_reserved(device) / 2**20:.0f} MiB reserved"
+            pb_utils.Logger.log_info(
+                f"vae_decode: warm-up {settings.warmup}: {batch} latents per size decoded in "
+                f"{time.perf_counter() - began:.1f} s{reserved}"
+            )
 
     def execute(self, requests):
         checked = []
