@@ -66,8 +66,15 @@ def test_gpus_give_each_stage_model_one_instance_per_gpu(tmp_path):
     for model in ("text_encoder", "denoise_step", "vae_decode"):
         [group] = read_config(served / model / "config.pbtxt").instance_group
         assert (group.kind, group.count, list(group.gpus)) == (model_config_pb2.ModelInstanceGroup.KIND_GPU, 1, [0, 1])
-    for model in ("txt2img", "txt2img_stream"):  # the orchestrators stay on the CPU
-        assert (served / model / "config.pbtxt").read_text() == (TEMPLATE / model / "config.pbtxt").read_text()
+    for model in ("txt2img", "txt2img_stream"):  # the orchestrators stay on the CPU, as many per GPU as on one
+        served_config, template = (
+            read_config(served / model / "config.pbtxt"),
+            read_config(TEMPLATE / model / "config.pbtxt"),
+        )
+        [group], [template_group] = served_config.instance_group, template.instance_group
+        assert (group.kind, group.count) == (model_config_pb2.ModelInstanceGroup.KIND_CPU, 2 * template_group.count)
+        del served_config.instance_group[:], template.instance_group[:]
+        assert served_config == template  # nothing else changed
     denoise = read_config(served / "denoise_step" / "config.pbtxt")
     assert denoise.sequence_batching == read_config(TEMPLATE / "denoise_step" / "config.pbtxt").sequence_batching
     assert "pooled_prompt_embeds" in entries(denoise, "input")

@@ -4,7 +4,9 @@ The conditioning tensors a family passes from text_encoder to denoise_step (name
 are declared once, by its adapter (``conditioning``). The template's configs leave them out; the served
 copy adds them as text_encoder outputs and optional denoise_step inputs, so that a new family never
 touches a ``config.pbtxt``. With ``--gpus`` the served copy also gives each stage model (text_encoder,
-denoise_step, vae_decode) one KIND_GPU instance per listed GPU; txt2img and txt2img_stream stay KIND_CPU.
+denoise_step, vae_decode) one KIND_GPU instance per listed GPU; txt2img and txt2img_stream stay KIND_CPU,
+with their template's instance count per listed GPU (each GPU's step calls come from as many processes as
+on one GPU).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ TEMPLATE = Path(__file__).resolve().parent / "model_repository"  # ships in the 
 PRODUCER = "text_encoder"  # outputs the conditioning
 CONSUMER = "denoise_step"  # takes it on START
 STAGE_MODELS = (PRODUCER, CONSUMER, "vae_decode")  # the models that run on GPUs: one instance per GPU with --gpus
+ORCHESTRATORS = ("txt2img", "txt2img_stream")  # KIND_CPU: with --gpus, their instance count per GPU
 
 
 def read_config(path: Path) -> model_config_pb2.ModelConfig:
@@ -53,10 +56,16 @@ def check_template(template: Path) -> None:
             raise ValueError(f"{template} is not a stepdiff model repository: {model}/config.pbtxt is missing")
 
 
-def _on_gpus(config: model_config_pb2.ModelConfig, gpus: Sequence[int]) -> None:
-    """Replace ``config``'s instance groups with one KIND_GPU instance on each of ``gpus``."""
+def _on_gpus(config: model_config_pb2.ModelConfig, gpus: Sequence[int]) -> str:
+    """Replace a stage model's instance groups with one KIND_GPU instance on each of ``gpus``; multiply an
+    orchestrator's instance counts by the number of ``gpus``. What changed, for the config's header."""
+    if config.name in ORCHESTRATORS:
+        for group in config.instance_group:
+            group.count *= len(gpus)
+        return f"{sum(group.count for group in config.instance_group)} instances ({len(gpus)} GPUs)"
     del config.instance_group[:]
     config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_GPU, count=1, gpus=gpus)
+    return f"one instance on each of GPUs {', '.join(map(str, gpus))}"
 
 
 def write_served_repository(
@@ -67,14 +76,15 @@ def write_served_repository(
     lora_adapters: Sequence[str] = (),
 ) -> Path:
     """Copy ``template`` to ``target`` (replacing it) with ``conditioning`` added to the stage configs,
-    when ``gpus`` are given one instance of each stage model per GPU, and the names of the loaded LoRA
+    when ``gpus`` are given one instance of each stage model per GPU (and the orchestrators' count per GPU),
+    and the names of the loaded LoRA
     adapters as the parameter ``lora_adapters`` of the models that take input ``lora`` (clients read it
     from the model config)."""
     check_template(template)
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(template, target, ignore=shutil.ignore_patterns("__pycache__"))
-    for model in STAGE_MODELS:
+    for model in (*STAGE_MODELS, *ORCHESTRATORS):
         path = target / model / "config.pbtxt"
         config = read_config(path)
         changes = []
@@ -88,8 +98,7 @@ def write_served_repository(
             config.parameters["lora_adapters"].string_value = ",".join(lora_adapters)
             changes.append("the LoRA adapters' names")
         if gpus:
-            _on_gpus(config, gpus)
-            changes.append(f"one instance on each of GPUs {', '.join(map(str, gpus))}")
+            changes.append(_on_gpus(config, gpus))
         if changes:
             path.write_text(
                 f"# Written by `stepdiff serve` from {template / model / 'config.pbtxt'}, with "
