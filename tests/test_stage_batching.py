@@ -155,14 +155,12 @@ def test_a_failing_decode_fails_alone_and_its_group_is_decoded_without_it(decode
         assert np.abs(results[index].astype(int) - alone[index]).max() <= 1
 
 
-def test_decode_warm_up_decodes_a_full_batch_of_each_size_largest_first(decoder):
-    """The warm-up decodes the latents that requests of each size would send, the size with most pixels
-    first, so that the decode's memory peak is reserved before serving."""
+def test_decode_warm_up_decodes_every_batch_of_each_size_largest_first(decoder):
+    """The warm-up decodes the latents that requests of each size would send, every count the stage's
+    batcher can form, the size with most pixels and the largest count first, so that the decode's memory
+    peak is reserved before serving."""
     multiple = decoder.info.size_multiple
     sizes = [(2 * multiple, 2 * multiple), (4 * multiple, 2 * multiple), (2 * multiple, 3 * multiple)]
-    shapes = warm_up_decode(decoder, sizes, 3)
-    assert shapes == [
-        (3, 4 * multiple, 2 * multiple, 3),
-        (3, 2 * multiple, 3 * multiple, 3),
-        (3, 2 * multiple, 2 * multiple, 3),
-    ]
+    shapes = warm_up_decode(decoder, sizes, 2)
+    pixels = [(4 * multiple, 2 * multiple), (2 * multiple, 3 * multiple), (2 * multiple, 2 * multiple)]
+    assert shapes == [(count, height, width, 3) for height, width in pixels for count in (2, 1)]

@@ -93,8 +93,8 @@ def test_true_cfg_scale_is_ignored_by_stable_diffusion(server):
 
 def test_warm_up_prepares_the_denoiser_and_the_decode_before_ready(server):
     """``--warmup`` (the session server's sizes): before the server is ready, denoise_step has prepared its
-    row buckets for each size (CUDA graphs on a GPU; none on the CPU) and vae_decode has decoded a full batch
+    row buckets for each size (CUDA graphs on a GPU; none on the CPU) and vae_decode has decoded every batch
     of each size, so that its memory peak is reserved before the first request."""
     log = server.log_file.read_text(errors="replace")
     assert f"denoise_step: denoiser exact on cpu; warm-up {WARMUP}: 0 CUDA graphs" in log
-    assert f"vae_decode: warm-up {WARMUP}: 4 latents per size decoded in" in log
+    assert f"vae_decode: warm-up {WARMUP}: batches of 1 to 4 latents of each size decoded in" in log

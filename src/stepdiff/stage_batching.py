@@ -67,13 +67,15 @@ def decode_batch(adapter: StepAdapter, batch: Sequence[torch.Tensor]) -> list[np
     return run_in_groups(batch, lambda latents: tuple(latents.shape), decode_group)
 
 
-def warm_up_decode(adapter: StepAdapter, sizes: Sequence[tuple[int, int]], count: int) -> list[tuple[int, ...]]:
-    """Decode ``count`` zero latents of each (height, width), the largest size first, so that PyTorch's
-    caching allocator reserves the decode's peak memory before the first request (on an H200 soak over
-    three sizes, ``vae_decode`` otherwise took 1.3 GiB more after 4.5 minutes of load). The decoded
-    images' shapes, in order."""
+def warm_up_decode(adapter: StepAdapter, sizes: Sequence[tuple[int, int]], max_count: int) -> list[tuple[int, ...]]:
+    """Decode every batch the stage can form of each (height, width): ``max_count`` zero latents down to
+    1, the largest size first, so that PyTorch's caching allocator reserves the decode's peak memory, and
+    the libraries their per-shape plans, before the first request (on an H200 soak over three sizes,
+    ``vae_decode`` otherwise took 1.3 GiB more after 4.5 minutes of load). The decoded images' shapes,
+    in order."""
     shapes = []
     with torch.inference_mode():
         for height, width in sorted(sizes, key=lambda size: size[0] * size[1], reverse=True):
-            shapes.append(adapter.decode(adapter.warmup_latents(height, width, count)).shape)
+            for count in range(max_count, 0, -1):
+                shapes.append(adapter.decode(adapter.warmup_latents(height, width, count)).shape)
     return shapes

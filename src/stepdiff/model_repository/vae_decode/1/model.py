@@ -32,7 +32,7 @@ class TritonPythonModel:
             if device.type == "cuda":
                 reserved = f", {torch.cuda.memory_reserved(device) / 2**20:.0f} MiB reserved"
             pb_utils.Logger.log_info(
-                f"vae_decode: warm-up {settings.warmup}: {batch} latents per size decoded in "
+                f"vae_decode: warm-up {settings.warmup}: batches of 1 to {batch} latents of each size decoded in "
                 f"{time.perf_counter() - began:.1f} s{reserved}"
             )
 
