@@ -161,6 +161,31 @@ def test_decode_warm_up_decodes_every_batch_of_each_size_largest_first(decoder):
     peak is reserved before serving."""
     multiple = decoder.info.size_multiple
     sizes = [(2 * multiple, 2 * multiple), (4 * multiple, 2 * multiple), (2 * multiple, 3 * multiple)]
-    shapes = warm_up_decode(decoder, sizes, 2)
+    shapes, too_large = warm_up_decode(decoder, sizes, 2)
+    assert too_large == []
     pixels = [(4 * multiple, 2 * multiple), (2 * multiple, 3 * multiple), (2 * multiple, 2 * multiple)]
     assert shapes == [(count, height, width, 3) for height, width in pixels for count in (2, 1)]
+
+
+def test_a_decode_warm_up_batch_out_of_gpu_memory_is_skipped_and_named(decoder, monkeypatch):
+    """A batch too large for the GPU does not stop the start: it is named (served, such a batch falls back
+    to one decode per request), and the smaller batches are still decoded. One latent that does not fit
+    stops it."""
+    decode = decoder.decode
+
+    def out_of_memory_past(limit):
+        def limited(latents):
+            if latents.shape[0] > limit:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return decode(latents)
+
+        return limited
+
+    multiple = decoder.info.size_multiple
+    monkeypatch.setattr(decoder, "decode", out_of_memory_past(2))
+    shapes, too_large = warm_up_decode(decoder, [(2 * multiple, 2 * multiple)], 4)
+    assert [shape[0] for shape in shapes] == [2, 1]
+    assert too_large == [(2 * multiple, 2 * multiple, 4), (2 * multiple, 2 * multiple, 3)]
+    monkeypatch.setattr(decoder, "decode", out_of_memory_past(0))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        warm_up_decode(decoder, [(2 * multiple, 2 * multiple)], 4)

@@ -67,15 +67,26 @@ def decode_batch(adapter: StepAdapter, batch: Sequence[torch.Tensor]) -> list[np
     return run_in_groups(batch, lambda latents: tuple(latents.shape), decode_group)
 
 
-def warm_up_decode(adapter: StepAdapter, sizes: Sequence[tuple[int, int]], max_count: int) -> list[tuple[int, ...]]:
+def warm_up_decode(
+    adapter: StepAdapter, sizes: Sequence[tuple[int, int]], max_count: int
+) -> tuple[list[tuple[int, ...]], list[tuple[int, int, int]]]:
     """Decode every batch the stage can form of each (height, width): ``max_count`` zero latents down to
     1, the largest size first, so that PyTorch's caching allocator reserves the decode's peak memory, and
     the libraries their per-shape plans, before the first request (on an H200 soak over three sizes,
-    ``vae_decode`` otherwise took 1.3 GiB more after 4.5 minutes of load). The decoded images' shapes,
-    in order."""
-    shapes = []
+    ``vae_decode`` otherwise took 1.3 GiB more after 4.5 minutes of load).
+
+    Returns the decoded images' shapes, in order, and the batches (height, width, count) that ran out of
+    GPU memory: those are skipped (served, such a batch fails and is decoded request by request)."""
+    shapes: list[tuple[int, ...]] = []
+    too_large: list[tuple[int, int, int]] = []
     with torch.inference_mode():
         for height, width in sorted(sizes, key=lambda size: size[0] * size[1], reverse=True):
             for count in range(max_count, 0, -1):
-                shapes.append(adapter.decode(adapter.warmup_latents(height, width, count)).shape)
-    return shapes
+                try:
+                    shapes.append(adapter.decode(adapter.warmup_latents(height, width, count)).shape)
+                except torch.cuda.OutOfMemoryError:
+                    if count == 1:  # one request of this size cannot be served: the start fails, saying so
+                        raise
+                    too_large.append((height, width, count))
+                    torch.cuda.empty_cache()
+    return shapes, too_large

@@ -26,7 +26,12 @@ class TritonPythonModel:
         if sizes:
             batch = json.loads(args["model_config"])["max_batch_size"]
             began = time.perf_counter()
-            warm_up_decode(self.adapter, sizes, batch)
+            _, too_large = warm_up_decode(self.adapter, sizes, batch)
+            for height, width, count in too_large:
+                pb_utils.Logger.log_warn(
+                    f"vae_decode: warm-up: {count} latents of {height}x{width} ran out of GPU memory; batches "
+                    "like it will fail and be decoded one request at a time"
+                )
             device = self.adapter.device
             reserved = ""
             if device.type == "cuda":
