@@ -6,7 +6,7 @@
 #       with every soak size's graphs captured at start (--warmup; --max-batch-size 8 bounds the row
 #       buckets to what 8 users can fill), starts the load in the background, then runs COMMAND
 #   bash load_tests/gpu_soak.sh wait SECONDS
-#       waits up to SECONDS for the run to finish
+#       waits up to SECONDS for the run to finish; exits 3 at once on a machine without the run
 # Each call copies the logs, the samples so far (samples.jsonl) and the report once written to $OUT: a
 # machine taken away between calls still leaves the samples up to its last call.
 set -u
@@ -40,10 +40,16 @@ if [ "$1" = start ]; then
   cat /tmp/soak-start.log
   setsid nohup python3 load_tests/soak.py --url localhost:8000 --duration "$2" --users 8 --steps 10,20,30 \
     --sizes $sizes --out /tmp/soak/run > /tmp/soak.log 2>&1 < /dev/null &
+  echo $! > /tmp/soak.pid
   shift 2
   "$@"
 else
+  # a fresh machine (the one that ran `start` went back) has no soak: say so at once, not after SECONDS
+  [ -f /tmp/soak.pid ] || { echo "gpu_soak: no soak on this machine: the one that ran start went back"; exit 3; }
   deadline=$(( $(date +%s) + $2 ))
-  while [ ! -f /tmp/soak/run/soak.md ] && [ "$(date +%s)" -lt "$deadline" ]; do sleep 5; done
+  while [ ! -f /tmp/soak/run/soak.md ] && [ "$(date +%s)" -lt "$deadline" ]; do
+    kill -0 "$(cat /tmp/soak.pid)" 2>/dev/null || { [ -f /tmp/soak/run/soak.md ] || echo "gpu_soak: soak.py ended without its report"; break; }
+    sleep 5
+  done
 fi
 collect
