@@ -4,7 +4,10 @@
 1. In-process (same run, same GPU), per scheduler: StableDiffusionPipeline latency at batch 1 with its
    UNet eager, replayed from CUDA graphs (stepdiff's runner, mode exact), and compiled (runner, mode
    compiled: torch.compile + graphs); the UNet alone at 1..N requests per forward (with CFG, 2 rows
-   each) in the three variants: the ceilings.
+   each) in the three variants: the ceilings. The other stages' GPU costs by batch, as stepdiff's
+   text_encoder and vae_decode run them (the adapters' own calls): the text encoder, and the VAE decode
+   eager (the served path), in channels-last memory format and compiled (with --variants compiled): the
+   levers for the GPU time an image spends outside the UNet.
 2. Through Triton (`stepdiff serve`, gRPC), per --modes (exact, compiled): images at concurrency 1
    checked against stock eager diffusers for each seed and scheduler; latency at concurrency 1 per
    scheduler, with a per-step breakdown from Triton's statistics; a closed-loop concurrency sweep
@@ -169,6 +172,50 @@ def in_process_baseline(args, device: torch.device, dtype: torch.dtype) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"pipeline_latency_s": latency, "ceiling": ceiling, "references": references, "setup_s": setup}
+
+
+def in_process_stage_costs(args, device: torch.device, dtype: torch.dtype) -> dict:
+    """Milliseconds per call of the text encoder (with guidance) and of the VAE decode at each of
+    --stage-batches requests, through the stage adapters that text_encoder and vae_decode serve; the
+    decode also in channels-last format and, when --variants names compiled, through torch.compile, each
+    with whether a lone image stays identical to the served decode."""
+    from stepdiff.adapters import GenerationParams, Stage, load_adapter
+
+    encoder = load_adapter(str(args.pipeline), Stage.TEXT_ENCODER, device, dtype)
+    decoder = load_adapter(str(args.pipeline), Stage.DECODE, device, dtype)
+    info = encoder.info
+    params = GenerationParams(
+        PROMPT, None, 0, args.steps, args.guidance, args.size, args.size, info.default_scheduler, args.guidance
+    )
+    costs: dict[str, dict[int, float]] = {"text_encoder": {}}
+    with torch.inference_mode():
+        for batch in args.stage_batches:
+            seconds = timed(lambda: encoder.encode_prompts([params] * batch), args.repeats, device)  # noqa: B023
+            costs["text_encoder"][batch] = seconds * 1e3
+        vae = decoder.pipe.vae
+        eager_decode = vae.decode
+        variants = ["eager", "channels_last"] + (["compiled"] if "compiled" in args.variants else [])
+        generator = torch.Generator().manual_seed(0)
+        lone = decoder.warmup_latents(args.size, args.size, 1).normal_(generator=generator)
+        reference = decoder.decode(lone)
+        identical: dict[str, bool] = {}
+        for variant in variants:
+            vae.to(memory_format=torch.channels_last if variant == "channels_last" else torch.contiguous_format)
+            vae.decode = torch.compile(eager_decode) if variant == "compiled" else eager_decode
+            began = time.perf_counter()
+            image = decoder.decode(lone)
+            print(f"stage vae_decode {variant}: first call {time.perf_counter() - began:.1f} s", flush=True)
+            identical[variant] = bool(np.array_equal(image, reference))
+            costs[f"vae_decode_{variant}"] = {}
+            for batch in args.stage_batches:
+                latents = decoder.warmup_latents(args.size, args.size, batch).normal_(generator=generator)
+                seconds = timed(lambda: decoder.decode(latents), args.repeats, device)  # noqa: B023
+                costs[f"vae_decode_{variant}"][batch] = seconds * 1e3
+        vae.to(memory_format=torch.contiguous_format)
+        vae.decode = eager_decode
+    for stage, table in costs.items():
+        print(f"stage {stage}: " + ", ".join(f"{b}: {ms:.1f} ms" for b, ms in table.items()), flush=True)
+    return {"ms_per_call": costs, "lone_image_identical_to_served": identical}
 
 
 class Load:
@@ -429,12 +476,21 @@ def through_triton(args, baseline: dict, mode: str) -> dict:
     }
 
 
+def per_request_ms(table: dict[int, float], batch: float) -> float:
+    """A stage's in-process ms per request, at its measured batch nearest ``batch``."""
+    nearest = min(table, key=lambda measured: abs(measured - batch))
+    return table[nearest] / nearest
+
+
 def report(result: dict, out: Path) -> None:
     """results.md with the tables and the targets; results.png when matplotlib is available."""
     base, cfg = result["baseline"], result["config"]
     schedulers, modes = cfg["schedulers"], list(result["triton"])
     latency = base["pipeline_latency_s"]
     ceiling = {variant: {int(k): v for k, v in table.items()} for variant, table in base["ceiling"].items()}
+    stages = {
+        stage: {int(k): v for k, v in table.items()} for stage, table in base["stage_costs"]["ms_per_call"].items()
+    }
     lines = [
         f"# stepdiff vs diffusers in-process ({cfg['date']}, {cfg['gpu']})",
         "",
@@ -493,14 +549,27 @@ def report(result: dict, out: Path) -> None:
             f"## Throughput, stepdiff `{mode}`, {schedulers[0]} (ceiling: in-process UNet {variant} at that batch)",
             "",
             "| concurrency | images/s | p50 s | p99 s | mean requests/forward | step calls/s | ceiling images/s "
-            "| vs ceiling | text_encoder requests/execution, execute ms/request "
+            "| vs ceiling | ceiling with text encoder + VAE | vs that "
+            "| text_encoder requests/execution, execute ms/request "
             "| vae_decode requests/execution, execute ms/request |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in tri["sweep"]:
             ceil = ceiling.get(variant, {}).get(row["concurrency"], {}).get("images_per_s")
-            versus = f"{ceil:.2f} | {row['images_per_s'] / ceil:.2f}x" if ceil else "— | —"
             encoder, decoder = (row["stages"][model] for model in ("text_encoder", "vae_decode"))
+            if ceil:
+                # the same ceiling with each image also paying the text encoder and the eager VAE decode, in-process,
+                # at the measured batches nearest to what the server formed
+                stage_ms = per_request_ms(stages["text_encoder"], encoder["mean_batch"]) + per_request_ms(
+                    stages["vae_decode_eager"], decoder["mean_batch"]
+                )
+                with_stages = 1 / (1 / ceil + stage_ms / 1e3)
+                versus = (
+                    f"{ceil:.2f} | {row['images_per_s'] / ceil:.2f}x | {with_stages:.2f} | "
+                    f"{row['images_per_s'] / with_stages:.2f}x"
+                )
+            else:
+                versus = "— | — | — | —"
             lines.append(
                 f"| {row['concurrency']} | {row['images_per_s']:.2f} | {row['p50_s']:.2f} | {row['p99_s']:.2f} | "
                 f"{row['mean_forward_batch']:.2f} | {row.get('step_calls_per_s', float('nan')):.0f} | {versus} | "
@@ -534,6 +603,22 @@ def report(result: dict, out: Path) -> None:
             )
             + " |"
         )
+    identical = base["stage_costs"]["lone_image_identical_to_served"]
+    lines += [
+        "",
+        "## The other stages in-process: ms per call (per request) by requests per call",
+        "",
+        "As stepdiff's text_encoder (with guidance) and vae_decode run them, without Triton: the VAE decode as "
+        "served (eager) and with each lever measured; a lone image identical to the served decode: "
+        + ", ".join(f"{variant} {'yes' if same else 'no'}" for variant, same in identical.items())
+        + ".",
+        "",
+        "| requests | " + " | ".join(stages) + " |",
+        "|---|" + "---|" * len(stages),
+    ]
+    for b in sorted({b for table in stages.values() for b in table}):
+        cells = (f"{table[b]:.1f} ({table[b] / b:.1f})" if b in table else "—" for table in stages.values())
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "In-process first pipeline call (capture, compile), s: "
@@ -607,6 +692,9 @@ def main() -> int:
     )
     parser.add_argument("--concurrency", type=csv_of(int), default=[1, 4, 16, 32, 64])
     parser.add_argument("--ceiling-batches", type=csv_of(int), default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument(
+        "--stage-batches", type=csv_of(int), default=[1, 2, 4], help="requests per text encoder / VAE decode call"
+    )
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per concurrency level")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--check-seeds", type=csv_of(int), default=[0, 1, 2])
@@ -631,6 +719,9 @@ def main() -> int:
 
         shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
     baseline = in_process_baseline(args, device, dtype)
+    baseline["stage_costs"] = in_process_stage_costs(args, device, dtype)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the stage adapters are gone: their memory goes to the servers
     partial = args.out / "results.json"  # rewritten after every phase: a cut-off run keeps what it measured
     partial.write_text(json.dumps({"baseline": {k: v for k, v in baseline.items() if k != "references"}}, indent=2))
     served = {}

@@ -90,6 +90,8 @@ def test_batching_benchmark_writes_its_tables(tiny_sd, tmp_path):
         "1,2",
         "--ceiling-batches",
         "1,2",
+        "--stage-batches",
+        "1,2",
         "--duration",
         "1",
         "--repeats",
@@ -104,8 +106,13 @@ def test_batching_benchmark_writes_its_tables(tiny_sd, tmp_path):
         assert row["stages"]["text_encoder"]["mean_batch"] >= 1
         assert row["stages"]["vae_decode"]["mean_batch"] >= 1
         assert row["stages"]["vae_decode"]["execute_ms_per_request"] > 0
+    stage_costs = results["baseline"]["stage_costs"]  # the text encoder and the VAE decode in-process, by batch
+    assert set(stage_costs["ms_per_call"]) == {"text_encoder", "vae_decode_eager", "vae_decode_channels_last"}
+    assert all(set(table) == {"1", "2"} and min(table.values()) > 0 for table in stage_costs["ms_per_call"].values())
+    assert stage_costs["lone_image_identical_to_served"]["eager"] is True  # the served call itself
     markdown = (tmp_path / "results.md").read_text()
-    assert "Concurrency 1" in markdown and "Ceilings" in markdown
+    assert "Concurrency 1" in markdown and "Ceilings" in markdown and "The other stages in-process" in markdown
+    assert "ceiling with text encoder + VAE" in markdown
     assert "1 of 1 byte-identical" in markdown  # the served image against stock diffusers, on CPU
     assert (tmp_path / "results.png").stat().st_size > 0
 
