@@ -76,10 +76,9 @@ def write_served_repository(
     lora_adapters: Sequence[str] = (),
 ) -> Path:
     """Copy ``template`` to ``target`` (replacing it) with ``conditioning`` added to the stage configs,
-    when ``gpus`` are given one instance of each stage model per GPU (and the orchestrators' count per GPU),
-    and the names of the loaded LoRA
-    adapters as the parameter ``lora_adapters`` of the models that take input ``lora`` (clients read it
-    from the model config)."""
+    when ``gpus`` are given one instance of each stage model per GPU (and the orchestrators' count per
+    GPU), and the names of the loaded LoRA adapters as the parameter ``lora_adapters`` of the models that
+    take input ``lora`` (clients read it from the model config)."""
     check_template(template)
     if target.exists():
         shutil.rmtree(target)
