@@ -57,15 +57,17 @@ def check_template(template: Path) -> None:
 
 
 def _on_gpus(config: model_config_pb2.ModelConfig, gpus: Sequence[int]) -> str:
-    """Replace a stage model's instance groups with one KIND_GPU instance on each of ``gpus``; multiply an
-    orchestrator's instance counts by the number of ``gpus``. What changed, for the config's header."""
-    if config.name in ORCHESTRATORS:
-        for group in config.instance_group:
-            group.count *= len(gpus)
-        return f"{sum(group.count for group in config.instance_group)} instances ({len(gpus)} GPUs)"
+    """Replace a stage model's instance groups with one KIND_GPU instance on each of ``gpus``; what changed."""
     del config.instance_group[:]
     config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_GPU, count=1, gpus=gpus)
     return f"one instance on each of GPUs {', '.join(map(str, gpus))}"
+
+
+def _per_gpu(config: model_config_pb2.ModelConfig, gpu_count: int) -> str:
+    """Multiply an orchestrator's (KIND_CPU) instance counts by ``gpu_count``; what changed."""
+    for group in config.instance_group:
+        group.count *= gpu_count
+    return f"{sum(group.count for group in config.instance_group)} instances ({gpu_count} GPUs)"
 
 
 def write_served_repository(
@@ -97,7 +99,7 @@ def write_served_repository(
             config.parameters["lora_adapters"].string_value = ",".join(lora_adapters)
             changes.append("the LoRA adapters' names")
         if gpus:
-            changes.append(_on_gpus(config, gpus))
+            changes.append(_on_gpus(config, gpus) if model in STAGE_MODELS else _per_gpu(config, len(gpus)))
         if changes:
             path.write_text(
                 f"# Written by `stepdiff serve` from {template / model / 'config.pbtxt'}, with "
