@@ -6,7 +6,8 @@
 #       with every soak size's graphs captured at start (--warmup; --max-batch-size 8 bounds the row
 #       buckets to what 8 users can fill), starts the load in the background, then runs COMMAND
 #   bash load_tests/gpu_soak.sh wait SECONDS
-#       waits up to SECONDS for the run to finish; exits 3 at once on a machine without the run
+#       waits up to SECONDS for the run to finish, copying the samples to $OUT every 30 s; exits 3 at
+#       once on a machine without the run
 # Each call copies the logs, the samples so far (samples.jsonl) and the report once written to $OUT: a
 # machine taken away between calls still leaves the samples up to its last call.
 set -u
@@ -47,9 +48,12 @@ else
   # a fresh machine (the one that ran `start` went back) has no soak: say so at once, not after SECONDS
   [ -f /tmp/soak.pid ] || { echo "gpu_soak: no soak on this machine: the one that ran start went back"; exit 3; }
   deadline=$(( $(date +%s) + $2 ))
+  polls=0
   while [ ! -f /tmp/soak/run/soak.md ] && [ "$(date +%s)" -lt "$deadline" ]; do
     kill -0 "$(cat /tmp/soak.pid)" 2>/dev/null || { [ -f /tmp/soak/run/soak.md ] || echo "gpu_soak: soak.py ended without its report"; break; }
     sleep 5
+    # a call cut short by the session's device time still brings back the samples up to 30 s before
+    polls=$(( polls + 1 )); [ $(( polls % 6 )) -eq 0 ] && collect >/dev/null
   done
 fi
 collect
