@@ -182,6 +182,7 @@ def test_txt2img_reads_what_the_served_denoise_step_instances_admit(tmp_path):
         ({"max_queue": -1}, "max_queue=-1: must be >= 0"),
         ({"queue_timeout_seconds": 0.0}, "queue_timeout_seconds=0.0: must be > 0 and finite"),
         ({"queue_timeout_seconds": float("inf")}, "queue_timeout_seconds=inf: must be > 0 and finite"),
+        ({"sequence_idle_seconds": 0.0}, "sequence_idle_seconds=0.0: must be > 0 and finite"),
     ],
 )
 def test_bad_queue_settings_name_the_setting(values, message):

@@ -147,6 +147,7 @@ def test_malloc_settings_apply_unless_the_user_sets_them(tmp_path, monkeypatch):
         (["--step-lookahead", "9"], {}, "step_lookahead=9: allowed 1..8"),
         (["--max-queue", "-1"], {}, "max_queue=-1: must be >= 0"),
         ([], {"STEPDIFF_QUEUE_TIMEOUT_SECONDS": "0"}, "queue_timeout_seconds=0.0: must be > 0 and finite"),
+        ([], {"STEPDIFF_SEQUENCE_IDLE_SECONDS": "-1"}, "sequence_idle_seconds=-1.0: must be > 0 and finite"),
         ([], {"STEPDIFF_DENOISER": "fast"}, "denoiser='fast': allowed exact, compiled, eager"),
     ],
 )

@@ -88,3 +88,19 @@ def test_without_gpus_the_instance_groups_stay_the_templates(tmp_path):
     assert (served / "vae_decode" / "config.pbtxt").read_text() == (
         TEMPLATE / "vae_decode" / "config.pbtxt"
     ).read_text()
+
+
+def test_tritons_idle_timeout_follows_sequence_idle_seconds(tmp_path):
+    template = read_config(TEMPLATE / "denoise_step" / "config.pbtxt")
+    assert template.sequence_batching.max_sequence_idle_microseconds == 600_000_000  # the default's 600 s
+    served = write_served_repository(TEMPLATE, tmp_path / "s", (), sequence_idle_seconds=2.5)
+    config_text = (served / "denoise_step" / "config.pbtxt").read_text()
+    served_config = read_config(served / "denoise_step" / "config.pbtxt")
+    assert served_config.sequence_batching.max_sequence_idle_microseconds == 2_500_000
+    assert "Triton's sequence idle timeout at sequence_idle_seconds (2.5 s)" in config_text.splitlines()[0]
+    served_config.sequence_batching.max_sequence_idle_microseconds = 600_000_000
+    assert served_config.sequence_batching == template.sequence_batching  # nothing else in the batcher changed
+    default = write_served_repository(TEMPLATE, tmp_path / "d", (), sequence_idle_seconds=600.0)
+    assert "idle timeout" not in (default / "denoise_step" / "config.pbtxt").read_text().splitlines()[0]
+    for model in ("text_encoder", "vae_decode"):  # only denoise_step has sequences
+        assert "idle" not in (served / model / "config.pbtxt").read_text()

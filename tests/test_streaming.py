@@ -8,9 +8,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 from conftest import txt2img_client
 from test_batching import psnr
+from tritonclient.utils import InferenceServerException
 
 
 def stream(server, prompt: str, cancel_after: int | None = None, preview_every: int = 0, **options):
@@ -85,7 +87,9 @@ def test_half_of_twenty_streams_cancelled_others_unaffected(server):
 
 
 def test_sequence_never_ended_is_swept_after_the_idle_ttl(limited_server):
-    """A caller that STARTs a sequence on denoise_step and disappears: the state goes after 2 s."""
+    """A caller that STARTs a sequence on denoise_step and disappears: the state goes after 2 s, and
+    Triton's sequence batcher gives the slot back after the same 2 s (its idle timeout, written by
+    `stepdiff serve`): a later step call on that id is refused by Triton, not by denoise_step."""
     from test_validation import raw_infer
 
     prompt = (np.array([[b"a cat"]], dtype=np.object_), "BYTES")
@@ -95,14 +99,19 @@ def test_sequence_never_ended_is_swept_after_the_idle_ttl(limited_server):
         "prompt_embeds": (encoded.as_numpy("prompt_embeds"), "FP32"),
         "negative_prompt_embeds": (encoded.as_numpy("negative_prompt_embeds"), "FP32"),
     }
+    started = time.monotonic()
     raw_infer(limited_server, inputs, model="denoise_step", sequence_id=777, sequence_start=True)
     assert limited_server.metric("stepdiff_active_sequences") == 1
     assert wait_for_metric(limited_server, "stepdiff_active_sequences", 0, timeout=10) == 0
+    # one probe, 2 s past the timeout: a call on a held slot would count as activity and keep it
+    time.sleep(max(0.0, started + 4 - time.monotonic()))
+    with pytest.raises(InferenceServerException) as refused:
+        raw_infer(limited_server, {"step": (np.array([[0]], np.int32), "INT32")}, model="denoise_step", sequence_id=777)
+    assert "must specify the START flag" in refused.value.message(), refused.value.message()
 
 
 def test_client_timeout_behaves_like_a_cancel(server):
     """A unary gRPC request whose deadline passes is stopped at the next step and its state freed."""
-    from tritonclient.utils import InferenceServerException
 
     cancelled_before = server.metric("stepdiff_cancelled_requests_total")
     module, client = server.client("grpc")

@@ -154,7 +154,12 @@ def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
     gpus = serving_gpus(args.gpus, settings)
     options = server.ServerOptions(
         model_repository=write_repository_for(
-            Path(settings.pipeline), args.http_port, args.model_repository, gpus, list(settings.lora_paths())
+            Path(settings.pipeline),
+            args.http_port,
+            args.model_repository,
+            gpus,
+            list(settings.lora_paths()),
+            settings.sequence_idle_seconds,
         ),
         http_port=args.http_port,
         grpc_port=args.grpc_port,

@@ -6,7 +6,8 @@ copy adds them as text_encoder outputs and optional denoise_step inputs, so that
 touches a ``config.pbtxt``. With ``--gpus`` the served copy also gives each stage model (text_encoder,
 denoise_step, vae_decode) one KIND_GPU instance per listed GPU; txt2img and txt2img_stream stay KIND_CPU,
 with their template's instance count per listed GPU (each GPU's step calls come from as many processes as
-on one GPU).
+on one GPU). denoise_step's sequence batcher gives an unended sequence's slot back after the same
+``sequence_idle_seconds`` as denoise_step frees its state.
 """
 
 from __future__ import annotations
@@ -70,17 +71,30 @@ def _per_gpu(config: model_config_pb2.ModelConfig, gpu_count: int) -> str:
     return f"{sum(group.count for group in config.instance_group)} instances ({gpu_count} GPUs)"
 
 
+def _idle_timeout(config: model_config_pb2.ModelConfig, seconds: float) -> str | None:
+    """Set the sequence batcher's idle timeout (when a sequence's slot is given back without END) to
+    ``seconds``, denoise_step's own ``sequence_idle_seconds``; what changed, None if it already was."""
+    microseconds = max(1, round(seconds * 1_000_000))
+    if config.sequence_batching.max_sequence_idle_microseconds == microseconds:
+        return None
+    config.sequence_batching.max_sequence_idle_microseconds = microseconds
+    return f"Triton's sequence idle timeout at sequence_idle_seconds ({seconds:g} s)"
+
+
 def write_served_repository(
     template: Path,
     target: Path,
     conditioning: Sequence[TensorSpec],
     gpus: Sequence[int] = (),
     lora_adapters: Sequence[str] = (),
+    sequence_idle_seconds: float | None = None,
 ) -> Path:
     """Copy ``template`` to ``target`` (replacing it) with ``conditioning`` added to the stage configs,
     when ``gpus`` are given one instance of each stage model per GPU (and the orchestrators' count per
-    GPU), and the names of the loaded LoRA adapters as the parameter ``lora_adapters`` of the models that
-    take input ``lora`` (clients read it from the model config)."""
+    GPU), the names of the loaded LoRA adapters as the parameter ``lora_adapters`` of the models that
+    take input ``lora`` (clients read it from the model config), and denoise_step's
+    ``max_sequence_idle_microseconds`` at ``sequence_idle_seconds`` when given, so that Triton gives a
+    sequence's slot back when denoise_step frees its state."""
     check_template(template)
     if target.exists():
         shutil.rmtree(target)
@@ -95,6 +109,8 @@ def write_served_repository(
         if model == CONSUMER:
             _with_tensors(config.input, conditioning, optional=True)
             changes.append("the pipeline's conditioning")
+            if sequence_idle_seconds is not None and (idle := _idle_timeout(config, sequence_idle_seconds)):
+                changes.append(idle)
         if lora_adapters and model in (PRODUCER, CONSUMER):
             config.parameters["lora_adapters"].string_value = ",".join(lora_adapters)
             changes.append("the LoRA adapters' names")
@@ -119,15 +135,18 @@ def write_repository_for(
     template: Path | None = None,
     gpus: Sequence[int] = (),
     lora_adapters: Sequence[str] = (),
+    sequence_idle_seconds: float | None = None,
 ) -> Path:
     """The served repository for ``pipeline`` (a resolved diffusers directory): ``template`` (default the
     packaged one) with the conditioning its adapter declares, on ``gpus`` when given, listing
-    ``lora_adapters``."""
+    ``lora_adapters``, with Triton's sequence idle timeout at ``sequence_idle_seconds`` when given."""
     from .adapters import adapter_class
 
     conditioning = adapter_class(pipeline).conditioning
     target = served_repository_path(http_port)
-    return write_served_repository((template or TEMPLATE).resolve(), target, conditioning, gpus, lora_adapters)
+    return write_served_repository(
+        (template or TEMPLATE).resolve(), target, conditioning, gpus, lora_adapters, sequence_idle_seconds
+    )
 
 
 def config_parameters(config: model_config_pb2.ModelConfig) -> dict[str, Any]:

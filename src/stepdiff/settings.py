@@ -103,8 +103,9 @@ class Settings:
         for name in ("max_batch_size", "max_queue"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
-        if not 0 < self.queue_timeout_seconds < math.inf:
-            raise ValueError(f"queue_timeout_seconds={self.queue_timeout_seconds}: must be > 0 and finite")
+        for name in ("queue_timeout_seconds", "sequence_idle_seconds"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name}={getattr(self, name)}: must be > 0 and finite")
         if self.denoiser not in MODES:
             raise ValueError(f"denoiser={self.denoiser!r}: allowed {', '.join(MODES)}")
         self.warmup_sizes()
