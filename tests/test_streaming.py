@@ -112,7 +112,6 @@ def test_sequence_never_ended_is_swept_after_the_idle_ttl(limited_server):
 
 def test_client_timeout_behaves_like_a_cancel(server):
     """A unary gRPC request whose deadline passes is stopped at the next step and its state freed."""
-
     cancelled_before = server.metric("stepdiff_cancelled_requests_total")
     module, client = server.client("grpc")
     with client:
