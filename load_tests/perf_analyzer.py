@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     binary, env = perf_analyzer_command()
-    common = ["-u", args.url, "-i", "grpc", "-p", str(args.measurement_interval), "--max-trials", "5", "-s", "50"]
+    # 10 windows (perf_analyzer's default) to stabilize: 5 were too few for denoise_step at 2 sequences on a
+    # busy 2-core CI machine, which then left that row out
+    common = ["-u", args.url, "-i", "grpc", "-p", str(args.measurement_interval), "--max-trials", "10", "-s", "50"]
     (args.out / "txt2img_input.json").write_text(json.dumps(txt2img_data(args)))
     (args.out / "denoise_step_input.json").write_text(json.dumps(denoise_sequence_data(args)))
     txt2img = run(
