@@ -67,33 +67,45 @@ def slug(text: str, limit: int = 48) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "empty"
 
 
+def infer_options(module, timeout: float | None, request_id: str) -> dict[str, object]:
+    """``infer`` keyword arguments: the gRPC deadline (an HTTP client has none per call) and the request id."""
+    options: dict[str, object] = {"request_id": request_id}
+    if timeout and module.__name__.endswith("grpc"):
+        options["client_timeout"] = timeout
+    return options
+
+
 def generate_file(
-    client, module, prompt: str, options: dict[str, object], timeout: float | None = None
+    client, module, prompt: str, options: dict[str, object], timeout: float | None = None, request_id: str = ""
 ) -> tuple[bytes, int, float]:
     """One txt2img call that returns an encoded file: (PNG or JPEG bytes, seed used, seconds).
 
     ``options["output_format"]`` picks png (the default here) or jpeg. ``timeout`` is a gRPC deadline
     (the server stops the generation when it passes); an HTTP client takes its timeout at construction
-    (``network_timeout``).
+    (``network_timeout``). ``request_id`` is Triton's request id: the server's log names a cancelled
+    request by it.
     """
     started = time.perf_counter()
     options = {**options, "output_format": options.get("output_format") or "png"}
-    kwargs = {"client_timeout": timeout} if timeout and module.__name__.endswith("grpc") else {}
-    result = client.infer("txt2img", build_inputs(module, prompt, options), **kwargs)
+    result = client.infer(
+        "txt2img", build_inputs(module, prompt, options), **infer_options(module, timeout, request_id)
+    )
     return result.as_numpy("image_bytes")[0], int(result.as_numpy("seed")[0]), time.perf_counter() - started
 
 
 def generate(
-    client, module, prompt: str, options: dict[str, object], timeout: float | None = None
+    client, module, prompt: str, options: dict[str, object], timeout: float | None = None, request_id: str = ""
 ) -> tuple[np.ndarray, int, float]:
     """One txt2img call: (image [H, W, 3] uint8, seed used, seconds), sent as raw pixels unless
-    ``options["output_format"]`` asks for a file (decoded here). ``timeout`` as in ``generate_file``."""
+    ``options["output_format"]`` asks for a file (decoded here). ``timeout`` and ``request_id`` as in
+    ``generate_file``."""
     if options.get("output_format") in ("png", "jpeg"):
-        encoded, seed, seconds = generate_file(client, module, prompt, options, timeout)
+        encoded, seed, seconds = generate_file(client, module, prompt, options, timeout, request_id)
         return np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB")), seed, seconds
     started = time.perf_counter()
-    kwargs = {"client_timeout": timeout} if timeout and module.__name__.endswith("grpc") else {}
-    result = client.infer("txt2img", build_inputs(module, prompt, options), **kwargs)
+    result = client.infer(
+        "txt2img", build_inputs(module, prompt, options), **infer_options(module, timeout, request_id)
+    )
     return result.as_numpy("image"), int(result.as_numpy("seed")[0]), time.perf_counter() - started
 
 

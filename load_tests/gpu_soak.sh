@@ -8,16 +8,18 @@
 #   bash load_tests/gpu_soak.sh wait SECONDS
 #       waits up to SECONDS for the run to finish, copying the samples to $OUT every 30 s; exits 3 at
 #       once on a machine without the run
-# Each call copies the logs, the samples so far (samples.jsonl) and the report once written to $OUT: a
-# machine taken away between calls still leaves the samples up to its last call.
+# Each call copies the logs (tritonserver's last 200 kB too), the samples so far (samples.jsonl) and the
+# report once written to $OUT: a machine taken away between calls still leaves the samples up to its last call.
 set -u
 export HF_HUB_OFFLINE=1
 sizes=512x512,384x384,512x384
+triton_log=~/.cache/stepdiff/logs/tritonserver-8000.log  # `stepdiff serve`'s default
 ready() { python3 -c "import urllib.request; urllib.request.urlopen('http://localhost:8000/v2/health/ready', timeout=2)" 2>/dev/null; }
 collect() {
   cp /tmp/soak-start.log "$OUT/" 2>/dev/null
   tail -c 20000 /tmp/soak.log > "$OUT/soak.log" 2>/dev/null
   tail -c 20000 /tmp/serve.log > "$OUT/serve.log" 2>/dev/null
+  tail -c 200000 "$triton_log" > "$OUT/tritonserver.log" 2>/dev/null
   cp /tmp/soak/run/soak.md /tmp/soak/run/soak.json /tmp/soak/run/samples.jsonl "$OUT/" 2>/dev/null
   tail -3 /tmp/soak.log 2>/dev/null
 }
@@ -37,10 +39,10 @@ if [ "$1" = start ]; then
     sleep 2
   done
   echo "server ready after $(( $(date +%s) - began )) s" > /tmp/soak-start.log
-  grep -hoE "(denoise_step: denoiser|vae_decode: warm-up).*" /tmp/serve.log ~/.cache/stepdiff/logs/tritonserver-8000.log | head -4 >> /tmp/soak-start.log
+  grep -hoE "(denoise_step: denoiser|vae_decode: warm-up).*" /tmp/serve.log "$triton_log" | head -4 >> /tmp/soak-start.log
   cat /tmp/soak-start.log
   setsid nohup python3 load_tests/soak.py --url localhost:8000 --duration "$2" --users 8 --steps 10,20,30 \
-    --sizes $sizes --out /tmp/soak/run > /tmp/soak.log 2>&1 < /dev/null &
+    --sizes $sizes --server-log "$triton_log" --out /tmp/soak/run > /tmp/soak.log 2>&1 < /dev/null &
   echo $! > /tmp/soak.pid
   shift 2
   "$@"

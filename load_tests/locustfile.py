@@ -12,11 +12,13 @@ in order and that the last response carries the image; --cancel-fraction of its 
 cancelled by the client after a random step in the first quarter.
 Requests show up in locust's statistics as "<model> <protocol> <height>x<width>" (" cancelled" added
 for those cut off), with the latency as response time and the image size in bytes as response length;
-errors count as failures, named by their Triton status.
+errors count as failures, named by their Triton status. Every request carries a request id (Triton's
+``request_id``, also in the request event's context), by which the server's log names a cancellation.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import random
 import sys
@@ -39,6 +41,7 @@ PROMPTS = [
 ]
 SCHEDULERS = [("PNDMScheduler", 2), ("EulerAncestralDiscreteScheduler", 2), ("DPMSolverMultistepScheduler", 1)]
 STREAM_TIMEOUT = 300  # seconds a stream may go without a response
+REQUEST_IDS = (f"locust-{int(time.time())}-{number}" for number in itertools.count(1))  # unique per run
 
 
 @events.init_command_line_parser.add_listener
@@ -79,8 +82,8 @@ class GenerationUser(User):
     def on_stop(self) -> None:
         self.client.close()
 
-    def draw(self, model: str) -> tuple[dict, str, bool]:
-        """(txt2img options, request name, whether to cancel it)."""
+    def draw(self, model: str) -> tuple[dict, str, bool, str]:
+        """(txt2img options, request name, whether to cancel it, request id)."""
         height, width = random.choice(self.sizes)
         options = {
             "seed": random.randrange(2**31),
@@ -90,16 +93,19 @@ class GenerationUser(User):
             "scheduler": weighted(SCHEDULERS),
         }
         cancel = self.protocol == "grpc" and random.random() < self.environment.parsed_options.cancel_fraction
-        return options, f"{model} {self.protocol} {height}x{width}" + (" cancelled" if cancel else ""), cancel
+        name = f"{model} {self.protocol} {height}x{width}" + (" cancelled" if cancel else "")
+        return options, name, cancel, next(REQUEST_IDS)
 
-    def report(self, name: str, started: float, options: dict, image, exception: Exception | None) -> None:
+    def report(
+        self, name: str, request_id: str, started: float, options: dict, image, exception: Exception | None
+    ) -> None:
         self.environment.events.request.fire(
             request_type=self.protocol,
             name=name,
             response_time=(time.perf_counter() - started) * 1000,
             response_length=0 if image is None else image.nbytes,
             exception=exception,
-            context={"options": options},
+            context={"options": options, "request_id": request_id},
         )
 
 
@@ -110,19 +116,20 @@ class Txt2ImgUser(GenerationUser):
 
     @task
     def txt2img(self) -> None:
-        options, name, cancel = self.draw("txt2img")
+        options, name, cancel, request_id = self.draw("txt2img")
         parsed = self.environment.parsed_options
         started = time.perf_counter()
         image, exception = None, None
         try:
             timeout = parsed.cancel_after if cancel else None  # gRPC deadlines cancel
-            image, _, _ = txt2img_client.generate(self.client, self.module, weighted(PROMPTS), options, timeout)
+            prompt = weighted(PROMPTS)
+            image, _, _ = txt2img_client.generate(self.client, self.module, prompt, options, timeout, request_id)
             if cancel:
                 exception = RuntimeError(f"finished within the {parsed.cancel_after} s deadline; nothing was cancelled")
         except Exception as error:  # noqa: BLE001 - every failure is reported to locust
             if not ((cancel and "deadline" in str(error).lower()) or (cancel and "timed out" in str(error).lower())):
                 exception = error
-        self.report(name, started, options, image, exception)
+        self.report(name, request_id, started, options, image, exception)
 
 
 class HttpUser(Txt2ImgUser):
@@ -140,7 +147,7 @@ class StreamUser(GenerationUser):
 
     @task
     def txt2img_stream(self) -> None:
-        options, name, cancel = self.draw("txt2img_stream")
+        options, name, cancel, request_id = self.draw("txt2img_stream")
         cancel_at = random.randint(1, max(1, options["num_inference_steps"] // 4)) if cancel else None
         responses: queue.Queue = queue.Queue()
         started = time.perf_counter()
@@ -148,7 +155,9 @@ class StreamUser(GenerationUser):
         try:
             self.client.start_stream(callback=lambda result, error: responses.put((result, error)))
             inputs = txt2img_client.build_inputs(self.module, weighted(PROMPTS), options)
-            self.client.async_stream_infer("txt2img_stream", inputs, enable_empty_final_response=True)
+            self.client.async_stream_infer(
+                "txt2img_stream", inputs, request_id=request_id, enable_empty_final_response=True
+            )
             image = self.follow(responses, cancel_at)
             if image is not None and image.shape != (options["height"], options["width"], 3):
                 raise RuntimeError(f"image of shape {image.shape}")
@@ -156,7 +165,7 @@ class StreamUser(GenerationUser):
             exception = error
         finally:
             self.client.stop_stream()
-        self.report(name, started, options, image, exception)
+        self.report(name, request_id, started, options, image, exception)
 
     def follow(self, responses: queue.Queue, cancel_at: int | None):
         """Reads the stream: steps 1..num_steps in order, then the image; None once cancelled after ``cancel_at``."""

@@ -24,7 +24,9 @@ one's: two 9.5-minute legs make one 19-minute verdict.
 Writes soak.json and soak.md to --out, and each sample to samples.jsonl as it is taken (a run cut
 short still leaves those); exits 1 on any unexpected error, generations still active once the load
 has stopped, a tritonserver restart, more cancellations counted by the server than made by the client
-or over 2 + 5% fewer, or memory growth at or over the limit.
+or over 2 + 5% fewer, or memory growth at or over the limit. Every request carries a request id; with
+the server's log (--server-log; its own when it serves the pipeline) the report names each request the
+server counted as cancelled that the client did not cancel, with what the client recorded for it.
 """
 
 from __future__ import annotations
@@ -111,10 +113,11 @@ class BadInputUser(User):
         overrides, expected = BAD_INPUTS[kind]
         module, client = self.clients[protocol]
         options = {"seed": 1, "num_inference_steps": 4, "height": 64, "width": 64, **overrides}
+        request_id = next(locustfile.REQUEST_IDS)
         started = time.perf_counter()
         exception: Exception | None = RuntimeError(f"the server accepted {kind}")
         try:
-            txt2img_client.generate(client, module, "a cat", options)
+            txt2img_client.generate(client, module, "a cat", options, request_id=request_id)
         except InferenceServerException as error:
             if error.status() == EXPECTED_STATUS[protocol] and expected in (error.message() or ""):
                 exception = None
@@ -128,7 +131,7 @@ class BadInputUser(User):
             response_time=(time.perf_counter() - started) * 1000,
             response_length=0,
             exception=exception,
-            context={},
+            context={"request_id": request_id},
         )
 
 
@@ -169,7 +172,7 @@ def start_server(args: argparse.Namespace) -> subprocess.Popen:
         "--cpu-threads",
         str(args.cpu_threads),
         "--log-file",
-        str(args.out / "tritonserver.log"),
+        str(args.server_log),
     ]
     log_path = args.out / "serve.log"
     log = log_path.open("w")
@@ -185,6 +188,27 @@ def start_server(args: argparse.Namespace) -> subprocess.Popen:
             sys.exit(f"soak: the server did not start:\n{log_path.read_text()[-3000:]}")
         time.sleep(1)
     return process
+
+
+class CancellationLog:
+    """The cancellations the server logged (generation_model: "<model>: request '<id>' cancelled by its
+    client") after this object was made, read from tritonserver's log file."""
+
+    LINE = re.compile(r"(\w+): request '([^']*)' cancelled by its client")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.start = path.stat().st_size if path.exists() else 0
+
+    def read(self) -> dict[str, list[str]]:
+        """Request ids by model, in the order they were logged."""
+        with self.path.open("rb") as log:
+            log.seek(self.start)
+            text = log.read().decode(errors="replace")
+        found: dict[str, list[str]] = {}
+        for model, request_id in self.LINE.findall(text):
+            found.setdefault(model, []).append(request_id)
+        return found
 
 
 def read_metrics(url: str) -> list[tuple[str, dict[str, str], float]]:
@@ -312,6 +336,14 @@ def run(args: argparse.Namespace, previous: dict[str, Any] | None) -> dict[str, 
         kept.flush()
 
     take_sample()
+    server_log = CancellationLog(args.server_log) if args.server_log else None
+    recorded: dict[str, str] = {}  # request id -> the request's name, as the client reported it
+
+    def record(name: str, context: dict | None = None, **_: Any) -> None:
+        if context and "request_id" in context:
+            recorded[context["request_id"]] = name
+
+    env.events.request.add_listener(record)
     runner = env.create_local_runner()
     runner.start(args.users, spawn_rate=args.users)
     load_started = time.monotonic()
@@ -330,7 +362,8 @@ def run(args: argparse.Namespace, previous: dict[str, Any] | None) -> dict[str, 
     settle(args)  # cut-off generations stop at their next step
     take_sample()
     kept.close()
-    return summarize(args, env, samples, load_seconds, previous)
+    logged = server_log.read() if server_log else None
+    return summarize(args, env, samples, load_seconds, previous, recorded, logged)
 
 
 # What a generation holds until it ends: a place in the waiting queue, a stage call, a denoise state.
@@ -428,9 +461,17 @@ def memory_figures(samples: list[dict], key: str, warmup: float) -> dict[str, fl
 
 
 def summarize(
-    args: argparse.Namespace, env: Environment, leg: list[dict], load_seconds: float, previous: dict[str, Any] | None
+    args: argparse.Namespace,
+    env: Environment,
+    leg: list[dict],
+    load_seconds: float,
+    previous: dict[str, Any] | None,
+    recorded: dict[str, str],
+    logged: dict[str, list[str]] | None,
 ) -> dict[str, Any]:
-    """This run's request figures and, over all legs' samples, the memory figures and the verdict."""
+    """This run's request figures and, over all legs' samples, the memory figures and the verdict.
+    ``recorded``: request id -> name as the client reported it; ``logged``: the ids the server's log
+    named as cancelled, by model (None without the log)."""
     requests = {}
     for entry in sorted(env.stats.entries.values(), key=lambda entry: entry.name):
         requests[entry.name] = {
@@ -466,6 +507,15 @@ def summarize(
         }
         for model, count in last["cancelled"].items()
     }
+    for model, counts in cancellations.items():
+        if logged is not None:  # what the counts cannot tell: which requests differ
+            by_client = {rid for rid, name in recorded.items() if name.startswith(f"{model} ") and "cancelled" in name}
+            by_server = logged.get(model, [])
+            counts["server_logged"] = len(by_server)
+            counts["server_not_client"] = [
+                {"request_id": rid, "client_recorded": recorded.get(rid)} for rid in by_server if rid not in by_client
+            ]
+            counts["client_not_server"] = sorted(by_client - set(by_server))
     samples = (previous["samples"] if previous else []) + leg
     pids = {entry["triton_pid"] for entry in samples if entry["triton_pid"] is not None}
     memory = memory_figures(samples, "rss_mib", args.warmup)
@@ -587,6 +637,14 @@ def markdown(report: dict[str, Any]) -> str:
         + ", ".join(f"{model} {c['client']} / {c['server']}" for model, c in report["cancellations"].items())
         + f" (up to {LATE_CANCELS} + {LATE_CANCEL_SHARE:.0%} may reach the server after the last step, "
         "with nothing left to stop).",
+        *(
+            f"- {model}: the server's log names {rid!r} as cancelled, which the client "
+            + (f"recorded as {name!r}" if name else "has no record of")
+            for model, counts in report["cancellations"].items()
+            for rid, name in (
+                (row["request_id"], row["client_recorded"]) for row in counts.get("server_not_client", [])
+            )
+        ),
         "",
     ]
     memory, gpu, growth_ = report["memory"], report["gpu_memory"], report["growth"]
@@ -675,8 +733,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--previous", type=Path, help="with --url: the --out of an earlier run against the same server, continued here"
     )
     parser.add_argument("--cpu-threads", type=int, default=1, help="with --pipeline: torch threads per model")
+    parser.add_argument(
+        "--server-log",
+        type=Path,
+        help="tritonserver's log file, read for the cancelled requests' ids (with --pipeline: OUT/tritonserver.log)",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/soak"))
     args = parser.parse_args(argv)
+    if args.pipeline:
+        args.server_log = args.server_log or args.out / "tritonserver.log"
     if args.previous and not args.url:
         parser.error("--previous continues a run against the same server: give its --url")
     if args.url:

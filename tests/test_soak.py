@@ -37,7 +37,7 @@ def soak(server, out, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_short_soak_reports_errors_memory_streams_and_an_unjudged_slope(server, tmp_path):
-    result = soak(server, tmp_path, "--duration", "0m15s")
+    result = soak(server, tmp_path, "--duration", "0m15s", "--server-log", str(server.log_file))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "soak.json").read_text())
     assert report["unexpected_errors"] == 0 and report["errors"] == [] and report["failures"] == []
@@ -48,6 +48,9 @@ def test_short_soak_reports_errors_memory_streams_and_an_unjudged_slope(server, 
     assert cancellations["txt2img_stream"]["client"] == kinds["stream cancelled"]["count"]
     assert cancellations["txt2img"]["client"] == kinds["cancelled"]["count"]
     assert all(counts["server"] > 0 for counts in cancellations.values()), cancellations
+    for counts in cancellations.values():  # the server's log names each one by the client's request id
+        assert counts["server_logged"] == counts["server"] and counts["server_not_client"] == [], counts
+        assert len(counts["client_not_server"]) == counts["client"] - counts["server"], counts
     assert report["active_sequences_end"] == 0
     assert report["requests_per_s"] > 0 and report["triton_restarts_seen"] == 0
     assert report["duration_s"] >= 15 and len(report["legs"]) == 1

@@ -154,7 +154,7 @@ class GenerationModel:
                     else None
                 )
             if result is None:  # cancelled while waiting or between steps
-                self._cancelled(sender)
+                self._cancelled(request, sender)
                 return
             image = result.image.as_numpy()[0]
             if output.output_format == "raw":
@@ -165,7 +165,7 @@ class GenerationModel:
             response = pb_utils.InferenceResponse(output_tensors=outputs)
         except Exception as error:  # noqa: BLE001 - every error goes back to its own request
             if request.is_cancelled():  # a cancel can surface first as a failed progress send
-                self._cancelled(sender)
+                self._cancelled(request, sender)
                 return
             response = error_response(error)
         sender.send(response, flags=final)
@@ -190,9 +190,11 @@ class GenerationModel:
         finally:
             in_flight.increment(-1)
 
-    def _cancelled(self, sender: Any) -> None:
-        """Count a cancelled generation and close its request: CANCELLED (unary) or an empty final."""
+    def _cancelled(self, request: Any, sender: Any) -> None:
+        """Count and log a cancelled generation and close its request: CANCELLED (unary) or an empty final.
+        The log line names the request's id (the client's ``request_id``), so a count can be matched."""
         self.cancelled.increment(1)
+        pb_utils.Logger.log_info(f"{self.model_name}: request {request.request_id()!r} cancelled by its client")
         final = getattr(pb_utils, FINAL)
         with contextlib.suppress(Exception):  # the client may be gone: nothing left to tell it
             if self.streaming:
