@@ -8,7 +8,8 @@
    text_encoder and vae_decode run them (the adapters' own calls): the text encoder, and the VAE decode
    eager (the served path), in channels-last memory format and compiled (with --variants compiled): the
    levers for the GPU time an image spends outside the UNet.
-2. Through Triton (`stepdiff serve`, gRPC), per --modes (exact, compiled): images at concurrency 1
+2. Through Triton (`stepdiff serve`, gRPC), per --modes (exact, compiled; compiled serves the VAE decode
+   compiled too, `--decoder compiled`): images at concurrency 1
    checked against stock eager diffusers for each seed and scheduler; latency at concurrency 1 per
    scheduler, with a per-step breakdown from Triton's statistics; a closed-loop concurrency sweep
    (images/s, p50/p99, mean requests per denoiser forward) and Poisson arrivals at a fraction of the
@@ -413,8 +414,14 @@ def step_breakdown(before: dict, after: dict, requests: int) -> dict[str, float]
 
 def through_triton(args, baseline: dict, mode: str) -> dict:
     began = time.perf_counter()
+    decoder = "compiled" if mode == "compiled" else "eager"
     process, grpc_url, metrics_url = start_server(
-        args, args.log_verbose, f"tritonserver-{mode}.log", denoiser=mode, warmup=f"{args.size}x{args.size}"
+        args,
+        args.log_verbose,
+        f"tritonserver-{mode}.log",
+        denoiser=mode,
+        decoder=decoder,
+        warmup=f"{args.size}x{args.size}",
     )
     start_seconds = time.perf_counter() - began
     print(f"[{mode}] server ready in {start_seconds:.0f} s", flush=True)
@@ -558,10 +565,12 @@ def report(result: dict, out: Path) -> None:
             ceil = ceiling.get(variant, {}).get(row["concurrency"], {}).get("images_per_s")
             encoder, decoder = (row["stages"][model] for model in ("text_encoder", "vae_decode"))
             if ceil:
-                # the same ceiling with each image also paying the text encoder and the eager VAE decode, in-process,
-                # at the measured batches nearest to what the server formed
+                # the same ceiling with each image also paying the text encoder and the VAE decode the mode serves
+                # (compiled for compiled, where measured), in-process, at the measured batches nearest to what the
+                # server formed
+                decode = stages.get(f"vae_decode_{mode}") or stages["vae_decode_eager"]
                 stage_ms = per_request_ms(stages["text_encoder"], encoder["mean_batch"]) + per_request_ms(
-                    stages["vae_decode_eager"], decoder["mean_batch"]
+                    decode, decoder["mean_batch"]
                 )
                 with_stages = 1 / (1 / ceil + stage_ms / 1e3)
                 versus = (

@@ -149,6 +149,7 @@ def test_malloc_settings_apply_unless_the_user_sets_them(tmp_path, monkeypatch):
         ([], {"STEPDIFF_QUEUE_TIMEOUT_SECONDS": "0"}, "queue_timeout_seconds=0.0: must be > 0 and finite"),
         ([], {"STEPDIFF_SEQUENCE_IDLE_SECONDS": "-1"}, "sequence_idle_seconds=-1.0: must be > 0 and finite"),
         ([], {"STEPDIFF_DENOISER": "fast"}, "denoiser='fast': allowed exact, compiled, eager"),
+        ([], {"STEPDIFF_DECODER": "exact"}, "decoder='exact': allowed eager, compiled"),
     ],
 )
 def test_bad_denoiser_settings_stop_serve_naming_the_setting(tiny_sd, flags, environ, message):

@@ -86,6 +86,7 @@ def test_the_launcher_exports_the_pipeline_and_the_flags_given_only(tiny_sd, mon
         ),
         ({}, {"max_steps": "many"}, "setting max_steps='many' (from config parameter max_steps) is not a valid int"),
         ({}, {"denoiser": "fast"}, "denoiser='fast': allowed exact, compiled, eager"),
+        ({}, {"decoder": "fast"}, "decoder='fast': allowed eager, compiled"),
     ],
 )
 def test_a_bad_value_names_its_model_and_where_it_came_from(tmp_path, environ, parameters, message):

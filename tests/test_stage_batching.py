@@ -189,3 +189,24 @@ def test_a_decode_warm_up_batch_out_of_gpu_memory_is_skipped_and_named(decoder, 
     monkeypatch.setattr(decoder, "decode", out_of_memory_past(0))
     with pytest.raises(torch.cuda.OutOfMemoryError):
         warm_up_decode(decoder, [(2 * multiple, 2 * multiple)], 4)
+
+
+def test_a_compiled_decode_runs_through_inductor_and_stays_within_a_level_of_eager(tmp_path_factory, monkeypatch):
+    """``decoder=compiled``: the VAE decode goes through torch.compile (Dynamo compiles a graph, Inductor's
+    kernels are cached under TORCHINDUCTOR_CACHE_DIR) and its image differs from the eager decode's by at
+    most one level of 255 (SD; one family: a CPU compile takes about a minute)."""
+    import torch._dynamo
+
+    cache = tmp_path_factory.mktemp("inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    decoder = tiny_stage("sd", Stage.DECODE, tmp_path_factory)  # its own: compiling changes the adapter
+    latents = decoder.warmup_latents(64, 64, 1).normal_(generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        eager = decoder.decode(latents)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        decoder.compile_decode()
+        compiled = decoder.decode(latents)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+    assert any(cache.iterdir())
+    assert compiled.shape == eager.shape and compiled.dtype == np.uint8
+    assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 1

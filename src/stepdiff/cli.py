@@ -31,6 +31,7 @@ SERVE_FLAGS = (
     "max_steps",
     "max_pixels",
     "denoiser",
+    "decoder",
     "warmup",
     "step_lookahead",
     "lora",
@@ -101,6 +102,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["exact", "compiled", "eager"],
         help="exact (default): the eager denoiser replayed as CUDA graphs, byte-identical to diffusers; compiled: "
         "torch.compile + CUDA graphs, faster in large batches, not byte-identical; eager: no graphs",
+    )
+    parser.add_argument(
+        "--decoder",
+        choices=["eager", "compiled"],
+        help="eager (default): the VAE decode as diffusers runs it; compiled: through torch.compile, faster, "
+        "not byte-identical (pairs with --denoiser compiled)",
     )
     parser.add_argument(
         "--warmup", help="image sizes whose graphs are captured at start, e.g. 512x512,768x512 (default: on first use)"
@@ -180,8 +187,8 @@ def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
         f"max_active_sequences {settings.max_active_sequences}{share}, max_queue {settings.max_queue} (timeout "
         f"{settings.queue_timeout_seconds:g} s), max_batch_size "
         f"{settings.max_batch_size or 'model config'}; "
-        f"denoiser {settings.denoiser}, warm-up {settings.warmup or 'on first use'}, step lookahead "
-        f"{settings.step_lookahead}; "
+        f"denoiser {settings.denoiser}, decoder {settings.decoder}, warm-up {settings.warmup or 'on first use'}, "
+        f"step lookahead {settings.step_lookahead}; "
         f"LoRA adapters: {', '.join(settings.lora_paths()) or 'none'}; "
         f"admin endpoints ({server.RESTRICTED_APIS}) "
         + (

@@ -72,6 +72,13 @@ class RunnerStats:
     forwards: list[int] = field(default_factory=list)  # rows per forward of the last ``run``
 
 
+def compiled(function: Callable) -> Callable:
+    """``function`` through ``torch.compile`` (Inductor), its kernels cached on disk (``COMPILE_CACHE``,
+    unless TORCHINDUCTOR_CACHE_DIR names another place): a restart loads them instead of compiling again."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
+    return torch.compile(function)
+
+
 def bucket_size(rows: int, largest: int = ROW_BUCKETS[-1]) -> int:
     """The smallest row bucket holding ``rows`` (beyond the largest bucket: exactly ``rows``)."""
     return next((size for size in ROW_BUCKETS if size >= rows and size <= largest), rows)
@@ -86,9 +93,7 @@ class DenoiserRunner:
         self.device = device
         self.mode = mode
         self.max_rows = max_rows
-        if mode == "compiled":  # Inductor's caches on disk: a restart loads the compiled kernels
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
-        self.forward = torch.compile(forward) if mode == "compiled" else forward
+        self.forward = compiled(forward) if mode == "compiled" else forward
         self.use_graphs = device.type == "cuda" and mode != "eager"
         self.buckets: dict[tuple[Hashable, int], Bucket] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None

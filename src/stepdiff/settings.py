@@ -35,6 +35,7 @@ from .runner import MODES
 
 LORA_NAME = re.compile(r"[a-z0-9_-]+")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DECODERS = ("eager", "compiled")  # the VAE decode: as diffusers runs it, or through torch.compile
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Settings:
     max_prompt_bytes: int = 4096
     sequence_idle_seconds: float = 600.0
     denoiser: str = "exact"
+    decoder: str = "eager"
     warmup: str = ""
     step_lookahead: int = 2
     lora: str = ""  # NAME=PATH;NAME=PATH (stepdiff serve --lora, repeatable)
@@ -108,6 +110,8 @@ class Settings:
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0 and finite")
         if self.denoiser not in MODES:
             raise ValueError(f"denoiser={self.denoiser!r}: allowed {', '.join(MODES)}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder={self.decoder!r}: allowed {', '.join(DECODERS)}")
         self.warmup_sizes()
         if not 1 <= self.step_lookahead <= 8:
             raise ValueError(f"step_lookahead={self.step_lookahead}: allowed 1..8")

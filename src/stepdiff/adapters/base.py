@@ -204,6 +204,9 @@ class StepAdapter(Protocol):
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Final latents [1, ...] -> uint8 image [1, height, width, 3]."""
 
+    def compile_decode(self) -> None:
+        """Make ``decode`` run its VAE through ``torch.compile`` (``decoder=compiled``)."""
+
     def warmup_latents(self, height: int, width: int, count: int) -> torch.Tensor:
         """Zero latents of ``count`` requests of this size, concatenated as ``decode`` takes them."""
 

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..runner import compiled
 from .base import (
     GenerationParams,
     PipelineInfo,
@@ -63,6 +64,11 @@ class DiffusersAdapter:
         self.active_loras: tuple[tuple[str, float], ...] | None = None
         self.loaded_loras: frozenset[str] = frozenset()  # adapters with weights in this stage's components
         self.mixed_lora: MixedLoRA | None = None
+
+    def compile_decode(self) -> None:
+        """Run the VAE's decode through ``torch.compile`` from now on (``decoder=compiled``): faster, not
+        byte-identical to the eager decode."""
+        self.pipe.vae.decode = compiled(self.pipe.vae.decode)
 
     def load_loras(self, loras: Mapping[str, str]) -> None:
         """Load the LoRA adapters ``loras`` (name -> path) into the stages that run them (text encoder,

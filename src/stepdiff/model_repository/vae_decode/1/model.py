@@ -22,6 +22,8 @@ from stepdiff.triton_io import (
 class TritonPythonModel:
     def initialize(self, args):
         settings, self.adapter = load_stage(args, Stage.DECODE)
+        if settings.decoder == "compiled":  # compiled by the warm-up below, or else by the first decode
+            self.adapter.compile_decode()
         sizes = settings.warmup_sizes()
         if sizes:
             batch = json.loads(args["model_config"])["max_batch_size"]
