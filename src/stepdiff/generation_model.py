@@ -131,44 +131,48 @@ class GenerationModel:
         return None
 
     async def _serve(self, request: Any) -> None:
+        """Answer one request: its image, its error, or (cancelled) CANCELLED, counted once."""
         sender = request.get_response_sender()
-        final = getattr(pb_utils, FINAL)
         try:
-            raw = numpy_inputs(request, (*PARAM_NAMES, "preview_every", "output_format", "jpeg_quality"))
-            params = parse_generation_params(raw, self.adapter.info, self.settings)
-            output = parse_output_options(raw)
-            preview_every = integer(raw, "preview_every", 0, 0, self.settings.max_steps) if self.streaming else 0
-            # The limits are checked here, at the door: Triton 2.51's BLS reports every child error as INTERNAL.
-            async with self.admission.slot(request.is_cancelled) as started:
-                result = (
-                    await generate(
-                        self._call_stage,
-                        params,
-                        [spec.name for spec in self.adapter.conditioning],
-                        on_step=(lambda *progress: self._progress(sender, *progress)) if self.streaming else None,
-                        is_cancelled=request.is_cancelled,
-                        lookahead=self.settings.step_lookahead,
-                        preview_every=preview_every,
-                    )
-                    if started
-                    else None
-                )
-            if result is None:  # cancelled while waiting or between steps
-                self._cancelled(request, sender)
-                return
-            image = result.image.as_numpy()[0]
-            if output.output_format == "raw":
-                image_output = pb_utils.Tensor("image", image)
-            else:
-                image_output = pb_utils.Tensor("image_bytes", np.array([encode_image(image, output)], dtype=np.object_))
-            outputs = [image_output, pb_utils.Tensor("seed", np.array([result.seed], dtype=np.int64))]
-            response = pb_utils.InferenceResponse(output_tensors=outputs)
+            response = await self._generate(request, sender)
         except Exception as error:  # noqa: BLE001 - every error goes back to its own request
-            if request.is_cancelled():  # a cancel can surface first as a failed progress send
-                self._cancelled(request, sender)
-                return
-            response = error_response(error)
-        sender.send(response, flags=final)
+            # a cancel can surface first as a failed progress send
+            response = None if request.is_cancelled() else error_response(error)
+        if response is None:
+            self._cancelled(request, sender)
+        else:
+            sender.send(response, flags=getattr(pb_utils, FINAL))
+
+    async def _generate(self, request: Any, sender: Any) -> Any:
+        """The request's response with its image; None when it was cancelled while waiting or between steps."""
+        raw = numpy_inputs(request, (*PARAM_NAMES, "preview_every", "output_format", "jpeg_quality"))
+        params = parse_generation_params(raw, self.adapter.info, self.settings)
+        output = parse_output_options(raw)
+        preview_every = integer(raw, "preview_every", 0, 0, self.settings.max_steps) if self.streaming else 0
+        # The limits are checked here, at the door: Triton 2.51's BLS reports every child error as INTERNAL.
+        async with self.admission.slot(request.is_cancelled) as started:
+            result = (
+                await generate(
+                    self._call_stage,
+                    params,
+                    [spec.name for spec in self.adapter.conditioning],
+                    on_step=(lambda *progress: self._progress(sender, *progress)) if self.streaming else None,
+                    is_cancelled=request.is_cancelled,
+                    lookahead=self.settings.step_lookahead,
+                    preview_every=preview_every,
+                )
+                if started
+                else None
+            )
+        if result is None:
+            return None
+        image = result.image.as_numpy()[0]
+        if output.output_format == "raw":
+            image_output = pb_utils.Tensor("image", image)
+        else:
+            image_output = pb_utils.Tensor("image_bytes", np.array([encode_image(image, output)], dtype=np.object_))
+        outputs = [image_output, pb_utils.Tensor("seed", np.array([result.seed], dtype=np.int64))]
+        return pb_utils.InferenceResponse(output_tensors=outputs)
 
     async def _call_stage(
         self,
@@ -191,10 +195,8 @@ class GenerationModel:
             in_flight.increment(-1)
 
     def _cancelled(self, request: Any, sender: Any) -> None:
-        """Count and log a cancelled generation and close its request: CANCELLED (unary) or an empty final.
-        The log line names the request's id (the client's ``request_id``), so a count can be matched."""
-        self.cancelled.increment(1)
-        pb_utils.Logger.log_info(f"{self.model_name}: request {request.request_id()!r} cancelled by its client")
+        """Close a cancelled generation's request (CANCELLED, or an empty final on a stream), then count it
+        and log it by the request's id (the client's ``request_id``), so that a count can be matched."""
         final = getattr(pb_utils, FINAL)
         with contextlib.suppress(Exception):  # the client may be gone: nothing left to tell it
             if self.streaming:
@@ -204,6 +206,8 @@ class GenerationModel:
                     "the request was cancelled by the client (or timed out); no image", pb_utils.TritonError.CANCELLED
                 )
                 sender.send(pb_utils.InferenceResponse(error=error), flags=final)
+        self.cancelled.increment(1)
+        pb_utils.Logger.log_info(f"{self.model_name}: request {request.request_id()!r} cancelled by its client")
 
     async def _progress(self, sender: Any, step: int, num_steps: int, latents: Any) -> None:
         """One streamed progress response: step, num_steps and, every K steps, a latent preview."""
