@@ -98,7 +98,7 @@ def test_a_bad_value_names_its_model_and_where_it_came_from(tmp_path, environ, p
 
 def test_only_settings_become_variables():
     assert Settings.variables({"max_steps": 5}) == {"STEPDIFF_MAX_STEPS": "5"}
-    with pytest.raises(ValueError, match="'max_step' is not a setting: allowed cpu_threads, denoiser, "):
+    with pytest.raises(ValueError, match="'max_step' is not a setting: allowed cpu_threads, decoder, denoiser, "):
         Settings.variables({"max_step": 5})
 
 
