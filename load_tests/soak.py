@@ -507,9 +507,10 @@ def summarize(
         }
         for model, count in last["cancelled"].items()
     }
-    for model, counts in cancellations.items():
-        if logged is not None:  # what the counts cannot tell: which requests differ
-            by_client = {rid for rid, name in recorded.items() if name.startswith(f"{model} ") and "cancelled" in name}
+    if logged is not None:  # what the counts cannot tell: which requests differ
+        cancelled_ids = {rid: name.split()[0] for rid, name in recorded.items() if "cancelled" in kind_of(name)}
+        for model, counts in cancellations.items():
+            by_client = {rid for rid, cancelled_model in cancelled_ids.items() if cancelled_model == model}
             by_server = logged.get(model, [])
             counts["server_logged"] = len(by_server)
             counts["server_not_client"] = [

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from . import openai_api, server
 from .repository import CONSUMER, TEMPLATE, model_settings, serving_gpus, write_repository_for
-from .settings import Settings
+from .runner import MODES
+from .settings import DECODERS, Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,13 +100,13 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--denoiser",
-        choices=["exact", "compiled", "eager"],
+        choices=MODES,
         help="exact (default): the eager denoiser replayed as CUDA graphs, byte-identical to diffusers; compiled: "
         "torch.compile + CUDA graphs, faster in large batches, not byte-identical; eager: no graphs",
     )
     parser.add_argument(
         "--decoder",
-        choices=["eager", "compiled"],
+        choices=DECODERS,
         help="eager (default): the VAE decode as diffusers runs it; compiled: through torch.compile, faster, "
         "not byte-identical (pairs with --denoiser compiled)",
     )
