@@ -27,6 +27,8 @@ from pathlib import Path
 
 import grpc.experimental.gevent as grpc_gevent
 from locust import User, between, events, task
+from locust.exception import StopUser
+from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING
 
 grpc_gevent.init_gevent()  # gRPC must cooperate with locust's gevent loop
 
@@ -59,6 +61,16 @@ def _add_arguments(parser) -> None:
     parser.add_argument("--cancel-after", type=float, default=0.03, help="seconds before a cancelled request gives up")
 
 
+def stop_if_ending(user: User) -> None:
+    """Stop ``user`` before it starts a request once locust has begun stopping the run. Locust kills a
+    waiting user at once, but a user whose wait ends just then runs before the kill lands: it would send
+    one more request and be killed with it in flight, a request cut off that no one records and that
+    the server counts as cancelled."""
+    runner = user.environment.runner
+    if runner is not None and runner.state in (STATE_CLEANUP, STATE_STOPPING, STATE_STOPPED):
+        raise StopUser
+
+
 def weighted(choices: list[tuple[str, int]]) -> str:
     values, weights = zip(*choices, strict=True)
     return random.choices(values, weights)[0]
@@ -83,7 +95,9 @@ class GenerationUser(User):
         self.client.close()
 
     def draw(self, model: str) -> tuple[dict, str, bool, str]:
-        """(txt2img options, request name, whether to cancel it, request id)."""
+        """(txt2img options, request name, whether to cancel it, request id); stops the user instead
+        once the run is ending."""
+        stop_if_ending(self)
         height, width = random.choice(self.sizes)
         options = {
             "seed": random.randrange(2**31),

@@ -109,6 +109,7 @@ class BadInputUser(User):
 
     @task
     def invalid_input(self) -> None:
+        locustfile.stop_if_ending(self)
         kind, protocol = next(self.cases)
         overrides, expected = BAD_INPUTS[kind]
         module, client = self.clients[protocol]

@@ -112,3 +112,49 @@ def test_a_missing_library_is_named():
         "\tlibcudart.so.12 => not found\n"
     )
     assert missing_libraries(ldd) == ["libb64.so.0d", "libcudart.so.12"]
+
+
+STOPPING_USERS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import soak  # the soak's users: locustfile's three and the invalid-input user
+from locust.argument_parser import parse_options
+from locust.env import Environment
+from locust.exception import StopUser
+from locust.runners import STATE_CLEANUP
+
+options = parse_options(["--headless", "--grpc-url", "127.0.0.1:9"])
+env = Environment(user_classes=list(soak.USERS.values()), host="http://127.0.0.1:9", parsed_options=options)
+env.create_local_runner().state = STATE_CLEANUP  # what runner.stop() sets before it stops any user
+fired = []
+env.events.request.add_listener(lambda **event: fired.append(event["name"]))
+for user_class in soak.USERS.values():
+    user_class.host = env.host  # as locust's runner sets it
+    user = user_class(env)
+    user.on_start()
+    task = user.tasks[0]
+    try:
+        task(user)
+    except StopUser:
+        print(user_class.__name__, "stopped")
+    user.on_stop()
+print("fired", fired, "next id", next(soak.locustfile.REQUEST_IDS).rsplit("-", 1)[1])
+"""
+
+
+def test_a_user_woken_as_the_run_stops_sends_nothing():
+    """Locust kills a waiting user at once when the run stops, but a user whose wait ends just then runs
+    before the kill lands: it must stop instead of sending a request that the kill would cut off
+    unrecorded (the server counted it as cancelled, the soak's client never saw it)."""
+    result = subprocess.run(
+        [sys.executable, "-c", STOPPING_USERS, str(REPO / "load_tests")], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines == [
+        "SoakHttpUser stopped",
+        "SoakGrpcUser stopped",
+        "SoakStreamUser stopped",
+        "BadInputUser stopped",
+        "fired [] next id 1",
+    ], result.stdout
