@@ -13,7 +13,8 @@
    checked against stock eager diffusers for each seed and scheduler; latency at concurrency 1 per
    scheduler, with a per-step breakdown from Triton's statistics; a closed-loop concurrency sweep
    (images/s, p50/p99, mean requests per denoiser forward) and Poisson arrivals at a fraction of the
-   peak, for the first scheduler.
+   peak, for the first scheduler. With --cold-start, each mode's server is first started once with
+   the Inductor cache emptied, and that start is timed too.
 3. results.json + results.md (+ a PNG plot when matplotlib is installed) in --out.
 
     python load_tests/bench_batching.py --pipeline build/sd15-size --out results/gpu --device cuda --dtype float16
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import threading
@@ -46,7 +48,7 @@ import generate as txt2img_client  # noqa: E402
 from stepdiff import server as triton  # noqa: E402
 from stepdiff.adapters.loading import resolve_pipeline  # noqa: E402
 from stepdiff.repository import write_repository_for  # noqa: E402
-from stepdiff.runner import MODES, DenoiserRunner, Rows  # noqa: E402
+from stepdiff.runner import COMPILE_CACHE, MODES, DenoiserRunner, Rows  # noqa: E402
 from stepdiff.settings import DTYPES, Settings  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on mars, cinematic lighting"
@@ -412,18 +414,29 @@ def step_breakdown(before: dict, after: dict, requests: int) -> dict[str, float]
     }
 
 
-def through_triton(args, baseline: dict, mode: str) -> dict:
+def timed_start(args, mode: str, log_name: str) -> tuple[triton.TritonProcess, str, str, float]:
+    """``mode``'s server (with the compiled decode for ``compiled``), ready, and the seconds it took."""
     began = time.perf_counter()
     decoder = "compiled" if mode == "compiled" else "eager"
-    process, grpc_url, metrics_url = start_server(
-        args,
-        args.log_verbose,
-        f"tritonserver-{mode}.log",
-        denoiser=mode,
-        decoder=decoder,
-        warmup=f"{args.size}x{args.size}",
+    started = start_server(
+        args, args.log_verbose, log_name, denoiser=mode, decoder=decoder, warmup=f"{args.size}x{args.size}"
     )
-    start_seconds = time.perf_counter() - began
+    return *started, time.perf_counter() - began
+
+
+def cold_start(args, mode: str) -> float:
+    """Seconds to ready for ``mode``'s server with stepdiff's Inductor cache emptied first (what a first
+    deployment pays), the server stopped again after."""
+    shutil.rmtree(os.environ.get("TORCHINDUCTOR_CACHE_DIR", COMPILE_CACHE), ignore_errors=True)
+    process, _, _, seconds = timed_start(args, mode, f"tritonserver-{mode}-cold.log")
+    process.stop()
+    print(f"[{mode}] cold start (empty Inductor cache): ready in {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def through_triton(args, baseline: dict, mode: str) -> dict:
+    cold_seconds = cold_start(args, mode) if args.cold_start else None
+    process, grpc_url, metrics_url, start_seconds = timed_start(args, mode, f"tritonserver-{mode}.log")
     print(f"[{mode}] server ready in {start_seconds:.0f} s", flush=True)
     try:
         load = Load(grpc_url, args)
@@ -474,6 +487,7 @@ def through_triton(args, baseline: dict, mode: str) -> dict:
         process.stop()
     return {
         "start_s": start_seconds,
+        "cold_start_s": cold_seconds,
         "latency_c1_s": latency_c1,
         "breakdown_c1": breakdown,
         "image_checks": checks,
@@ -591,7 +605,9 @@ def report(result: dict, out: Path) -> None:
             f"Poisson arrivals at {ol['offered_rate']:.2f}/s (~{cfg['open_loop_fraction']:.0%} of peak): "
             f"{ol['images_per_s']:.2f} images/s, "
             f"p50 {ol['p50_s']:.2f} s, p99 {ol['p99_s']:.2f} s, mean requests/forward {ol['mean_forward_batch']:.2f}. "
-            f"Server start {tri['start_s']:.0f} s; {tri['graphs'].get('stepdiff_denoiser_graphs', 0):.0f} graphs, "
+            f"Server start {tri['start_s']:.0f} s"
+            + (f" (cold, Inductor cache emptied: {tri['cold_start_s']:.0f} s)" if tri.get("cold_start_s") else "")
+            + f"; {tri['graphs'].get('stepdiff_denoiser_graphs', 0):.0f} graphs, "
             f"{tri['graphs'].get('stepdiff_denoiser_graph_memory_bytes', 0) / 2**20:.0f} MiB reserved while capturing.",
         ]
     batches = sorted({b for table in ceiling.values() for b in table})
@@ -711,6 +727,12 @@ def main() -> int:
     parser.add_argument(
         "--clear-compile-cache", action="store_true", help="empty stepdiff's Inductor cache first (cold compile)"
     )
+    parser.add_argument(
+        "--cold-start",
+        action="store_true",
+        help="before each mode's measured server, time one start with the Inductor cache emptied "
+        "(`compiled` then compiles from nothing; the measured server starts warm)",
+    )
     parser.add_argument("--port", type=int, default=18100)
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose")
     args = parser.parse_args()
@@ -722,10 +744,6 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.clear_compile_cache:  # the in-process compile is then cold; the servers' start is warm
-        import shutil
-
-        from stepdiff.runner import COMPILE_CACHE
-
         shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
     baseline = in_process_baseline(args, device, dtype)
     baseline["stage_costs"] = in_process_stage_costs(args, device, dtype)

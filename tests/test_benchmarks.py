@@ -17,13 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--dtype", "float32", "--size", "64", "--steps", "3"]
 
 
-def run_script(name: str, *arguments: str) -> str:
+def run_script(name: str, *arguments: str, env: dict[str, str] | None = None) -> str:
     completed = subprocess.run(
         [sys.executable, str(ROOT / "load_tests" / name), *arguments],
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
         check=False,
     )
     assert completed.returncode == 0, f"{name} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
@@ -72,6 +72,9 @@ def test_batching_benchmark_names_a_bad_variants_list_before_loading_anything(tm
 
 def test_batching_benchmark_writes_its_tables(tiny_sd, tmp_path):
     [port] = free_ports(1)
+    cache = tmp_path / "inductor"  # --cold-start empties it (here, not the user's own cache)
+    cache.mkdir()
+    (cache / "earlier-kernel").write_text("x")
     run_script(
         "bench_batching.py",
         "--pipeline",
@@ -98,10 +101,15 @@ def test_batching_benchmark_writes_its_tables(tiny_sd, tmp_path):
         "1",
         "--check-seeds",
         "0",
+        "--cold-start",
         *TINY,
+        env={"TORCHINDUCTOR_CACHE_DIR": str(cache)},
     )
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) >= {"baseline", "triton"}
+    served = results["triton"]["eager"]
+    assert served["cold_start_s"] > 0 and served["start_s"] > 0  # a start from an empty cache, then the measured one
+    assert (tmp_path / "tritonserver-eager-cold.log").stat().st_size > 0 and not (cache / "earlier-kernel").exists()
     for row in results["triton"]["eager"]["sweep"]:  # every generation ran each stage once
         assert row["stages"]["text_encoder"]["mean_batch"] >= 1
         assert row["stages"]["vae_decode"]["mean_batch"] >= 1
@@ -112,6 +120,7 @@ def test_batching_benchmark_writes_its_tables(tiny_sd, tmp_path):
     assert stage_costs["lone_image_identical_to_served"]["eager"] is True  # the served call itself
     markdown = (tmp_path / "results.md").read_text()
     assert "Concurrency 1" in markdown and "Ceilings" in markdown and "The other stages in-process" in markdown
+    assert "(cold, Inductor cache emptied: " in markdown
     assert "ceiling with text encoder + VAE" in markdown
     assert "1 of 1 byte-identical" in markdown  # the served image against stock diffusers, on CPU
     assert (tmp_path / "results.png").stat().st_size > 0
