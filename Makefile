@@ -64,7 +64,7 @@ lint: $(VENV)/.installed
 BENCH_OUT ?= results/bench-$(shell date +%Y-%m-%d)
 bench-gpu: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m stepdiff make-tiny sd15-size build/sd15-size --dtype float16
-	HF_HUB_OFFLINE=1 $(PY) load_tests/bench_batching.py --pipeline build/sd15-size --out $(BENCH_OUT) --clear-compile-cache
+	HF_HUB_OFFLINE=1 $(PY) load_tests/bench_batching.py --pipeline build/sd15-size --out $(BENCH_OUT) --clear-compile-cache --cold-start
 	$(MAKE) bench-families BENCH_OUT=$(BENCH_OUT)
 
 # On a CUDA machine: per-step time in-process vs Triton (concurrency 1 and 8) of each family's `*-size` build
