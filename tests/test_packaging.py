@@ -1,16 +1,19 @@
-"""The wheel: it carries the model repository template, and installed outside the checkout it serves
-from any working directory."""
+"""The wheel: it carries the model repository template and the clients, and installed outside the
+checkout it serves from any working directory, and `stepdiff demo` writes its image."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
 
 import numpy as np
 from conftest import REPO, reference_image, running_server
+from PIL import Image
 
 from stepdiff.repository import served_repository_path
+from stepdiff.server import free_ports
 
 MODELS = ("text_encoder", "denoise_step", "vae_decode", "txt2img", "txt2img_stream")
 
@@ -41,6 +44,7 @@ def test_installed_wheel_serves_from_another_directory(tiny_sd, reference, tmp_p
             f"stepdiff/model_repository/{model}/config.pbtxt",
             f"stepdiff/model_repository/{model}/1/model.py",
         } <= names
+    assert {"stepdiff/client/generate.py", "stepdiff/client/stepwise.py"} <= names
     site = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(wheel)],
@@ -61,3 +65,19 @@ def test_installed_wheel_serves_from_another_directory(tiny_sd, reference, tmp_p
     assert np.array_equal(
         image, reference_image(reference, "a photo of a cat", 4, num_inference_steps=3, height=32, width=32)
     )
+
+    # `stepdiff demo` of the installed copy: it serves, generates with the client the wheel carries, stops
+    ports = [str(port) for port in free_ports(3)]
+    ports_flags = ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
+    result = subprocess.run(
+        [sys.executable, "-m", "stepdiff", "demo", "--pipeline", str(tiny_sd), "--steps", "2", *ports_flags],
+        cwd=elsewhere,
+        env={**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"the image is in {elsewhere / 'outputs'}" in result.stdout
+    [png] = (elsewhere / "outputs").glob("*.png")
+    assert np.asarray(Image.open(png)).shape[2] == 3

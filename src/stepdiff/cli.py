@@ -18,7 +18,7 @@ from .repository import CONSUMER, TEMPLATE, model_settings, serving_gpus, write_
 from .runner import MODES
 from .settings import DECODERS, Settings
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+CLIENT = Path(__file__).resolve().parent / "client" / "generate.py"  # client/ in a checkout links here
 
 
 SERVE_FLAGS = (
@@ -365,7 +365,7 @@ def demo(args: argparse.Namespace) -> int:
     try:
         command = [
             sys.executable,
-            str(REPO_ROOT / "client" / "generate.py"),
+            str(CLIENT),
             "--url",
             f"localhost:{args.http_port}",
             "--out",
