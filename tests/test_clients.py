@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import numpy as np
 from conftest import REPO, free_ports
@@ -157,5 +158,13 @@ def test_generate_timeout_works_over_both_protocols(server, tmp_path):
         "150",
         "--out",
         str(tmp_path / "cut"),
+        "--request-id",
+        f"cut-{tmp_path.name}",
     )
     assert cut.returncode == 1 and "Deadline" in cut.stderr
+    # the server stops the generation at its next step and logs it by the client's --request-id
+    logged = f"txt2img: request 'cut-{tmp_path.name}' cancelled by its client"
+    deadline = time.monotonic() + 60
+    while logged not in server.log_file.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert logged in server.log_file.read_text(errors="replace")

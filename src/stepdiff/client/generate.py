@@ -110,7 +110,12 @@ def generate(
 
 
 def generate_streaming(
-    url: str, prompt: str, options: dict[str, object], preview_every: int = 0, preview_dir: Path | None = None
+    url: str,
+    prompt: str,
+    options: dict[str, object],
+    preview_every: int = 0,
+    preview_dir: Path | None = None,
+    request_id: str = "",
 ) -> tuple[np.ndarray | None, int, float]:
     """One txt2img_stream call over gRPC with a tqdm bar per step; saves previews when asked.
 
@@ -130,7 +135,7 @@ def generate_streaming(
     started = time.perf_counter()
     with grpcclient.InferenceServerClient(url) as client, tqdm(desc=slug(prompt), unit="step") as bar:
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
-        client.async_stream_infer("txt2img_stream", inputs, enable_empty_final_response=True)
+        client.async_stream_infer("txt2img_stream", inputs, request_id=request_id, enable_empty_final_response=True)
         try:
             while True:
                 result, error = responses.get()
@@ -159,6 +164,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNG files")
     parser.add_argument("--timeout", type=float, default=None, help="client-side timeout per request, seconds")
+    parser.add_argument(
+        "--request-id",
+        default="",
+        help="Triton's request id, by which the server's log names a cancelled request "
+        "(several prompts: ID-1, ID-2, ...)",
+    )
     parser.add_argument("--stream", action="store_true", help="use txt2img_stream over gRPC: a progress bar per image")
     parser.add_argument(
         "--preview-every", type=int, default=0, help="with --stream: save a latent preview every K steps"
@@ -197,18 +208,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     local = threading.local()  # tritonclient's HTTP client must stay on the thread that made it
 
-    def one(prompt: str) -> bool:
+    def one(prompt: str, request_id: str) -> bool:
         if not hasattr(local, "client"):
             http_timeout = {"network_timeout": args.timeout} if args.timeout and args.protocol == "http" else {}
             local.client = module.InferenceServerClient(args.url, **http_timeout)
         try:
             if args.stream:
-                image, seed, seconds = generate_streaming(args.url, prompt, options, args.preview_every, args.out)
+                image, seed, seconds = generate_streaming(
+                    args.url, prompt, options, args.preview_every, args.out, request_id
+                )
                 encoded = io.BytesIO()
                 Image.fromarray(image).save(encoded, format="PNG")
                 encoded = encoded.getvalue()
             else:  # the server encodes the file: a few hundred KB instead of megabytes of pixels
-                encoded, seed, seconds = generate_file(local.client, module, prompt, options, args.timeout)
+                encoded, seed, seconds = generate_file(local.client, module, prompt, options, args.timeout, request_id)
         except InferenceServerException as error:
             print(f"rejected: {prompt!r}: {error.message()} (status {error.status()})", file=sys.stderr)
             return False
@@ -219,8 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{seconds:7.2f} s  {width}x{height}  seed {seed}  {path}", flush=True)
         return True
 
+    if not args.request_id or len(args.prompts) == 1:
+        request_ids = [args.request_id] * len(args.prompts)
+    else:
+        request_ids = [f"{args.request_id}-{number}" for number in range(1, len(args.prompts) + 1)]
     with ThreadPoolExecutor(max(1, args.concurrency)) as pool:
-        ok = list(pool.map(one, args.prompts))
+        ok = list(pool.map(one, args.prompts, request_ids))
     return 0 if all(ok) else 1
 
 
