@@ -49,7 +49,7 @@ from stepdiff import server as triton  # noqa: E402
 from stepdiff.adapters.loading import resolve_pipeline  # noqa: E402
 from stepdiff.repository import write_repository_for  # noqa: E402
 from stepdiff.runner import COMPILE_CACHE, MODES, DenoiserRunner, Rows  # noqa: E402
-from stepdiff.settings import DTYPES, Settings  # noqa: E402
+from stepdiff.settings import DTYPES, Settings, torch_dtype  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on mars, cinematic lighting"
 
@@ -742,7 +742,7 @@ def main() -> int:
     if unknown:
         parser.error(f"--variants: unknown {','.join(unknown)} (allowed: {', '.join(MODES)})")
     args.out.mkdir(parents=True, exist_ok=True)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), torch_dtype(args.dtype)
     if args.clear_compile_cache:  # the in-process compile is then cold; the servers' start is warm
         shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
     baseline = in_process_baseline(args, device, dtype)

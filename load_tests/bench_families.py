@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from bench_batching import metric, percentile, start_server, txt2img_client  # also puts client/ and src/ on sys.path
 
-from stepdiff.settings import DTYPES
+from stepdiff.settings import DTYPES, torch_dtype
 
 PROMPT = "a photo of an astronaut riding a horse on mars, cinematic lighting"
 NEGATIVE_PROMPT = "blurry, low quality"
@@ -260,7 +260,7 @@ def main() -> int:
     if args.negative_prompt is None and not args.no_negative_prompt:
         args.negative_prompt = FAMILIES[pipeline_class][2]
 
-    pipe = load_pipeline(args.pipeline, device, DTYPES[args.dtype])
+    pipe = load_pipeline(args.pipeline, device, torch_dtype(args.dtype))
     family, description = family_of(pipe), args.pipeline_kind or describe(pipe, args.pipeline)
     args.guidance, effective = guidance_options(pipe, args)
     print(f"{family}: {description}; {guidance_text(effective)}", flush=True)

@@ -23,7 +23,7 @@ from bench_batching import PROMPT, sd_arguments  # also puts src/ on sys.path
 from stepdiff.adapters import GenerationParams, Stage, load_adapter
 from stepdiff.engine import StepCall, StepEngine
 from stepdiff.runner import DenoiserRunner
-from stepdiff.settings import DTYPES
+from stepdiff.settings import torch_dtype
 from stepdiff.tiny import make_tiny_lora
 
 ADAPTERS = 4
@@ -63,7 +63,7 @@ def main() -> int:
     parser.add_argument("--scheduler", default="EulerDiscreteScheduler")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), torch_dtype(args.dtype)
     loras = {
         f"lora{index}": str(make_tiny_lora(args.pipeline, args.out / f"lora{index}", seed=index, rank=args.rank))
         for index in range(ADAPTERS)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from bench_batching import PROMPT, sd_arguments, start_server  # also puts client/ and src/ on sys.path
 
-from stepdiff.settings import DTYPES
+from stepdiff.settings import torch_dtype
 
 
 def compare(name: str, served: np.ndarray, local: np.ndarray) -> dict:
@@ -127,7 +127,7 @@ def main() -> int:
     parser.add_argument("--log-verbose", type=int, default=0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), torch_dtype(args.dtype)
     local = in_process(args, device, dtype)
     process, grpc_url, _ = start_server(args)
     try:

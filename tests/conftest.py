@@ -204,10 +204,10 @@ def server(tiny_sd, tmp_path_factory):
 
 def reference_pipeline(pipeline_class, path: Path, **kwargs):
     """The stock diffusers pipeline to compare against: the server's device, dtype and thread count."""
-    from stepdiff.settings import DTYPES
+    from stepdiff.settings import torch_dtype
 
     torch.set_num_threads(CPU_THREADS)
-    pipe = pipeline_class.from_pretrained(path, dtype=DTYPES[DTYPE], **kwargs).to(DEVICE)
+    pipe = pipeline_class.from_pretrained(path, dtype=torch_dtype(DTYPE), **kwargs).to(DEVICE)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

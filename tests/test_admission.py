@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from stepdiff.admission import Admission, QueueFull, QueueTimeout, SharedSlots, process_identity
-from stepdiff.engine import ServerBusy
+from stepdiff.admission import Admission, QueueFull, QueueTimeout, ServerBusy, SharedSlots, process_identity
 from stepdiff.repository import TEMPLATE, generations_admitted, write_served_repository
 from stepdiff.settings import Settings
 

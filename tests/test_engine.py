@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from stepdiff.adapters import GenerationParams, InvalidInput, Stage, load_adapter
-from stepdiff.engine import ServerBusy, StepCall, StepEngine
+from stepdiff.admission import ServerBusy
+from stepdiff.engine import StepCall, StepEngine
 
 
 @pytest.fixture(scope="module")

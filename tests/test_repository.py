@@ -1,13 +1,21 @@
-"""The served model repository: the template completed with the adapter's declared conditioning."""
+"""The served model repository: the template completed with the adapter's declared conditioning, and
+what the orchestrators know of the pipeline."""
 
 from __future__ import annotations
 
-import pytest
-from conftest import REPO
+import json
 
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from google.protobuf import json_format
+
+from stepdiff.adapters import Stage, load_adapter
 from stepdiff.adapters.qwenimage import QwenImageAdapter
 from stepdiff.adapters.stable_diffusion_xl import StableDiffusionXLAdapter
-from stepdiff.repository import read_config, write_served_repository
+from stepdiff.repository import ORCHESTRATORS, read_config, write_served_repository
+from stepdiff.served_pipeline import ServedPipeline
 
 TEMPLATE = REPO / "model_repository"
 
@@ -104,3 +112,35 @@ def test_tritons_idle_timeout_follows_sequence_idle_seconds(tmp_path):
     assert "idle timeout" not in (default / "denoise_step" / "config.pbtxt").read_text().splitlines()[0]
     for model in ("text_encoder", "vae_decode"):  # only denoise_step has sequences
         assert "idle" not in (served / model / "config.pbtxt").read_text()
+
+
+@pytest.mark.parametrize("pipeline", ["tiny_sd", "tiny_qwen"])
+def test_the_orchestrators_read_back_what_they_know_of_the_pipeline(tmp_path, request, pipeline):
+    """txt2img and txt2img_stream import neither torch nor diffusers: the launcher writes the pipeline's
+    facts, its conditioning names and its preview map into their configs, and they read them back."""
+    adapter = load_adapter(str(request.getfixturevalue(pipeline)), Stage.INFO, torch.device("cpu"), torch.float32)
+    written = ServedPipeline.of(adapter)
+    served = write_served_repository(TEMPLATE, tmp_path / "served", adapter.conditioning, served_pipeline=written)
+    for model in ORCHESTRATORS:
+        config = json_format.MessageToDict(
+            read_config(served / model / "config.pbtxt"), preserving_proto_field_name=True
+        )
+        read = ServedPipeline.from_model_config(model, json.loads(json.dumps(config)))  # as Triton hands it over
+        assert read.info == adapter.info and read.conditioning == tuple(spec.name for spec in adapter.conditioning)
+        for name in ("latent_rgb_factors", "latent_rgb_bias"):
+            expected, got = getattr(adapter, name), getattr(read, name)
+            same = got is None if expected is None else got.dtype == expected.dtype and np.array_equal(got, expected)
+            assert same, name
+        for channels in (len(adapter.latent_rgb_factors), 5):  # the family's map; the first 3 channels (tiny)
+            latents = np.random.default_rng(channels).standard_normal((1, channels, 5, 7)).astype(np.float16)
+            preview = read.preview(latents)
+            assert np.array_equal(preview, written.preview(latents)) and preview.shape == (5, 7, 3)
+    for model in ("text_encoder", "denoise_step", "vae_decode"):  # only the orchestrators get it
+        assert "served_pipeline" not in read_config(served / model / "config.pbtxt").parameters
+
+
+def test_an_orchestrator_without_the_pipelines_facts_says_how_to_serve():
+    with pytest.raises(
+        ValueError, match=r"txt2img: the model config has no parameter 'served_pipeline'.*stepdiff serve"
+    ):
+        ServedPipeline.from_model_config("txt2img", {"parameters": {}})

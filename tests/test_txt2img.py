@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,3 +99,17 @@ def test_warm_up_prepares_the_denoiser_and_the_decode_before_ready(server):
     log = server.log_file.read_text(errors="replace")
     assert f"denoise_step: denoiser exact on cpu; warm-up {WARMUP}: 0 CUDA graphs" in log
     assert f"vae_decode: warm-up {WARMUP}: batches of 1 to 4 latents of each size decoded in" in log
+
+
+def test_the_orchestrators_processes_load_neither_torch_nor_diffusers(server):
+    """txt2img (four instances) and txt2img_stream read what they know of the pipeline from their model
+    configs: their processes never load torch, while each stage model's does."""
+    from stepdiff.repository import ORCHESTRATORS
+    from stepdiff.server import stub_processes, tritonserver_pid
+
+    stubs = stub_processes(tritonserver_pid(int(server.http_url.rsplit(":", 1)[1])))
+    assert len(stubs) == 8, stubs  # 4 txt2img, txt2img_stream, text_encoder, denoise_step, vae_decode
+    for stub in stubs:
+        maps = Path(f"/proc/{stub.pid}/maps").read_text()
+        loads_torch = "libtorch" in maps
+        assert loads_torch == (stub.model not in ORCHESTRATORS), stub.instance

@@ -23,7 +23,10 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from pathlib import Path
 from typing import Protocol
 
-from .engine import ServerBusy
+
+class ServerBusy(RuntimeError):
+    """No room for the work now (too many generations or sequences); the caller should retry later."""
+
 
 State = dict[str, list[list[str]]]  # "running" and "waiting": [entry, owner] pairs, oldest first
 

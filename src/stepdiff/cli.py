@@ -15,8 +15,7 @@ from pathlib import Path
 
 from . import openai_api, server
 from .repository import CONSUMER, TEMPLATE, model_settings, serving_gpus, write_repository_for
-from .runner import MODES
-from .settings import DECODERS, Settings
+from .settings import DECODERS, MODES, Settings
 
 CLIENT = Path(__file__).resolve().parent / "client" / "generate.py"  # client/ in a checkout links here
 
@@ -343,7 +342,7 @@ def watch(args: argparse.Namespace, process: server.TritonProcess, stop: threadi
 
 
 def make_tiny_command(args: argparse.Namespace) -> int:
-    from .settings import DTYPES
+    from .settings import torch_dtype
     from .tiny import make_tiny, make_tiny_lora
 
     if args.family == "lora":
@@ -354,7 +353,7 @@ def make_tiny_command(args: argparse.Namespace) -> int:
         return 0
     if len(args.out_dir) != 1:
         raise SystemExit(f"usage: stepdiff make-tiny {args.family} OUT")
-    out = make_tiny(args.family, args.out_dir[0], seed=args.seed, dtype=DTYPES[args.dtype])
+    out = make_tiny(args.family, args.out_dir[0], seed=args.seed, dtype=torch_dtype(args.dtype))
     print(f"stepdiff: wrote {args.family} pipeline with random weights to {out}")
     return 0
 

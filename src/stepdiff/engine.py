@@ -25,11 +25,8 @@ import torch
 
 from .adapters.base import GenerationParams, InvalidInput, RequestState, StepAdapter, lora_key, mixed_lora_key
 from .adapters.mixed_lora import LORA_SCALES
+from .admission import ServerBusy
 from .runner import DenoiserRunner, Rows
-
-
-class ServerBusy(RuntimeError):
-    """Too many active sequences; the caller should retry later."""
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 from collections.abc import Mapping
@@ -26,12 +27,12 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .adapters import Stage, load_adapter
 from .admission import Admission, SharedSlots
 from .executor import DemandThreadPool
 from .orchestrator import generate
 from .params import PARAM_NAMES, encode_image, integer, parse_generation_params, parse_output_options
 from .repository import generations_admitted
+from .served_pipeline import ServedPipeline
 from .triton_io import bls_call, error_response, load_settings, numpy_inputs, release_triton_objects
 
 FINAL = "TRITONSERVER_RESPONSE_COMPLETE_FINAL"
@@ -88,9 +89,7 @@ class GenerationModel:
 
     def initialize(self, args: dict[str, Any]) -> None:
         self.settings = load_settings(args)
-        self.adapter = load_adapter(
-            self.settings.pipeline, Stage.INFO, self.settings.torch_device(), self.settings.torch_dtype()
-        )
+        self.pipeline = ServedPipeline.from_model_config(args["model_name"], json.loads(args["model_config"]))
         self.tasks: set[asyncio.Task] = set()
         self.executor: DemandThreadPool | None = None
         # args["model_repository"] is this model's directory; denoise_step's is next to it.
@@ -146,7 +145,7 @@ class GenerationModel:
     async def _generate(self, request: Any, sender: Any) -> Any:
         """The request's response with its image; None when it was cancelled while waiting or between steps."""
         raw = numpy_inputs(request, (*PARAM_NAMES, "preview_every", "output_format", "jpeg_quality"))
-        params = parse_generation_params(raw, self.adapter.info, self.settings)
+        params = parse_generation_params(raw, self.pipeline.info, self.settings)
         output = parse_output_options(raw)
         preview_every = integer(raw, "preview_every", 0, 0, self.settings.max_steps) if self.streaming else 0
         # The limits are checked here, at the door: Triton 2.51's BLS reports every child error as INTERNAL.
@@ -155,7 +154,7 @@ class GenerationModel:
                 await generate(
                     self._call_stage,
                     params,
-                    [spec.name for spec in self.adapter.conditioning],
+                    self.pipeline.conditioning,
                     on_step=(lambda *progress: self._progress(sender, *progress)) if self.streaming else None,
                     is_cancelled=request.is_cancelled,
                     lookahead=self.settings.step_lookahead,
@@ -216,7 +215,7 @@ class GenerationModel:
             pb_utils.Tensor("num_steps", np.array([num_steps], dtype=np.int32)),
         ]
         if latents is not None:
-            outputs.append(pb_utils.Tensor("preview", self.adapter.preview(latents.as_numpy())))
+            outputs.append(pb_utils.Tensor("preview", self.pipeline.preview(latents.as_numpy())))
         sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
 
     def finalize(self) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .adapters.base import GenerationParams
+from .params import GenerationParams
 
 # (steps done, number of steps, latents after that step when a preview was asked for, else None)
 ProgressCallback = Callable[[int, int, Any], Awaitable[None]]

@@ -11,8 +11,46 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .adapters.base import GenerationParams, InvalidInput, PipelineInfo
 from .settings import Settings
+
+
+class InvalidInput(ValueError):
+    """A request input is missing or out of range; the message names the field and what is allowed."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """One request's validated sampling parameters (the public ``txt2img`` inputs)."""
+
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    scheduler: str
+    true_cfg_scale: float = 1.0
+    loras: tuple[tuple[str, float], ...] = ()  # (adapter name, scale) in the request's order
+
+
+@dataclass(frozen=True)
+class PipelineInfo:
+    """What a pipeline accepts, read from its configs without loading weights."""
+
+    pipeline_class: str
+    default_height: int
+    default_width: int
+    size_multiple: int
+    default_steps: int
+    default_guidance_scale: float
+    default_scheduler: str
+    schedulers: tuple[str, ...]
+    min_steps: int = 1
+    min_steps_reason: str = ""
+    default_true_cfg_scale: float = 1.0
+    size_multiple_reason: str = "the VAE factor"
+
 
 SEED_LIMIT = 2**63
 OUTPUT_FORMATS = ("raw", "png", "jpeg")

@@ -7,7 +7,9 @@ touches a ``config.pbtxt``. With ``--gpus`` the served copy also gives each stag
 denoise_step, vae_decode) one KIND_GPU instance per listed GPU; txt2img and txt2img_stream stay KIND_CPU,
 with their template's instance count per listed GPU (each GPU's step calls come from as many processes as
 on one GPU). denoise_step's sequence batcher gives an unended sequence's slot back after the same
-``sequence_idle_seconds`` as denoise_step frees its state.
+``sequence_idle_seconds`` as denoise_step frees its state. The orchestrators get what they know of the
+pipeline (``ServedPipeline``) as a config parameter, so that their processes need neither torch nor
+diffusers.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ from __future__ import annotations
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from .adapters.base import TensorSpec
+from .served_pipeline import PARAMETER, ServedPipeline
 from .settings import Settings, instance_count
+
+if TYPE_CHECKING:  # the orchestrators import this module: torch only where it is used
+    from .adapters.base import TensorSpec
 
 TEMPLATE = Path(__file__).resolve().parent / "model_repository"  # ships in the package
 PRODUCER = "text_encoder"  # outputs the conditioning
@@ -88,13 +92,15 @@ def write_served_repository(
     gpus: Sequence[int] = (),
     lora_adapters: Sequence[str] = (),
     sequence_idle_seconds: float | None = None,
+    served_pipeline: ServedPipeline | None = None,
 ) -> Path:
     """Copy ``template`` to ``target`` (replacing it) with ``conditioning`` added to the stage configs,
     when ``gpus`` are given one instance of each stage model per GPU (and the orchestrators' count per
     GPU), the names of the loaded LoRA adapters as the parameter ``lora_adapters`` of the models that
-    take input ``lora`` (clients read it from the model config), and denoise_step's
+    take input ``lora`` (clients read it from the model config), denoise_step's
     ``max_sequence_idle_microseconds`` at ``sequence_idle_seconds`` when given, so that Triton gives a
-    sequence's slot back when denoise_step frees its state."""
+    sequence's slot back when denoise_step frees its state, and ``served_pipeline`` as the orchestrators'
+    parameter ``served_pipeline`` when given."""
     check_template(template)
     if target.exists():
         shutil.rmtree(target)
@@ -114,6 +120,9 @@ def write_served_repository(
         if lora_adapters and model in (PRODUCER, CONSUMER):
             config.parameters["lora_adapters"].string_value = ",".join(lora_adapters)
             changes.append("the LoRA adapters' names")
+        if served_pipeline is not None and model in ORCHESTRATORS:
+            config.parameters[PARAMETER].string_value = served_pipeline.to_json()
+            changes.append("what they know of the pipeline")
         if gpus:
             changes.append(_on_gpus(config, gpus) if model in STAGE_MODELS else _per_gpu(config, len(gpus)))
         if changes:
@@ -138,14 +147,23 @@ def write_repository_for(
     sequence_idle_seconds: float | None = None,
 ) -> Path:
     """The served repository for ``pipeline`` (a resolved diffusers directory): ``template`` (default the
-    packaged one) with the conditioning its adapter declares, on ``gpus`` when given, listing
-    ``lora_adapters``, with Triton's sequence idle timeout at ``sequence_idle_seconds`` when given."""
-    from .adapters import adapter_class
+    packaged one) with the conditioning its adapter declares and what the orchestrators know of the
+    pipeline, on ``gpus`` when given, listing ``lora_adapters``, with Triton's sequence idle timeout at
+    ``sequence_idle_seconds`` when given."""
+    import torch
 
-    conditioning = adapter_class(pipeline).conditioning
+    from .adapters import Stage, load_adapter
+
+    adapter = load_adapter(str(pipeline), Stage.INFO, torch.device("cpu"), torch.float32)  # configs only
     target = served_repository_path(http_port)
     return write_served_repository(
-        (template or TEMPLATE).resolve(), target, conditioning, gpus, lora_adapters, sequence_idle_seconds
+        (template or TEMPLATE).resolve(),
+        target,
+        adapter.conditioning,
+        gpus,
+        lora_adapters,
+        sequence_idle_seconds,
+        ServedPipeline.of(adapter),
     )
 
 
@@ -197,6 +215,8 @@ def serving_gpus(flag: str | None, settings: Settings) -> tuple[int, ...]:
     """The GPUs ``--gpus`` gives the stage models (none without the flag), with the GPUs torch sees now."""
     if flag is None:
         return ()
+    import torch
+
     if settings.device not in ("auto", "cuda"):
         raise ValueError(
             f"--gpus {flag} places text_encoder, denoise_step and vae_decode on GPUs, but device={settings.device!r}: "

@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
+from .settings import MODES
+
 # Every even row count up to 32 and every 4th up to 64: requests bring 2 rows each with guidance, so a
 # batch pads by at most 2 rows (coarser buckets padded a typical 29-row batch to 32, 10% of the forward).
 ROW_BUCKETS = (1, *range(2, 33, 2), *range(36, 65, 4))
-MODES = ("exact", "compiled", "eager")
 COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stepdiff" / "inductor"
 log = logging.getLogger(__name__)
 

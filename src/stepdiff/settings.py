@@ -27,14 +27,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .runner import MODES
+if TYPE_CHECKING:  # torch is imported where a torch object is made: txt2img's processes never load it
+    import torch
 
 LORA_NAME = re.compile(r"[a-z0-9_-]+")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")
+MODES = ("exact", "compiled", "eager")  # the denoiser runner's modes (stepdiff.runner)
 DECODERS = ("eager", "compiled")  # the VAE decode: as diffusers runs it, or through torch.compile
 
 
@@ -140,6 +140,8 @@ class Settings:
 
     def torch_device(self) -> torch.device:
         """The device models run on: ``auto`` picks CUDA when available."""
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -150,6 +152,8 @@ class Settings:
         """The device of one Triton model instance, from its ``model_instance_kind`` and
         ``model_instance_device_id``: GPU ``device_id`` for a KIND_GPU instance (``stepdiff serve --gpus``),
         else :meth:`torch_device`. A bare ``cuda`` becomes torch's current GPU, so the index is known."""
+        import torch
+
         if kind == "GPU":
             if not torch.cuda.is_available():
                 raise ValueError(f"Triton placed this instance on GPU {device_id} but torch sees no CUDA device")
@@ -163,8 +167,8 @@ class Settings:
         """The weights' dtype: ``auto`` is float16 on CUDA and float32 on CPU (``device``, default
         :meth:`torch_device`)."""
         if self.dtype == "auto":
-            return torch.float16 if (device or self.torch_device()).type == "cuda" else torch.float32
-        return DTYPES[self.dtype]
+            return torch_dtype("float16" if (device or self.torch_device()).type == "cuda" else "float32")
+        return torch_dtype(self.dtype)
 
     def sequences_per_instance(self, instances: int) -> int:
         """One ``denoise_step`` instance's share of ``max_active_sequences``, which holds for the server:
@@ -184,7 +188,16 @@ class Settings:
     def apply_threads(self) -> None:
         """Pin torch's intra-op threads (results depend on the thread count on CPU)."""
         if self.cpu_threads:
+            import torch
+
             torch.set_num_threads(self.cpu_threads)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of one of ``DTYPES``."""
+    import torch
+
+    return getattr(torch, name)
 
 
 def variable(name: str) -> str:

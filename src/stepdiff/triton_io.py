@@ -1,8 +1,6 @@
-"""Glue between Triton's Python backend and the core; importable only inside a Triton model.
-
-Tensors cross between models through DLPack, so GPU tensors stay on the GPU end to end. A model that
-takes its inputs in host memory (``FORCE_CPU_ONLY_INPUT_TENSORS: "yes"``: denoise_step, vae_decode) gets
-them there from whichever GPU produced them, and moves them to its own instance's device.
+"""Glue between Triton's Python backend and the core, for every model; importable only inside a Triton
+model. It imports no torch: txt2img and txt2img_stream use it and nothing else of the stage models'
+(their processes stay free of torch and diffusers); the stage models' torch glue is ``stage_io``.
 """
 
 from __future__ import annotations
@@ -14,46 +12,22 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
-from torch.utils import dlpack
 
-from .adapters import Stage, StepAdapter, load_adapter
-from .adapters.base import InvalidInput
-from .engine import ServerBusy
+from .admission import ServerBusy
 from .orchestrator import MODEL_PROCESS_DIED, SERVER_NOT_READY
+from .params import InvalidInput
 from .settings import Settings
 
 
 def load_settings(args: dict[str, Any]) -> Settings:
-    """Settings from the model's config parameters and STEPDIFF_* variables; threads pinned.
+    """Settings from the model's config parameters and STEPDIFF_* variables.
 
     Also turns on faulthandler, so a crash of the model's process leaves a Python traceback in
     Triton's log instead of only "stub process is not healthy".
     """
     faulthandler.enable()
-    settings = Settings.load(json.loads(args["model_config"]))
-    settings.apply_threads()
-    return settings
-
-
-def instance_device(args: dict[str, Any], settings: Settings) -> torch.device:
-    """The device of this model instance (Settings.instance_device: the GPU Triton assigned it, or the
-    ``device`` setting), made torch's current CUDA device. CUDA graph capture streams, events and pinned
-    memory use the current device, which would otherwise stay GPU 0 in an instance on another GPU."""
-    device = settings.instance_device(args["model_instance_kind"], int(args["model_instance_device_id"]))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
-
-
-def load_stage(args: dict[str, Any], stage: Stage) -> tuple[Settings, StepAdapter]:
-    """A stage model's settings and its adapter, loaded on the instance's device in the settings' dtype,
-    with the served LoRA adapters (the stages that run none ignore them)."""
-    settings = load_settings(args)
-    device = instance_device(args, settings)
-    adapter = load_adapter(settings.pipeline, stage, device, settings.torch_dtype(device), settings.lora_paths())
-    return settings, adapter
+    return Settings.load(json.loads(args["model_config"]))
 
 
 def release_triton_objects() -> None:
@@ -72,30 +46,6 @@ def numpy_inputs(request: Any, names: Iterable[str]) -> dict[str, np.ndarray]:
     """The named inputs the request carries, as host numpy arrays (absent optional inputs are absent)."""
     present = (pb_utils.get_input_tensor_by_name(request, name) for name in names)
     return {tensor.name(): tensor.as_numpy() for tensor in present if tensor is not None}
-
-
-def torch_input(request: Any, name: str) -> torch.Tensor | None:
-    """One input as a torch tensor on its own device, copied (request tensors die with execute).
-
-    A GPU input lives in Triton's memory pool, which reuses it once execute returns: the copy is
-    waited for here, not left queued on the stream. The input's device may be another GPU than the
-    instance's (a generation's stages may run on different GPUs): the adapters move every input to
-    their own device (``prepare`` and ``decode``: ``.to(self.device)``).
-    """
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return None
-    copy = dlpack.from_dlpack(tensor.to_dlpack()).clone()
-    if copy.is_cuda:
-        torch.cuda.current_stream(copy.device).synchronize()
-    return copy
-
-
-def output_tensor(name: str, value: torch.Tensor | np.ndarray) -> Any:
-    """A Triton output tensor; torch tensors go through DLPack (no copy to host on GPU)."""
-    if isinstance(value, torch.Tensor):
-        return pb_utils.Tensor.from_dlpack(name, dlpack.to_dlpack(value.contiguous()))
-    return pb_utils.Tensor(name, value)
 
 
 def triton_error(error: BaseException) -> Any:
@@ -135,14 +85,15 @@ async def bls_call(
     start: bool = False,
     end: bool = False,
 ) -> dict[str, Any]:
-    """``StageCaller`` over BLS: one async inference on another model of this server."""
+    """``StageCaller`` over BLS: one async inference on another model of this server (``inputs``: Triton
+    tensors, or numpy arrays)."""
     flags = 0
     if start:
         flags |= pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
     if end:
         flags |= pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
     tensors = [
-        value if isinstance(value, pb_utils.Tensor) else output_tensor(name, value) for name, value in inputs.items()
+        value if isinstance(value, pb_utils.Tensor) else pb_utils.Tensor(name, value) for name, value in inputs.items()
     ]
     request = pb_utils.InferenceRequest(
         model_name=model,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from ..params import GenerationParams, InvalidInput, PipelineInfo
 from ..runner import Rows
 
 if TYPE_CHECKING:
@@ -33,26 +34,9 @@ STEP_METHODS = (
     "guide",
     "step",
     "output_latents",
-    "preview",
     "check_latents",
     "decode",
 )
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """One request's validated sampling parameters (the public ``txt2img`` inputs)."""
-
-    prompt: str
-    negative_prompt: str | None
-    seed: int
-    num_inference_steps: int
-    guidance_scale: float
-    height: int
-    width: int
-    scheduler: str
-    true_cfg_scale: float = 1.0
-    loras: tuple[tuple[str, float], ...] = ()  # (adapter name, scale) in the request's order
 
 
 @dataclass(frozen=True)
@@ -81,24 +65,6 @@ def pooled_embeddings(*names: str) -> tuple[TensorSpec, ...]:
 def token_masks(*names: str) -> tuple[TensorSpec, ...]:
     """Integer [tokens] attention masks per name."""
     return tuple(TensorSpec(name, "TYPE_INT64", (-1,)) for name in names)
-
-
-@dataclass(frozen=True)
-class PipelineInfo:
-    """What a pipeline accepts, read from its configs without loading weights."""
-
-    pipeline_class: str
-    default_height: int
-    default_width: int
-    size_multiple: int
-    default_steps: int
-    default_guidance_scale: float
-    default_scheduler: str
-    schedulers: tuple[str, ...]
-    min_steps: int = 1
-    min_steps_reason: str = ""
-    default_true_cfg_scale: float = 1.0
-    size_multiple_reason: str = "the VAE factor"
 
 
 @dataclass
@@ -141,6 +107,9 @@ class StepAdapter(Protocol):
 
     family: ClassVar[str]
     conditioning: ClassVar[tuple[TensorSpec, ...]]  # what encode_prompts returns per request (some optional)
+    # previews of output_latents without the VAE (stepdiff.served_pipeline): latent channels -> RGB
+    latent_rgb_factors: ClassVar[np.ndarray | None]  # [channels, 3], or None: the first 3 channels
+    latent_rgb_bias: ClassVar[np.ndarray | None]  # [3]
     info: PipelineInfo
 
     def text_batch_key(self, params: GenerationParams) -> Hashable:
@@ -193,10 +162,7 @@ class StepAdapter(Protocol):
         """The request's own scheduler step; advances ``state.step_index``."""
 
     def output_latents(self, state: RequestState) -> torch.Tensor:
-        """The request's current latents as ``decode`` and ``preview`` take them: [1, channels, h, w]."""
-
-    def preview(self, latents: np.ndarray) -> np.ndarray:
-        """A cheap uint8 RGB preview [h, w, 3] of ``output_latents`` (no VAE)."""
+        """The request's current latents as ``decode`` and the previews take them: [1, channels, h, w]."""
 
     def check_latents(self, latents: torch.Tensor | None) -> torch.Tensor:
         """Raise InvalidInput unless ``latents`` can be decoded by this pipeline."""
@@ -234,10 +200,6 @@ def split_lora_key(key: Hashable) -> tuple[tuple[tuple[str, float], ...] | None,
     if isinstance(key, tuple) and len(key) == 2 and key[0] == MIXED_LORA_KEY:
         return None, key[1]
     return (), key
-
-
-class InvalidInput(ValueError):
-    """A request input is missing or out of range; the message names the field and what is allowed."""
 
 
 def scheduler_step_kwargs(scheduler: Any, generator: torch.Generator, eta: float = 0.0) -> dict[str, Any]:
@@ -284,11 +246,6 @@ def check_latents(latents: torch.Tensor | None, channels: int) -> torch.Tensor:
     if not torch.isfinite(latents).all():
         raise InvalidInput("latents: contains NaN or infinity")
     return latents
-
-
-def rgb_preview(rgb: np.ndarray) -> np.ndarray:
-    """Approximate RGB in [-1, 1] from a latent-to-RGB map -> uint8 [h, w, 3]."""
-    return ((rgb + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -25,7 +25,6 @@ from .base import (
     check_latents,
     host_schedule,
     require_conditioning,
-    rgb_preview,
     scheduler_step_kwargs,
     split_lora_key,
 )
@@ -262,16 +261,6 @@ class DiffusersAdapter:
 
     def check_latents(self, latents: torch.Tensor | None) -> torch.Tensor:
         return check_latents(latents, self.latent_channels())
-
-    def preview(self, latents: np.ndarray) -> np.ndarray:
-        """A small uint8 RGB preview [h, w, 3] of ``output_latents`` [1, c, h, w], without the VAE: the
-        family's latent -> RGB map, or the first 3 channels when the channel count differs (tiny pipelines)."""
-        latents = latents[0].astype(np.float32)
-        factors = self.latent_rgb_factors
-        if factors is None or latents.shape[0] != len(factors):
-            return rgb_preview(np.moveaxis(latents[:3], 0, -1))
-        rgb = np.einsum("chw,cr->hwr", latents, factors)
-        return rgb_preview(rgb if self.latent_rgb_bias is None else rgb + self.latent_rgb_bias)
 
 
 def lora_state_dict(pipe: Any, path: str) -> tuple[dict[str, torch.Tensor], dict[str, float] | None, Any]:

@@ -17,14 +17,8 @@ from stepdiff.engine import StepCall, StepEngine
 from stepdiff.params import PARAM_NAMES, parse_generation_params, scalar
 from stepdiff.runner import DenoiserRunner
 from stepdiff.settings import device_label, instance_count
-from stepdiff.triton_io import (
-    error_response,
-    load_stage,
-    numpy_inputs,
-    output_tensor,
-    release_triton_objects,
-    torch_input,
-)
+from stepdiff.stage_io import load_stage, output_tensor, torch_input
+from stepdiff.triton_io import error_response, numpy_inputs, release_triton_objects
 
 BATCH_SIZE_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 METRICS = (

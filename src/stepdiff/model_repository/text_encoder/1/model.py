@@ -10,13 +10,8 @@ import triton_python_backend_utils as pb_utils
 from stepdiff.adapters import GenerationParams, Stage
 from stepdiff.params import PARAM_NAMES, parse_generation_params
 from stepdiff.stage_batching import encode_batch
-from stepdiff.triton_io import (
-    error_response,
-    load_stage,
-    numpy_inputs,
-    output_tensor,
-    release_triton_objects,
-)
+from stepdiff.stage_io import load_stage, output_tensor
+from stepdiff.triton_io import error_response, numpy_inputs, release_triton_objects
 
 
 class TritonPythonModel:

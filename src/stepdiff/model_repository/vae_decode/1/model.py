@@ -10,13 +10,8 @@ import triton_python_backend_utils as pb_utils
 
 from stepdiff.adapters import Stage
 from stepdiff.stage_batching import decode_batch, warm_up_decode
-from stepdiff.triton_io import (
-    error_response,
-    load_stage,
-    output_tensor,
-    release_triton_objects,
-    torch_input,
-)
+from stepdiff.stage_io import load_stage, output_tensor, torch_input
+from stepdiff.triton_io import error_response, release_triton_objects
 
 
 class TritonPythonModel:
