@@ -68,7 +68,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="default auto: float16 on CUDA, float32 on CPU",
     )
     parser.add_argument(
-        "--cpu-threads", type=int, help="torch intra-op threads in every model (default 0: torch's own)"
+        "--cpu-threads", type=int, help="torch intra-op threads in each stage model (default 0: torch's own)"
     )
     parser.add_argument(
         "--max-batch-size",

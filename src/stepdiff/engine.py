@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapters.base import GenerationParams, InvalidInput, RequestState, StepAdapter, lora_key, mixed_lora_key
+from .adapters.base import RequestState, StepAdapter, lora_key, mixed_lora_key
 from .adapters.mixed_lora import LORA_SCALES
 from .admission import ServerBusy
+from .params import GenerationParams, InvalidInput
 from .runner import DenoiserRunner, Rows
 
 
