@@ -424,10 +424,15 @@ def timed_start(args, mode: str, log_name: str) -> tuple[triton.TritonProcess, s
     return *started, time.perf_counter() - began
 
 
+def empty_compile_cache() -> None:
+    """Remove the Inductor cache the compiles use: TORCHINDUCTOR_CACHE_DIR, else stepdiff's own."""
+    shutil.rmtree(os.environ.get("TORCHINDUCTOR_CACHE_DIR", COMPILE_CACHE), ignore_errors=True)
+
+
 def cold_start(args, mode: str) -> float:
     """Seconds to ready for ``mode``'s server with stepdiff's Inductor cache emptied first (what a first
     deployment pays), the server stopped again after."""
-    shutil.rmtree(os.environ.get("TORCHINDUCTOR_CACHE_DIR", COMPILE_CACHE), ignore_errors=True)
+    empty_compile_cache()
     process, _, _, seconds = timed_start(args, mode, f"tritonserver-{mode}-cold.log")
     process.stop()
     print(f"[{mode}] cold start (empty Inductor cache): ready in {seconds:.0f} s", flush=True)
@@ -744,7 +749,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     device, dtype = torch.device(args.device), torch_dtype(args.dtype)
     if args.clear_compile_cache:  # the in-process compile is then cold; the servers' start is warm
-        shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
+        empty_compile_cache()
     baseline = in_process_baseline(args, device, dtype)
     baseline["stage_costs"] = in_process_stage_costs(args, device, dtype)
     if device.type == "cuda":

@@ -47,8 +47,7 @@ class ServedPipeline:
             {
                 "info": dataclasses.asdict(self.info),
                 "conditioning": list(self.conditioning),
-                "latent_rgb_factors": None if self.latent_rgb_factors is None else self.latent_rgb_factors.tolist(),
-                "latent_rgb_bias": None if self.latent_rgb_bias is None else self.latent_rgb_bias.tolist(),
+                **{key: None if (array := getattr(self, key)) is None else array.tolist() for key in FLOAT_ARRAYS},
             }
         )
 
