@@ -1,21 +1,26 @@
 #!/usr/bin/env python3
 """stepdiff on Triton against the same pipeline in-process, side by side, in one run.
 
-1. In-process (same run, same GPU), per scheduler: StableDiffusionPipeline latency at batch 1 with its
+1. Reference images: stock eager StableDiffusionPipeline for each scheduler and --check-seeds.
+2. Through Triton (`stepdiff serve`, gRPC), per --modes (exact, compiled; compiled serves the VAE decode
+   compiled too, `--decoder compiled`): images at concurrency 1
+   checked against the references; latency at concurrency 1 per
+   scheduler, with a per-step breakdown from Triton's statistics; a closed-loop concurrency sweep
+   (images/s, p50/p99, mean requests per denoiser forward) and Poisson arrivals at a fraction of the
+   peak, for the first scheduler. With --cold-start, each mode's server is first started once with
+   the Inductor cache emptied, and that start is timed too.
+3. In-process (same run, same GPU), per scheduler: the pipeline's latency at batch 1 with its
    UNet eager, replayed from CUDA graphs (stepdiff's runner, mode exact), and compiled (runner, mode
    compiled: torch.compile + graphs); the UNet alone at 1..N requests per forward (with CFG, 2 rows
    each) in the three variants: the ceilings. The other stages' GPU costs by batch, as stepdiff's
    text_encoder and vae_decode run them (the adapters' own calls): the text encoder, and the VAE decode
    eager (the served path), in channels-last memory format and compiled (with --variants compiled): the
    levers for the GPU time an image spends outside the UNet.
-2. Through Triton (`stepdiff serve`, gRPC), per --modes (exact, compiled; compiled serves the VAE decode
-   compiled too, `--decoder compiled`): images at concurrency 1
-   checked against stock eager diffusers for each seed and scheduler; latency at concurrency 1 per
-   scheduler, with a per-step breakdown from Triton's statistics; a closed-loop concurrency sweep
-   (images/s, p50/p99, mean requests per denoiser forward) and Poisson arrivals at a fraction of the
-   peak, for the first scheduler. With --cold-start, each mode's server is first started once with
-   the Inductor cache emptied, and that start is timed too.
-3. results.json + results.md (+ a PNG plot when matplotlib is installed) in --out.
+4. results.json, rewritten after every phase (a run cut off keeps what it measured), then results.md
+   (+ a PNG plot when matplotlib is installed) in --out.
+
+The served part comes before the in-process compiles so that a lent machine taken away mid-run still
+leaves the served figures.
 
     python load_tests/bench_batching.py --pipeline build/sd15-size --out results/gpu --device cuda --dtype float16
 """
@@ -32,7 +37,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -100,7 +105,9 @@ def graph_unet(unet, mode: str, device: torch.device) -> DenoiserRunner:
     return runner
 
 
-def in_process_baseline(args, device: torch.device, dtype: torch.dtype) -> dict:
+def stock_pipeline(args, device: torch.device, dtype: torch.dtype):
+    """The stock StableDiffusionPipeline on ``device``, and a function running it for (scheduler, seed)
+    to a float image in [0, 1]."""
     import diffusers
 
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(
@@ -109,9 +116,9 @@ def in_process_baseline(args, device: torch.device, dtype: torch.dtype) -> dict:
     pipe.set_progress_bar_config(disable=True)
     config = pipe.scheduler.config
 
-    def run_pipeline(scheduler: str, seed: int = 0):
-        pipe.scheduler = getattr(diffusers, scheduler).from_config(config)  # noqa: F821
-        return pipe(  # noqa: F821
+    def run_pipeline(scheduler: str, seed: int = 0) -> np.ndarray:
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(config)
+        return pipe(
             PROMPT,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
@@ -121,10 +128,32 @@ def in_process_baseline(args, device: torch.device, dtype: torch.dtype) -> dict:
             output_type="np",
         ).images[0]
 
+    return pipe, run_pipeline
+
+
+def as_uint8(image: np.ndarray) -> np.ndarray:
+    return (image * 255).round().astype(np.uint8)
+
+
+def in_process_references(args, device: torch.device, dtype: torch.dtype) -> dict[str, dict[int, np.ndarray]]:
+    """Stock eager diffusers' image for each scheduler and --check-seeds: what the served images and the
+    in-process variants are checked against."""
+    pipe, run_pipeline = stock_pipeline(args, device, dtype)
+    references = {
+        scheduler: {seed: as_uint8(run_pipeline(scheduler, seed)) for seed in args.check_seeds}
+        for scheduler in args.schedulers
+    }
+    del pipe, run_pipeline
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return references
+
+
+def in_process_baseline(args, device: torch.device, dtype: torch.dtype, references: dict) -> dict:
+    pipe, run_pipeline = stock_pipeline(args, device, dtype)
     latent = args.size // pipe.vae_scale_factor
     latency: dict[str, dict[str, float]] = {}
     ceiling: dict[str, dict[int, dict]] = {}
-    references: dict[str, dict[int, np.ndarray]] = {}
     setup: dict[str, float] = {}
     eager_forward = pipe.unet.forward
     for variant in args.variants:
@@ -135,15 +164,11 @@ def in_process_baseline(args, device: torch.device, dtype: torch.dtype) -> dict:
         run_pipeline(args.schedulers[0])  # captures (and compiles) the batch-of-2 graph
         setup[variant] = time.perf_counter() - began
         for scheduler in args.schedulers:
-            latency.setdefault(variant, {})[scheduler] = timed(lambda: run_pipeline(scheduler), args.repeats, device)  # noqa: B023 - called at once
+            latency.setdefault(variant, {})[scheduler] = timed(lambda: run_pipeline(scheduler), args.repeats, device)  # noqa: B023, F821 - called at once
             print(f"in-process {variant:8s} {scheduler}: {latency[variant][scheduler] * 1e3:.0f} ms", flush=True)
-            if variant == "eager":
-                references[scheduler] = {
-                    seed: (run_pipeline(scheduler, seed) * 255).round().astype(np.uint8) for seed in args.check_seeds
-                }
-            else:
+            if variant != "eager":
                 identical = all(
-                    np.array_equal((run_pipeline(scheduler, seed) * 255).round().astype(np.uint8), reference)
+                    np.array_equal(as_uint8(run_pipeline(scheduler, seed)), reference)
                     for seed, reference in references[scheduler].items()
                 )
                 latency[variant][f"{scheduler}_identical_to_eager"] = identical
@@ -171,10 +196,10 @@ def in_process_baseline(args, device: torch.device, dtype: torch.dtype) -> dict:
                     flush=True,
                 )
     pipe.unet.forward = eager_forward
-    del pipe  # frees the GPU for the server started next (the closures above are done with it)
+    del pipe, run_pipeline  # frees the GPU for the stage costs measured next
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"pipeline_latency_s": latency, "ceiling": ceiling, "references": references, "setup_s": setup}
+    return {"pipeline_latency_s": latency, "ceiling": ceiling, "setup_s": setup}
 
 
 def in_process_stage_costs(args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -439,15 +464,19 @@ def cold_start(args, mode: str) -> float:
     return seconds
 
 
-def through_triton(args, baseline: dict, mode: str) -> dict:
-    cold_seconds = cold_start(args, mode) if args.cold_start else None
-    process, grpc_url, metrics_url, start_seconds = timed_start(args, mode, f"tritonserver-{mode}.log")
-    print(f"[{mode}] server ready in {start_seconds:.0f} s", flush=True)
+def through_triton(args, references: dict, mode: str, record: dict, save: Callable[[], None]) -> None:
+    """Serve ``mode`` and measure it into ``record``, calling ``save`` after every phase (a run cut off
+    keeps what it measured)."""
+    if args.cold_start:
+        record["cold_start_s"] = cold_start(args, mode)
+    process, grpc_url, metrics_url, record["start_s"] = timed_start(args, mode, f"tritonserver-{mode}.log")
+    print(f"[{mode}] server ready in {record['start_s']:.0f} s", flush=True)
+    save()
     try:
         load = Load(grpc_url, args)
-        checks, latency_c1, breakdown = {}, {}, {}
+        checks = record["image_checks"] = {}
         for scheduler in args.schedulers:
-            for seed, reference in baseline["references"][scheduler].items():
+            for seed, reference in references[scheduler].items():
                 _, image = load.request(seed, scheduler)
                 checks[f"{scheduler} seed {seed}"] = {
                     "identical": bool(np.array_equal(image, reference)),
@@ -455,6 +484,7 @@ def through_triton(args, baseline: dict, mode: str) -> dict:
                 }
         print(f"[{mode}] images vs in-process eager diffusers: {checks}", flush=True)
         closed_loop(load, metrics_url, max(args.concurrency), 3)  # warm-up at every batch size
+        latency_c1, breakdown = record["latency_c1_s"], record["breakdown_c1"] = {}, {}
         for scheduler in args.schedulers:
             before = triton_statistics(grpc_url)
             latency_c1[scheduler] = statistics.median(load.request(seed, scheduler)[0] for seed in range(args.repeats))
@@ -464,12 +494,14 @@ def through_triton(args, baseline: dict, mode: str) -> dict:
                 f"breakdown {breakdown[scheduler]}",
                 flush=True,
             )
-        sweep = []
+        save()
+        sweep = record["sweep"] = []
         for concurrency in args.concurrency:
             stages_before = stage_executions(grpc_url)
             row = closed_loop(load, metrics_url, concurrency, args.duration, triton.tritonserver_pid(args.port))
             row["stages"] = stage_costs(stages_before, stage_executions(grpc_url))
             sweep.append(row)
+            save()
             print(
                 f"[{mode}] closed loop c={concurrency:3d}: {row['images_per_s']:6.2f} images/s  p50 "
                 f"{row['p50_s']:.2f} s  "
@@ -478,28 +510,19 @@ def through_triton(args, baseline: dict, mode: str) -> dict:
                 flush=True,
             )
         peak = max(row["images_per_s"] for row in sweep)
-        poisson = open_loop(load, metrics_url, args.open_loop_fraction * peak, args.duration)
+        poisson = record["open_loop"] = open_loop(load, metrics_url, args.open_loop_fraction * peak, args.duration)
         print(
             f"[{mode}] open loop at {poisson['offered_rate']:.2f}/s: {poisson['images_per_s']:.2f} images/s  "
             f"p50 {poisson['p50_s']:.2f} s  p99 {poisson['p99_s']:.2f} s",
             flush=True,
         )
-        graphs = {
+        record["graphs"] = {
             name: metric(metrics_url, name)
             for name in ("stepdiff_denoiser_graphs", "stepdiff_denoiser_graph_memory_bytes")
         }
+        save()
     finally:
         process.stop()
-    return {
-        "start_s": start_seconds,
-        "cold_start_s": cold_seconds,
-        "latency_c1_s": latency_c1,
-        "breakdown_c1": breakdown,
-        "image_checks": checks,
-        "sweep": sweep,
-        "open_loop": poisson,
-        "graphs": graphs,
-    }
 
 
 def per_request_ms(table: dict[int, float], batch: float) -> float:
@@ -748,22 +771,8 @@ def main() -> int:
         parser.error(f"--variants: unknown {','.join(unknown)} (allowed: {', '.join(MODES)})")
     args.out.mkdir(parents=True, exist_ok=True)
     device, dtype = torch.device(args.device), torch_dtype(args.dtype)
-    if args.clear_compile_cache:  # the in-process compile is then cold; the servers' start is warm
+    if args.clear_compile_cache:  # the first compile (served, or in-process without --modes) is then cold
         empty_compile_cache()
-    baseline = in_process_baseline(args, device, dtype)
-    baseline["stage_costs"] = in_process_stage_costs(args, device, dtype)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the stage adapters are gone: their memory goes to the servers
-    partial = args.out / "results.json"  # rewritten after every phase: a cut-off run keeps what it measured
-    partial.write_text(json.dumps({"baseline": {k: v for k, v in baseline.items() if k != "references"}}, indent=2))
-    served = {}
-    for mode in args.modes:
-        served[mode] = through_triton(args, baseline, mode)
-        partial.write_text(
-            json.dumps(
-                {"triton": served, "baseline": {k: v for k, v in baseline.items() if k != "references"}}, indent=2
-            )
-        )
     result = {
         "config": {
             "date": time.strftime("%Y-%m-%d"),
@@ -777,10 +786,21 @@ def main() -> int:
             "open_loop_fraction": args.open_loop_fraction,
             "command": " ".join(sys.argv),
         },
-        "triton": served,
-        "baseline": {k: v for k, v in baseline.items() if k != "references"},
+        "triton": {},
     }
-    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+
+    def save() -> None:  # after every phase: a run cut off keeps what it measured
+        (args.out / "results.json").write_text(json.dumps(result, indent=2))
+
+    # Served first, the in-process compiles after: on a machine that may go away, the served figures are
+    # the ones to have. The reference images (stock eager diffusers) take seconds.
+    references = in_process_references(args, device, dtype)
+    for mode in args.modes:
+        through_triton(args, references, mode, result["triton"].setdefault(mode, {}), save)
+    result["baseline"] = in_process_baseline(args, device, dtype, references)
+    save()
+    result["baseline"]["stage_costs"] = in_process_stage_costs(args, device, dtype)
+    save()
     report(result, args.out)
     print((args.out / "results.md").read_text())
     return 0
