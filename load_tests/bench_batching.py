@@ -424,13 +424,21 @@ def stage_costs(before: dict, after: dict) -> dict[str, dict[str, float]]:
     return costs
 
 
+SERVED_STAGES = ("text_encoder", "vae_decode")
+
+
 def step_breakdown(before: dict, after: dict, requests: int) -> dict[str, float]:
     """Milliseconds per request (stages) and per step call (denoise_step) between two statistics snapshots."""
     delta = {model: {k: after[model][k] - before[model][k] for k in after[model]} for model in after}
     steps = max(delta["denoise_step"]["count"], 1)
+    stages = {}
+    for stage in SERVED_STAGES:  # where a stage's time goes: waiting, its execute(), moving tensors
+        stages[f"{stage}_ms"] = delta[stage]["success_ns"] / requests / 1e6
+        stages[f"{stage}_queue_ms"] = delta[stage]["queue_ns"] / requests / 1e6
+        stages[f"{stage}_execute_ms"] = delta[stage]["infer_ns"] / requests / 1e6
+        stages[f"{stage}_io_ms"] = (delta[stage]["input_ns"] + delta[stage]["output_ns"]) / requests / 1e6
     return {
-        "text_encoder_ms": delta["text_encoder"]["success_ns"] / requests / 1e6,
-        "vae_decode_ms": delta["vae_decode"]["success_ns"] / requests / 1e6,
+        **stages,
         "step_calls_per_request": steps / requests,
         "step_queue_ms": delta["denoise_step"]["queue_ns"] / steps / 1e6,
         "step_execute_ms": delta["denoise_step"]["infer_ns"] / steps / 1e6,
@@ -591,6 +599,24 @@ def report(result: dict, out: Path) -> None:
                 f"{b['step_queue_ms']:.2f} | {b['step_execute_ms']:.2f} | {b['step_io_ms']:.2f} | "
                 f"{b['step_in_triton_ms']:.2f} |"
             )
+    lines += [
+        "",
+        "The text encoder and VAE decode at concurrency 1, ms per request: served (Triton statistics) against "
+        "the same call in-process at 1 request",
+        "",
+        "| mode, scheduler, stage | in Triton | queue | execute | I/O | in-process |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode in modes:
+        decoder = "vae_decode_compiled" if mode == "compiled" else "vae_decode_eager"
+        in_process = {"text_encoder": stages["text_encoder"].get(1), "vae_decode": stages.get(decoder, {}).get(1)}
+        for scheduler, b in result["triton"][mode]["breakdown_c1"].items():
+            for stage in SERVED_STAGES:
+                alone = f"{in_process[stage]:.1f}" if in_process[stage] is not None else "—"
+                lines.append(
+                    f"| {mode}, {scheduler}, {stage} | {b[f'{stage}_ms']:.1f} | {b[f'{stage}_queue_ms']:.1f} | "
+                    f"{b[f'{stage}_execute_ms']:.1f} | {b[f'{stage}_io_ms']:.1f} | {alone} |"
+                )
     for mode in modes:
         tri, variant = result["triton"][mode], mode  # each mode against the in-process UNet run the same way
         lines += [

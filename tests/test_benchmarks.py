@@ -114,6 +114,9 @@ def test_batching_benchmark_writes_its_tables(tiny_sd, tmp_path):
         assert row["stages"]["text_encoder"]["mean_batch"] >= 1
         assert row["stages"]["vae_decode"]["mean_batch"] >= 1
         assert row["stages"]["vae_decode"]["execute_ms_per_request"] > 0
+    breakdown = results["triton"]["eager"]["breakdown_c1"]["EulerDiscreteScheduler"]  # where each stage's time goes
+    for stage in ("text_encoder", "vae_decode"):
+        assert 0 < breakdown[f"{stage}_execute_ms"] <= breakdown[f"{stage}_ms"]
     stage_costs = results["baseline"]["stage_costs"]  # the text encoder and the VAE decode in-process, by batch
     assert set(stage_costs["ms_per_call"]) == {"text_encoder", "vae_decode_eager", "vae_decode_channels_last"}
     assert all(set(table) == {"1", "2"} and min(table.values()) > 0 for table in stage_costs["ms_per_call"].values())
@@ -122,6 +125,7 @@ def test_batching_benchmark_writes_its_tables(tiny_sd, tmp_path):
     assert "Concurrency 1" in markdown and "Ceilings" in markdown and "The other stages in-process" in markdown
     assert "(cold, Inductor cache emptied: " in markdown
     assert "ceiling with text encoder + VAE" in markdown
+    assert "| eager, EulerDiscreteScheduler, vae_decode |" in markdown  # served against in-process, per stage
     assert "1 of 1 byte-identical" in markdown  # the served image against stock diffusers, on CPU
     assert (tmp_path / "results.png").stat().st_size > 0
 
