@@ -447,12 +447,16 @@ def step_breakdown(before: dict, after: dict, requests: int) -> dict[str, float]
     }
 
 
+def served_decoder(mode: str) -> str:
+    """The VAE decode (`--decoder`) served with ``mode``: compiled with `compiled`, else eager."""
+    return "compiled" if mode == "compiled" else "eager"
+
+
 def timed_start(args, mode: str, log_name: str) -> tuple[triton.TritonProcess, str, str, float]:
     """``mode``'s server (with the compiled decode for ``compiled``), ready, and the seconds it took."""
     began = time.perf_counter()
-    decoder = "compiled" if mode == "compiled" else "eager"
     started = start_server(
-        args, args.log_verbose, log_name, denoiser=mode, decoder=decoder, warmup=f"{args.size}x{args.size}"
+        args, args.log_verbose, log_name, denoiser=mode, decoder=served_decoder(mode), warmup=f"{args.size}x{args.size}"
     )
     return *started, time.perf_counter() - began
 
@@ -608,8 +612,8 @@ def report(result: dict, out: Path) -> None:
         "|---|---|---|---|---|---|",
     ]
     for mode in modes:
-        decoder = "vae_decode_compiled" if mode == "compiled" else "vae_decode_eager"
-        in_process = {"text_encoder": stages["text_encoder"].get(1), "vae_decode": stages.get(decoder, {}).get(1)}
+        decode = stages.get(f"vae_decode_{served_decoder(mode)}", {})
+        in_process = {"text_encoder": stages["text_encoder"].get(1), "vae_decode": decode.get(1)}
         for scheduler, b in result["triton"][mode]["breakdown_c1"].items():
             for stage in SERVED_STAGES:
                 alone = f"{in_process[stage]:.1f}" if in_process[stage] is not None else "—"
@@ -636,7 +640,7 @@ def report(result: dict, out: Path) -> None:
                 # the same ceiling with each image also paying the text encoder and the VAE decode the mode serves
                 # (compiled for compiled, where measured), in-process, at the measured batches nearest to what the
                 # server formed
-                decode = stages.get(f"vae_decode_{mode}") or stages["vae_decode_eager"]
+                decode = stages.get(f"vae_decode_{served_decoder(mode)}") or stages["vae_decode_eager"]
                 stage_ms = per_request_ms(stages["text_encoder"], encoder["mean_batch"]) + per_request_ms(
                     decode, decoder["mean_batch"]
                 )
