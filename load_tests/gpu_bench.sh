@@ -44,14 +44,15 @@ timed_serve() {  # timed_serve NAME ARGS...: seconds to ready of `stepdiff serve
   setsid python3 -m stepdiff serve --pipeline "$work/sd15" --device cuda --dtype float16 "$@" \
     > "$work/out/serve-$name.log" 2>&1 < /dev/null &
   local server=$!
+  local log=~/.cache/stepdiff/logs/tritonserver-8000.log
   until ready; do
     if ! kill -0 $server 2>/dev/null || [ "$(left)" -le 20 ]; then
-      echo "$name: not ready (server exited or the call's time ran out)"; kill -INT -$server 2>/dev/null; return 1
+      echo "$name: not ready after $(python3 -c "import time; print(round(time.time() - $start, 1))") s (server exited or the call's time ran out)"
+      cp "$log" "$work/out/tritonserver-$name.log"; kill -INT -$server 2>/dev/null; return 1
     fi
     sleep 1
   done
   echo "$name: ready in $(python3 -c "import time; print(round(time.time() - $start, 1))") s"
-  local log=~/.cache/stepdiff/logs/tritonserver-8000.log
   cp "$log" "$work/out/tritonserver-$name.log"
   grep -hoE '(denoise_step: denoiser|vae_decode: warm-up)[^"]*' "$log"
   kill -INT -$server; wait $server
@@ -68,8 +69,8 @@ case "$slice" in
     decoder=$([ "$mode" = compiled ] && echo compiled || echo eager)
     sd15
     rm -rf "${TORCHINDUCTOR_CACHE_DIR:-$HOME/.cache/stepdiff/inductor}"  # where stepdiff's compiles cache
-    for start in cold warm; do
-      timed_serve "$mode-$start" --denoiser "$mode" --decoder "$decoder" --warmup 512x512 || break
+    for start in cold warm; do  # recompiles named in the server's log: where a cold start's time goes
+      TORCH_LOGS=recompiles timed_serve "$mode-$start" --denoiser "$mode" --decoder "$decoder" --warmup 512x512 || break
     done
     ;;
   families)
