@@ -104,3 +104,26 @@ def test_warm_up_prepares_every_bucket_and_eager_mode_has_no_graphs(adapter):
     assert runner.stats.graphs == 0 and not runner.use_graphs  # CPU: the same buffers, eagerly
     with pytest.raises(ValueError, match="denoiser='fast': allowed exact, compiled, eager"):
         DenoiserRunner(adapter.forward, torch.device("cpu"), mode="fast")
+
+
+def test_compiled_pads_a_lone_row_to_two_so_one_graph_serves_every_bucket():
+    """``compiled`` has no 1-row bucket: a lone row runs padded in the bucket of 2, whose dynamic batch
+    also serves 4 to 8 rows, so after the first forward nothing compiles again (Dynamo would compile a
+    batch of 1 apart); each real row's output is still its own."""
+    import torch._dynamo
+
+    def forward(key, inputs):
+        return inputs["x"] * 2 + 1
+
+    torch._dynamo.reset()
+    runner = DenoiserRunner(forward, torch.device("cpu"), mode="compiled", max_rows=8)
+    x = torch.arange(16.0).reshape(8, 2)
+    with torch.inference_mode():
+        runner.warm_up(Rows("k", {"x": x[:1]}))
+        assert sorted(size for _, size in runner.buckets) == [2, 4, 6, 8]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for count in (1, 2, 3, 8):
+                [output] = runner.run([Rows("k", {"x": x[:count]})])
+                assert torch.equal(output, x[:count] * 2 + 1)
+    assert runner.stats.padded_rows == 1 + 1  # the lone row (warm-up excluded: it filled each bucket) and 3 -> 4
+    assert sorted(size for _, size in runner.buckets) == [2, 4, 6, 8]
