@@ -10,7 +10,8 @@ preallocated buffers and runs the call there:
 - ``compiled``: the call through ``torch.compile`` (Inductor), captured and replayed the same way on
   CUDA. Faster for large batches, not bit-identical to diffusers. Its smallest bucket is 2 rows: a
   lone row is padded to 2, so that one graph with a dynamic batch serves every bucket up to 63 rows
-  (Dynamo compiles a batch of 1 apart, which cost 83 s of a 290 s cold start on an H200).
+  (Dynamo compiles a batch of 1 apart: the first of three UNet compiles, up to 83 s of a 290 s cold
+  start on an H200).
 - ``eager``: buffers without graphs (a reference, and the fallback when a capture fails).
 
 Padding rows repeat the group's first row: every denoiser here treats rows independently, so they
