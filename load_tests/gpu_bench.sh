@@ -36,6 +36,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 sd15() { [ -d "$work/sd15" ] || python3 -m stepdiff make-tiny sd15-size "$work/sd15" --dtype float16 >/dev/null; }
 
+since() { python3 -c "import time; print(round(time.time() - $1, 1))"; }  # seconds since a `date +%s.%N`
+
 ready() { python3 -c "import urllib.request; urllib.request.urlopen('http://localhost:8000/v2/health/ready', timeout=2)" 2>/dev/null; }
 
 timed_serve() {  # timed_serve NAME ARGS...: seconds to ready of `stepdiff serve ARGS`, then stopped again
@@ -47,12 +49,12 @@ timed_serve() {  # timed_serve NAME ARGS...: seconds to ready of `stepdiff serve
   local log=~/.cache/stepdiff/logs/tritonserver-8000.log
   until ready; do
     if ! kill -0 $server 2>/dev/null || [ "$(left)" -le 20 ]; then
-      echo "$name: not ready after $(python3 -c "import time; print(round(time.time() - $start, 1))") s (server exited or the call's time ran out)"
+      echo "$name: not ready after $(since $start) s (server exited or the call's time ran out)"
       cp "$log" "$work/out/tritonserver-$name.log"; kill -INT -$server 2>/dev/null; return 1
     fi
     sleep 1
   done
-  echo "$name: ready in $(python3 -c "import time; print(round(time.time() - $start, 1))") s"
+  echo "$name: ready in $(since $start) s"
   cp "$log" "$work/out/tritonserver-$name.log"
   grep -hoE '(denoise_step: denoiser|vae_decode: warm-up)[^"]*' "$log"
   kill -INT -$server; wait $server

@@ -125,5 +125,5 @@ def test_compiled_pads_a_lone_row_to_two_so_one_graph_serves_every_bucket():
             for count in (1, 2, 3, 8):
                 [output] = runner.run([Rows("k", {"x": x[:count]})])
                 assert torch.equal(output, x[:count] * 2 + 1)
-    assert runner.stats.padded_rows == 1 + 1  # the lone row (warm-up excluded: it filled each bucket) and 3 -> 4
+    assert runner.stats.padded_rows == 1 + 1  # the lone row and 3 -> 4 (the warm-up filled each bucket exactly)
     assert sorted(size for _, size in runner.buckets) == [2, 4, 6, 8]
