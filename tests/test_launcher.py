@@ -138,6 +138,34 @@ def test_malloc_settings_apply_unless_the_user_sets_them(tmp_path, monkeypatch):
     assert env["MALLOC_MMAP_THRESHOLD_"] == "65536"
 
 
+# Runs in a fresh interpreter (glibc reads MALLOC_* once, at its first malloc): how many mmapped chunks a
+# held 4 MiB buffer adds (glibc's mallinfo2().hblks), after keep_host_buffers_in_heap.
+MMAPPED_BY_A_BUFFER = """
+import ctypes, ctypes.util
+from stepdiff.server import keep_host_buffers_in_heap
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.mallinfo2.restype = Mallinfo2
+applied = keep_host_buffers_in_heap()
+before = libc.mallinfo2().hblks
+buffer = bytearray(4 << 20)
+print(applied, libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.parametrize(
+    ("threshold", "expected"),
+    [("131072", "True 0"), ("65536", "False 1")],  # the launcher's threshold is undone; a user's is kept
+)
+def test_stage_processes_keep_image_sized_buffers_in_the_heap(threshold, expected):
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": threshold, "MALLOC_ARENA_MAX": "2"}
+    done = subprocess.run([sys.executable, "-c", MMAPPED_BY_A_BUFFER], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == expected.split()
+
+
 @pytest.mark.parametrize(
     ("flags", "environ", "message"),
     [

@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 from torch.utils import dlpack
 
 from .adapters import Stage, StepAdapter, load_adapter
+from .server import keep_host_buffers_in_heap
 from .settings import Settings
 from .triton_io import load_settings
 
@@ -32,7 +33,9 @@ def instance_device(args: dict[str, Any], settings: Settings) -> torch.device:
 
 def load_stage(args: dict[str, Any], stage: Stage) -> tuple[Settings, StepAdapter]:
     """A stage model's settings (torch's threads pinned to them) and its adapter, loaded on the instance's
-    device in the settings' dtype, with the served LoRA adapters (the stages that run none ignore them)."""
+    device in the settings' dtype, with the served LoRA adapters (the stages that run none ignore them).
+    Image-sized host buffers come from the heap (``keep_host_buffers_in_heap``)."""
+    keep_host_buffers_in_heap()
     settings = load_settings(args)
     settings.apply_threads()
     device = instance_device(args, settings)
