@@ -14,7 +14,7 @@ from conftest import final_latents_of_mixes, running_server, txt2img_client
 
 from stepdiff.adapters import GenerationParams, Stage, load_adapter
 from stepdiff.engine import StepCall, StepEngine
-from stepdiff.runner import DenoiserRunner, Rows
+from stepdiff.runner import DenoiserRunner, GraphedCall, Rows
 from stepdiff.server import GPU_MEMORY_QUERY, gpu_mib_by_pid, stub_processes, tritonserver_pid
 
 pytestmark = pytest.mark.gpu
@@ -91,11 +91,15 @@ def test_no_host_sync_in_intermediate_flow_match_steps(tiny_qwen):
 @pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "PNDMScheduler"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_graph_replay_is_byte_identical_to_stock_diffusers(tiny_sd, sd, scheduler, seed):
-    """The step-wise path with the exact runner (CUDA graphs) against StableDiffusionPipeline, fp16."""
+    """The step-wise path as served by default (the exact runner, the text encoder and VAE decode replayed
+    from CUDA graphs) against StableDiffusionPipeline, fp16."""
     import diffusers
 
-    encoder, denoiser = sd
+    _, denoiser = sd
+    encoder = load_adapter(str(tiny_sd), Stage.TEXT_ENCODER, CUDA, torch.float16)
+    encoder.graph_text_encoders()
     decoder = load_adapter(str(tiny_sd), Stage.DECODE, CUDA, torch.float16)
+    decoder.graph_decode()
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(
         tiny_sd, dtype=torch.float16, safety_checker=None, requires_safety_checker=False
     ).to(CUDA)
@@ -121,6 +125,19 @@ def test_graph_replay_is_byte_identical_to_stock_diffusers(tiny_sd, sd, schedule
     with torch.inference_mode():
         image = decoder.decode(result.latents)
     assert np.array_equal(image[0], (stock[0] * 255).round().astype(np.uint8))
+    for graphed in (encoder.pipe.text_encoder.forward, decoder.pipe.vae.decode):
+        assert [capture.graph is not None for capture in graphed.captures.values()] == [True], graphed.name
+
+
+def test_a_stage_call_that_cannot_be_captured_runs_eagerly():
+    def function(x):  # .item() synchronizes: not capturable
+        return x * float(x.sum().item() != 0) + 1
+
+    graphed = GraphedCall(function, CUDA, "test")
+    x = torch.arange(6.0, device=CUDA)
+    with torch.inference_mode():
+        assert torch.equal(graphed(x), x + 1) and torch.equal(graphed(x), x + 1)
+    assert not graphed.use_graphs and graphed.captures == {}
 
 
 def test_a_forward_that_cannot_be_captured_runs_eagerly():

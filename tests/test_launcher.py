@@ -177,7 +177,7 @@ def test_stage_processes_keep_image_sized_buffers_in_the_heap(threshold, expecte
         ([], {"STEPDIFF_QUEUE_TIMEOUT_SECONDS": "0"}, "queue_timeout_seconds=0.0: must be > 0 and finite"),
         ([], {"STEPDIFF_SEQUENCE_IDLE_SECONDS": "-1"}, "sequence_idle_seconds=-1.0: must be > 0 and finite"),
         ([], {"STEPDIFF_DENOISER": "fast"}, "denoiser='fast': allowed exact, compiled, eager"),
-        ([], {"STEPDIFF_DECODER": "exact"}, "decoder='exact': allowed eager, compiled"),
+        ([], {"STEPDIFF_DECODER": "exact"}, "decoder='exact': allowed graphs, eager, compiled"),
     ],
 )
 def test_bad_denoiser_settings_stop_serve_naming_the_setting(tiny_sd, flags, environ, message):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stepdiff.adapters import Stage, load_adapter
-from stepdiff.runner import ROW_BUCKETS, DenoiserRunner, Rows, bucket_size
+from stepdiff.runner import ROW_BUCKETS, DenoiserRunner, GraphedCall, Rows, bucket_size
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +127,41 @@ def test_compiled_pads_a_lone_row_to_two_so_one_graph_serves_every_bucket():
                 assert torch.equal(output, x[:count] * 2 + 1)
     assert runner.stats.padded_rows == 1 + 1  # the lone row and 3 -> 4 (the warm-up filled each bucket exactly)
     assert sorted(size for _, size in runner.buckets) == [2, 4, 6, 8]
+
+
+def test_a_graphed_call_reuses_one_capture_per_distinct_call_and_returns_copies():
+    seen = []
+
+    def function(x: torch.Tensor, scale: float = 1.0) -> dict:
+        seen.append(x)
+        return {"out": x * scale, "rows": x.shape[0]}
+
+    graphed = GraphedCall(function, torch.device("cpu"), "test")
+    first, second = torch.randn(2, 3), torch.randn(2, 3)
+    one, two = graphed(first, scale=2.0), graphed(second, scale=2.0)
+    assert torch.equal(one["out"], first * 2) and torch.equal(two["out"], second * 2) and two["rows"] == 2
+    assert len(graphed.captures) == 1 and seen[0] is seen[1]  # one input copy, filled by each call
+    assert seen[0] is not first and seen[0] is not second
+    graphed(torch.randn(4, 3), scale=2.0)  # another shape
+    graphed(second, scale=3.0)  # another argument
+    assert len(graphed.captures) == 3
+
+
+def test_a_graphed_call_keys_on_its_context_and_runs_eagerly_past_max_graphs_or_unhashable_arguments():
+    setting = {"loras": ()}
+    seen = []
+
+    def function(x: torch.Tensor, tags=None) -> torch.Tensor:
+        seen.append(x)
+        return x + 1
+
+    graphed = GraphedCall(function, torch.device("cpu"), "test", context=lambda: setting["loras"], max_graphs=2)
+    x = torch.zeros(3)
+    graphed(x)
+    setting["loras"] = (("style", 0.5),)
+    graphed(x)
+    assert len(graphed.captures) == 2
+    larger = torch.zeros(5)
+    assert torch.equal(graphed(larger), larger + 1) and seen[-1] is larger  # past max_graphs: as called
+    assert torch.equal(graphed(x, tags={"a"}), x + 1) and seen[-1] is x  # a set cannot key a graph
+    assert len(graphed.captures) == 2

@@ -86,7 +86,8 @@ def test_the_launcher_exports_the_pipeline_and_the_flags_given_only(tiny_sd, mon
         ),
         ({}, {"max_steps": "many"}, "setting max_steps='many' (from config parameter max_steps) is not a valid int"),
         ({}, {"denoiser": "fast"}, "denoiser='fast': allowed exact, compiled, eager"),
-        ({}, {"decoder": "fast"}, "decoder='fast': allowed eager, compiled"),
+        ({}, {"decoder": "fast"}, "decoder='fast': allowed graphs, eager, compiled"),
+        ({}, {"encoder": "fast"}, "encoder='fast': allowed graphs, eager"),
     ],
 )
 def test_a_bad_value_names_its_model_and_where_it_came_from(tmp_path, environ, parameters, message):
@@ -98,7 +99,10 @@ def test_a_bad_value_names_its_model_and_where_it_came_from(tmp_path, environ, p
 
 def test_only_settings_become_variables():
     assert Settings.variables({"max_steps": 5}) == {"STEPDIFF_MAX_STEPS": "5"}
-    with pytest.raises(ValueError, match="'max_step' is not a setting: allowed cpu_threads, decoder, denoiser, "):
+    with pytest.raises(
+        ValueError,
+        match="'max_step' is not a setting: allowed cpu_threads, decoder, denoiser, device, dtype, encoder, ",
+    ):
         Settings.variables({"max_step": 5})
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import openai_api, server
 from .repository import CONSUMER, TEMPLATE, model_settings, serving_gpus, write_repository_for
-from .settings import DECODERS, MODES, Settings
+from .settings import DECODERS, ENCODERS, MODES, Settings
 
 CLIENT = Path(__file__).resolve().parent / "client" / "generate.py"  # client/ in a checkout links here
 
@@ -31,6 +31,7 @@ SERVE_FLAGS = (
     "max_steps",
     "max_pixels",
     "denoiser",
+    "encoder",
     "decoder",
     "warmup",
     "step_lookahead",
@@ -104,10 +105,16 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "torch.compile + CUDA graphs, faster in large batches, not byte-identical; eager: no graphs",
     )
     parser.add_argument(
+        "--encoder",
+        choices=ENCODERS,
+        help="graphs (default): the text encoders replayed as CUDA graphs, byte-identical; eager: as diffusers "
+        "runs them",
+    )
+    parser.add_argument(
         "--decoder",
         choices=DECODERS,
-        help="eager (default): the VAE decode as diffusers runs it; compiled: through torch.compile, faster, "
-        "not byte-identical (pairs with --denoiser compiled)",
+        help="graphs (default): the VAE decode replayed as CUDA graphs, byte-identical; eager: as diffusers runs "
+        "it; compiled: through torch.compile, faster, not byte-identical (pairs with --denoiser compiled)",
     )
     parser.add_argument(
         "--warmup", help="image sizes whose graphs are captured at start, e.g. 512x512,768x512 (default: on first use)"
@@ -187,7 +194,8 @@ def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
         f"max_active_sequences {settings.max_active_sequences}{share}, max_queue {settings.max_queue} (timeout "
         f"{settings.queue_timeout_seconds:g} s), max_batch_size "
         f"{settings.max_batch_size or 'model config'}; "
-        f"denoiser {settings.denoiser}, decoder {settings.decoder}, warm-up {settings.warmup or 'on first use'}, "
+        f"denoiser {settings.denoiser}, encoder {settings.encoder}, decoder {settings.decoder}, "
+        f"warm-up {settings.warmup or 'on first use'}, "
         f"step lookahead {settings.step_lookahead}; "
         f"LoRA adapters: {', '.join(settings.lora_paths()) or 'none'}; "
         f"admin endpoints ({server.RESTRICTED_APIS}) "

@@ -17,6 +17,9 @@ preallocated buffers and runs the call there:
 Padding rows repeat the group's first row: every denoiser here treats rows independently, so they
 change real rows only as much as a larger batch does. In ``exact`` a request alone fills a bucket of
 its exact size (1 or 2 rows), so it runs the stock call's kernels.
+
+``GraphedCall`` does the same for the other stages' calls (text encoders, the VAE decode), without
+buckets: one graph per distinct call, captured on its first use.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .settings import MODES
 
@@ -222,3 +227,119 @@ class DenoiserRunner:
             self._forward([Rows(rows.key, tensors)])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+@dataclass
+class Capture:
+    """One distinct call's tensor arguments, copied (the graph's inputs), and its graph and output."""
+
+    inputs: list[torch.Tensor]
+    graph: torch.cuda.CUDAGraph | None = None
+    output: Any = None
+
+
+class GraphedCall:
+    """``function`` (a text encoder's forward, the VAE's decode) replayed from CUDA graphs, one per distinct
+    call: the shapes, dtypes and devices of its tensor arguments, its other arguments, and ``context()``
+    (e.g. the LoRA setting, which changes the kernels' arguments). Each is captured on its first use, on
+    copies of the tensor arguments that later calls copy into: the eager kernels without their launch
+    cost, so the same bits. Returns copies of the outputs (tensors in tuples, dicts or ModelOutputs).
+
+    Off CUDA the copies run eagerly. Past ``max_graphs`` distinct calls (a text encoder that sees every
+    prompt length), or once a capture has failed (said once), ``function`` runs eagerly as called.
+    """
+
+    def __init__(
+        self,
+        function: Callable[..., Any],
+        device: torch.device,
+        name: str,
+        context: Callable[[], Hashable] = lambda: None,
+        max_graphs: int = 64,
+    ):
+        self.function = function
+        self.device = device
+        self.name = name
+        self.context = context
+        self.max_graphs = max_graphs
+        self.use_graphs = device.type == "cuda"  # False off CUDA, and once a capture has failed
+        self.captures: dict[Hashable, Capture] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.side_stream = torch.cuda.Stream(device) if self.use_graphs else None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        leaves, spec = tree_flatten((args, kwargs))
+        tensors = [index for index, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        key = (spec, self.context(), tuple(describe(leaf) for leaf in leaves))
+        capture = self._capture_for(key, tensors, leaves, spec)
+        if capture is None:
+            return self.function(*args, **kwargs)
+        for buffer, index in zip(capture.inputs, tensors, strict=True):
+            buffer.copy_(leaves[index])
+        if capture.graph is None:
+            output = self._call_on(capture.inputs, tensors, leaves, spec)
+        else:
+            capture.graph.replay()
+            output = capture.output
+        return tree_map(lambda value: value.clone() if isinstance(value, torch.Tensor) else value, output)
+
+    def _capture_for(self, key: Hashable, tensors: list[int], leaves: list[Any], spec: Any) -> Capture | None:
+        """The call's capture, made on its first use; None where the call runs eagerly as called."""
+        if not hashable(key):
+            return None
+        capture = self.captures.get(key)
+        if capture is not None:
+            return capture
+        if len(self.captures) >= self.max_graphs or (self.device.type == "cuda" and not self.use_graphs):
+            return None
+        with torch.inference_mode(False):  # plain tensors: writable under inference mode and no_grad alike
+            capture = Capture([leaves[index].clone() for index in tensors])
+        if self.use_graphs and not self._capture(capture, tensors, leaves, spec):
+            return None
+        self.captures[key] = capture
+        return capture
+
+    def _call_on(self, inputs: list[torch.Tensor], tensors: list[int], leaves: list[Any], spec: Any) -> Any:
+        """``function`` called with ``inputs`` in place of its tensor arguments."""
+        substituted = list(leaves)
+        for buffer, index in zip(inputs, tensors, strict=True):
+            substituted[index] = buffer
+        args, kwargs = tree_unflatten(substituted, spec)
+        return self.function(*args, **kwargs)
+
+    def _capture(self, capture: Capture, tensors: list[int], leaves: list[Any], spec: Any) -> bool:
+        """Capture ``function`` on the capture's inputs (after a warm-up on a side stream); False, and
+        eager from now on, when it fails."""
+        side = self.side_stream
+        current = torch.cuda.current_stream(self.device)
+        side.wait_stream(current)
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._call_on(capture.inputs, tensors, leaves, spec)
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                capture.output = self._call_on(capture.inputs, tensors, leaves, spec)
+        except Exception as error:  # noqa: BLE001 - the call stays correct eagerly; say why once
+            current.wait_stream(side)
+            log.warning("%s: CUDA graph capture failed, running eagerly from now on: %s", self.name, error)
+            self.use_graphs = False
+            return False
+        capture.graph = graph
+        return True
+
+
+def describe(leaf: Any) -> Hashable:
+    """What a call's argument contributes to its graph's key: a tensor its shape, dtype and device."""
+    if isinstance(leaf, torch.Tensor):
+        return (tuple(leaf.shape), leaf.dtype, leaf.device)
+    return leaf
+
+
+def hashable(key: Hashable) -> bool:
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True

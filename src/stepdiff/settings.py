@@ -35,7 +35,10 @@ if TYPE_CHECKING:  # torch is imported where a torch object is made: txt2img's p
 LORA_NAME = re.compile(r"[a-z0-9_-]+")
 DTYPES = ("float32", "float16", "bfloat16")
 MODES = ("exact", "compiled", "eager")  # the denoiser runner's modes (stepdiff.runner)
-DECODERS = ("eager", "compiled")  # the VAE decode: as diffusers runs it, or through torch.compile
+# The VAE decode: diffusers' eager kernels replayed from CUDA graphs, as diffusers runs them, or through
+# torch.compile; the text encoders: replayed from graphs, or as diffusers runs them
+DECODERS = ("graphs", "eager", "compiled")
+ENCODERS = ("graphs", "eager")
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,8 @@ class Settings:
     max_prompt_bytes: int = 4096
     sequence_idle_seconds: float = 600.0
     denoiser: str = "exact"
-    decoder: str = "eager"
+    encoder: str = "graphs"
+    decoder: str = "graphs"
     warmup: str = ""
     step_lookahead: int = 2
     lora: str = ""  # NAME=PATH;NAME=PATH (stepdiff serve --lora, repeatable)
@@ -110,6 +114,8 @@ class Settings:
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0 and finite")
         if self.denoiser not in MODES:
             raise ValueError(f"denoiser={self.denoiser!r}: allowed {', '.join(MODES)}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder={self.encoder!r}: allowed {', '.join(ENCODERS)}")
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder={self.decoder!r}: allowed {', '.join(DECODERS)}")
         self.warmup_sizes()

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..runner import compiled
+from ..runner import GraphedCall, compiled
 from .base import (
     GenerationParams,
     PipelineInfo,
@@ -68,6 +68,19 @@ class DiffusersAdapter:
         """Run the VAE's decode through ``torch.compile`` from now on (``decoder=compiled``): faster, not
         byte-identical to the eager decode."""
         self.pipe.vae.decode = compiled(self.pipe.vae.decode)
+
+    def graph_decode(self) -> None:
+        """Replay the VAE's decode from CUDA graphs from now on (``decoder=graphs``), one per latents
+        shape: the eager kernels without their launch cost, so the same image."""
+        self.pipe.vae.decode = GraphedCall(self.pipe.vae.decode, self.device, "vae_decode")
+
+    def graph_text_encoders(self) -> None:
+        """Replay this stage's text encoders from CUDA graphs from now on (``encoder=graphs``), one per
+        batch size and LoRA setting: prompts are padded to the tokenizer's length, so a shape recurs."""
+        for name in self.stage_components[Stage.TEXT_ENCODER]:
+            module = getattr(self.pipe, name, None)
+            if isinstance(module, torch.nn.Module):
+                module.forward = GraphedCall(module.forward, self.device, name, lambda: self.active_loras)
 
     def load_loras(self, loras: Mapping[str, str]) -> None:
         """Load the LoRA adapters ``loras`` (name -> path) into the stages that run them (text encoder,

@@ -17,6 +17,8 @@ from stepdiff.triton_io import error_response, numpy_inputs, release_triton_obje
 class TritonPythonModel:
     def initialize(self, args):
         self.settings, self.adapter = load_stage(args, Stage.TEXT_ENCODER)
+        if self.settings.encoder == "graphs":  # captured by the first forward of each batch size
+            self.adapter.graph_text_encoders()
 
     def execute(self, requests):
         parsed = []

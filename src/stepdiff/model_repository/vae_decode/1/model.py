@@ -19,6 +19,8 @@ class TritonPythonModel:
         settings, self.adapter = load_stage(args, Stage.DECODE)
         if settings.decoder == "compiled":  # compiled by the warm-up below, or else by the first decode
             self.adapter.compile_decode()
+        elif settings.decoder == "graphs":  # captured by the warm-up below, or else by the first decode
+            self.adapter.graph_decode()
         sizes = settings.warmup_sizes()
         if sizes:
             batch = json.loads(args["model_config"])["max_batch_size"]
