@@ -91,15 +91,11 @@ def test_no_host_sync_in_intermediate_flow_match_steps(tiny_qwen):
 @pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "PNDMScheduler"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_graph_replay_is_byte_identical_to_stock_diffusers(tiny_sd, sd, scheduler, seed):
-    """The step-wise path as served by default (the exact runner, the text encoder and VAE decode replayed
-    from CUDA graphs) against StableDiffusionPipeline, fp16."""
+    """The step-wise path with the exact runner (CUDA graphs) against StableDiffusionPipeline, fp16."""
     import diffusers
 
-    _, denoiser = sd
-    encoder = load_adapter(str(tiny_sd), Stage.TEXT_ENCODER, CUDA, torch.float16)
-    encoder.graph_text_encoders()
+    encoder, denoiser = sd
     decoder = load_adapter(str(tiny_sd), Stage.DECODE, CUDA, torch.float16)
-    decoder.graph_decode()
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(
         tiny_sd, dtype=torch.float16, safety_checker=None, requires_safety_checker=False
     ).to(CUDA)
@@ -125,8 +121,6 @@ def test_graph_replay_is_byte_identical_to_stock_diffusers(tiny_sd, sd, schedule
     with torch.inference_mode():
         image = decoder.decode(result.latents)
     assert np.array_equal(image[0], (stock[0] * 255).round().astype(np.uint8))
-    for graphed in (encoder.pipe.text_encoder.forward, decoder.pipe.vae.decode):
-        assert [capture.graph is not None for capture in graphed.captures.values()] == [True], graphed.name
 
 
 def test_a_stage_call_that_cannot_be_captured_runs_eagerly():

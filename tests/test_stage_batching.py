@@ -215,7 +215,7 @@ def test_a_compiled_decode_runs_through_inductor_and_stays_within_a_level_of_eag
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_graphed_stages_give_the_eager_conditioning_and_images(family, tmp_path_factory):
-    """``encoder=graphs`` and ``decoder=graphs`` (the served defaults) on CPU: the calls run on the
+    """``encoder=graphs`` and ``decoder=graphs`` on CPU: the calls run on the
     captures' input copies, one capture per distinct call, with the eager results bit for bit."""
     encoder = tiny_stage(family, Stage.TEXT_ENCODER, tmp_path_factory)
     decoder = tiny_stage(family, Stage.DECODE, tmp_path_factory)

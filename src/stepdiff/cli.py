@@ -107,14 +107,14 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--encoder",
         choices=ENCODERS,
-        help="graphs (default): the text encoders replayed as CUDA graphs, byte-identical; eager: as diffusers "
-        "runs them",
+        help="eager (default): the text encoders as diffusers runs them; graphs: replayed as CUDA graphs, "
+        "faster (not byte-identical in every case)",
     )
     parser.add_argument(
         "--decoder",
         choices=DECODERS,
-        help="graphs (default): the VAE decode replayed as CUDA graphs, byte-identical; eager: as diffusers runs "
-        "it; compiled: through torch.compile, faster, not byte-identical (pairs with --denoiser compiled)",
+        help="eager (default): the VAE decode as diffusers runs it; graphs: replayed as CUDA graphs; compiled: "
+        "through torch.compile, faster, not byte-identical (pairs with --denoiser compiled)",
     )
     parser.add_argument(
         "--warmup", help="image sizes whose graphs are captured at start, e.g. 512x512,768x512 (default: on first use)"
