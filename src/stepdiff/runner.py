@@ -88,6 +88,26 @@ def compiled(function: Callable) -> Callable:
     return torch.compile(function)
 
 
+def capture_graph(
+    call: Callable[[], Any], device: torch.device, side_stream: torch.cuda.Stream, pool: Any
+) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """``call`` captured in a CUDA graph in the memory ``pool``, after two warm-up runs on ``side_stream``
+    (as capture needs); returns the graph and the output of the captured call. Raises what the warm-up
+    or the capture raised; the current stream waits for the side stream either way."""
+    current = torch.cuda.current_stream(device)
+    side_stream.wait_stream(current)
+    try:
+        with torch.cuda.stream(side_stream):
+            for _ in range(2):
+                call()
+    finally:
+        current.wait_stream(side_stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = call()
+    return graph, output
+
+
 def bucket_size(rows: int, largest: int = ROW_BUCKETS[-1]) -> int:
     """The smallest row bucket holding ``rows`` (beyond the largest bucket: exactly ``rows``)."""
     return next((size for size in ROW_BUCKETS if size >= rows and size <= largest), rows)
@@ -194,18 +214,11 @@ class DenoiserRunner:
         """Capture the forward on the bucket's buffers (after a warm-up on a side stream, as CUDA graphs
         need); when capture fails the bucket stays eager and says why once."""
         began, reserved = time.perf_counter(), torch.cuda.memory_reserved(self.device)
-        side = self.side_stream
-        side.wait_stream(torch.cuda.current_stream(self.device))
         try:
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.forward(key, bucket.inputs)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                bucket.output = self.forward(key, bucket.inputs)
+            graph, bucket.output = capture_graph(
+                lambda: self.forward(key, bucket.inputs), self.device, self.side_stream, self.pool
+            )
         except Exception as error:  # noqa: BLE001 - the call stays correct eagerly; say why once
-            torch.cuda.current_stream(self.device).wait_stream(side)
             rows = next(iter(bucket.inputs.values())).shape[0]
             log.warning("denoiser: CUDA graph capture failed for %s x %d rows, running eagerly: %s", key, rows, error)
             self.use_graphs = False
@@ -310,19 +323,11 @@ class GraphedCall:
     def _capture(self, capture: Capture, tensors: list[int], leaves: list[Any], spec: Any) -> bool:
         """Capture ``function`` on the capture's inputs (after a warm-up on a side stream); False, and
         eager from now on, when it fails."""
-        side = self.side_stream
-        current = torch.cuda.current_stream(self.device)
-        side.wait_stream(current)
         try:
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._call_on(capture.inputs, tensors, leaves, spec)
-            current.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                capture.output = self._call_on(capture.inputs, tensors, leaves, spec)
+            graph, capture.output = capture_graph(
+                lambda: self._call_on(capture.inputs, tensors, leaves, spec), self.device, self.side_stream, self.pool
+            )
         except Exception as error:  # noqa: BLE001 - the call stays correct eagerly; say why once
-            current.wait_stream(side)
             log.warning("%s: CUDA graph capture failed, running eagerly from now on: %s", self.name, error)
             self.use_graphs = False
             return False

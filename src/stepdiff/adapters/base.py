@@ -174,11 +174,11 @@ class StepAdapter(Protocol):
         """Make ``decode`` run its VAE through ``torch.compile`` (``decoder=compiled``)."""
 
     def graph_decode(self) -> None:
-        """Make ``decode`` replay its VAE from CUDA graphs (``decoder=graphs``), byte-identical."""
+        """Make ``decode`` replay its VAE from CUDA graphs (``decoder=graphs``)."""
 
     def graph_text_encoders(self) -> None:
         """Make ``encode_prompts`` replay its text encoders from CUDA graphs (``encoder=graphs``) where
-        their shapes recur, byte-identical."""
+        their shapes recur (not byte-identical in every case: README, ``--encoder``)."""
 
     def warmup_latents(self, height: int, width: int, count: int) -> torch.Tensor:
         """Zero latents of ``count`` requests of this size, concatenated as ``decode`` takes them."""
