@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from conftest import reference_image
 
 from stepdiff.adapters import GenerationParams, InvalidInput, Stage, load_adapter
 from stepdiff.admission import ServerBusy
@@ -65,6 +67,25 @@ def test_end_after_the_last_step_returns_the_same_latents_without_a_step(adapter
         finals.append(result.latents)
     assert torch.equal(finals[0], finals[1]) and finals[1].dtype == torch.float32
     assert engine.states == {}
+
+
+@pytest.mark.parametrize(
+    "scheduler", ["UniPCMultistepScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler", "DDIMScheduler"]
+)
+def test_step_wise_images_equal_the_pipelines(adapters, tiny_sd, reference, scheduler):
+    """Step by step in process, the stock pipeline's image: UniPC (whose steps run in
+    ``DeviceScalarsWithoutWaiting``) and LMS (scipy) are not in the server's matrix (test_txt2img)."""
+    encoder, denoiser = adapters
+    decoder = load_adapter(str(tiny_sd), Stage.DECODE, torch.device("cpu"), torch.float32)
+    engine = StepEngine(denoiser, 8, 8, 60)
+    start(engine, encoder, 1, params(seed=3, steps=6, scheduler=scheduler))
+    for index in range(6):
+        [result] = engine.run([StepCall(1, step=index, end=index == 5)])
+        assert result.error is None, result.error
+    with torch.inference_mode():
+        image = decoder.decode(result.latents)
+    options = dict(num_inference_steps=6, guidance_scale=7.5, height=64, width=64)
+    assert np.array_equal(image[0], reference_image(reference, "a cat", 3, scheduler, **options))
 
 
 def test_compatible_requests_share_one_forward_and_batches_are_capped(adapters):

@@ -26,11 +26,9 @@ SD_SCHEDULERS = [
     "PNDMScheduler",
     "DDIMScheduler",
     "LMSDiscreteScheduler",
-    # diffusers' UniPC copies CPU sigma scalars to the device every step (.to(device)): stalls we cannot
-    # remove without changing UniPC itself (its sigmas on the device would change its arithmetic).
-    pytest.param(
-        "UniPCMultistepScheduler", marks=pytest.mark.xfail(strict=True, reason="UniPC copies sigmas host->device")
-    ),
+    # diffusers' UniPC copies CPU sigma scalars to the device every step: its steps run within
+    # DeviceScalarsWithoutWaiting (stepdiff.adapters.base)
+    "UniPCMultistepScheduler",
 ]
 
 
@@ -64,16 +62,15 @@ def syncs_per_step(engine: StepEngine, encoder, params: GenerationParams) -> lis
 
 @pytest.fixture(scope="module")
 def sd(tiny_sd):
-    return load_adapter(str(tiny_sd), Stage.TEXT_ENCODER, CUDA, torch.float16), load_adapter(
-        str(tiny_sd), Stage.DENOISE, CUDA, torch.float16
-    )
+    """Tiny SD's text encoder (replayed from CUDA graphs, as served) and denoiser, fp16."""
+    encoder = load_adapter(str(tiny_sd), Stage.TEXT_ENCODER, CUDA, torch.float16)
+    encoder.graph_text_encoders()
+    return encoder, load_adapter(str(tiny_sd), Stage.DENOISE, CUDA, torch.float16)
 
 
 @pytest.mark.parametrize("scheduler", SD_SCHEDULERS)
 def test_no_host_sync_in_intermediate_steps(sd, scheduler):
     encoder, denoiser = sd
-    if scheduler not in denoiser.info.schedulers:
-        pytest.skip(f"{scheduler} cannot be built here (LMS needs scipy)")
     engine = StepEngine(denoiser, 8, 8, 60, max_runahead=1000)  # the runahead bound waits on purpose
     counts = syncs_per_step(engine, encoder, GenerationParams("a cat", None, 0, 8, 7.5, 64, 64, scheduler))
     assert counts == [0] * len(counts), f"{scheduler}: synchronizations per intermediate step {counts}"
@@ -88,14 +85,16 @@ def test_no_host_sync_in_intermediate_flow_match_steps(tiny_qwen):
     assert counts == [0] * len(counts), f"FlowMatchEulerDiscreteScheduler: {counts}"
 
 
-@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "PNDMScheduler"])
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "PNDMScheduler", "UniPCMultistepScheduler"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_graph_replay_is_byte_identical_to_stock_diffusers(tiny_sd, sd, scheduler, seed):
-    """The step-wise path with the exact runner (CUDA graphs) against StableDiffusionPipeline, fp16."""
+    """The step-wise path with CUDA graphs in every stage (text encoder, exact runner, VAE decode) against
+    StableDiffusionPipeline, fp16."""
     import diffusers
 
     encoder, denoiser = sd
     decoder = load_adapter(str(tiny_sd), Stage.DECODE, CUDA, torch.float16)
+    decoder.graph_decode()
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(
         tiny_sd, dtype=torch.float16, safety_checker=None, requires_safety_checker=False
     ).to(CUDA)
@@ -121,6 +120,31 @@ def test_graph_replay_is_byte_identical_to_stock_diffusers(tiny_sd, sd, schedule
     with torch.inference_mode():
         image = decoder.decode(result.latents)
     assert np.array_equal(image[0], (stock[0] * 255).round().astype(np.uint8))
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+def test_graphed_text_encoders_give_the_eager_conditioning(family, tmp_path_factory):
+    """``encoder=graphs`` on the GPU: prompts of several lengths, with and without guidance, negative
+    prompts given and not (the "" negative's embeddings differed by 0.002 while transformers saw the
+    capture and built an explicit causal mask): the eager conditioning bit for bit, from the capture on."""
+    from test_stage_batching import mixed_requests
+
+    from stepdiff.stage_batching import encode_batch
+    from stepdiff.tiny import make_tiny
+
+    path = make_tiny(family, tmp_path_factory.mktemp("pipelines") / f"tiny-{family}", dtype=torch.float16)
+    encoder = load_adapter(str(path), Stage.TEXT_ENCODER, CUDA, torch.float16)
+    requests = mixed_requests(encoder)
+    with torch.inference_mode():
+        eager = encode_batch(encoder, requests)
+        encoder.graph_text_encoders()
+        for _ in range(2):  # the first round captures, the second replays
+            for eager_request, graphed_request in zip(eager, encode_batch(encoder, requests), strict=True):
+                for name, value in eager_request.items():
+                    assert torch.equal(graphed_request[name], value), name
+    modules = [getattr(encoder.pipe, name) for name in encoder.stage_components[Stage.TEXT_ENCODER]]
+    graphed = [module.forward for module in modules if isinstance(getattr(module, "forward", None), GraphedCall)]
+    assert graphed and all(forward.use_graphs and forward.captures for forward in graphed)
 
 
 def test_a_stage_call_that_cannot_be_captured_runs_eagerly():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stepdiff.adapters import Stage, load_adapter
-from stepdiff.runner import ROW_BUCKETS, DenoiserRunner, GraphedCall, Rows, bucket_size
+from stepdiff.runner import ROW_BUCKETS, DenoiserRunner, GraphedCall, Rows, bucket_size, eager_branches
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +165,15 @@ def test_a_graphed_call_keys_on_its_context_and_runs_eagerly_past_max_graphs_or_
     assert torch.equal(graphed(larger), larger + 1) and seen[-1] is larger  # past max_graphs: as called
     assert torch.equal(graphed(x, tags={"a"}), x + 1) and seen[-1] is x  # a set cannot key a graph
     assert len(graphed.captures) == 2
+
+
+def test_captures_see_transformers_eager_branches(monkeypatch):
+    """transformers asks whether a CUDA stream is capturing to pick its mask branches (and then gives
+    CLIP another attention kernel than eager): inside ``eager_branches`` (every capture) it hears no."""
+    from transformers.masking_utils import is_tracing
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)  # as during a capture
+    assert is_tracing()
+    with eager_branches():
+        assert not is_tracing()
+    assert is_tracing()

@@ -107,8 +107,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--encoder",
         choices=ENCODERS,
-        help="eager (default): the text encoders as diffusers runs them; graphs: replayed as CUDA graphs, "
-        "faster (not byte-identical in every case)",
+        help="graphs (default): the text encoders' eager calls replayed as CUDA graphs, the same embeddings "
+        "faster; eager: as diffusers runs them",
     )
     parser.add_argument(
         "--decoder",

@@ -24,11 +24,13 @@ buckets: one graph per distinct call, captured on its first use.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,9 +105,28 @@ def capture_graph(
     finally:
         current.wait_stream(side_stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with eager_branches(), torch.cuda.graph(graph, pool=pool):
         output = call()
     return graph, output
+
+
+@contextlib.contextmanager
+def eager_branches() -> Iterator[None]:
+    """While a graph is captured, transformers is told that no stream is capturing, so that the graph
+    holds the kernels of the eager call. Asked, transformers 5.x (5.17 here) takes other branches under
+    capture: CLIP's text encoder gets an explicit causal mask instead of SDPA's ``is_causal``, another
+    attention kernel, and other bits (0.002 apart in tiny SD's negative embeddings on an H200). A branch
+    that then cannot be captured (a host sync) fails the capture, and the call runs eagerly instead."""
+    module = sys.modules.get("transformers.utils.import_utils")
+    asks = getattr(module, "is_cuda_stream_capturing", None)
+    if asks is None:
+        yield
+        return
+    module.is_cuda_stream_capturing = lambda: False
+    try:
+        yield
+    finally:
+        module.is_cuda_stream_capturing = asks
 
 
 def bucket_size(rows: int, largest: int = ROW_BUCKETS[-1]) -> int:

@@ -59,7 +59,7 @@ class Settings:
     max_prompt_bytes: int = 4096
     sequence_idle_seconds: float = 600.0
     denoiser: str = "exact"
-    encoder: str = "eager"
+    encoder: str = "graphs"
     decoder: str = "eager"
     warmup: str = ""
     step_lookahead: int = 2

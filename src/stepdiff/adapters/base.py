@@ -9,6 +9,7 @@ into one ``forward`` (the adapter's eager denoiser call), replayed as a CUDA gra
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from collections.abc import Hashable, Mapping, Sequence
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ..params import GenerationParams, InvalidInput, PipelineInfo
 from ..runner import Rows
@@ -235,6 +237,36 @@ def host_schedule(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
     ):
         scheduler.set_begin_index(scheduler.index_for_timestep(host[0], host))
     return host
+
+
+# Schedulers whose step copies host scalars to the device (UniPC: its CPU sigmas, 4 to 6 per step) and
+# solves a small system on the device with torch.linalg.solve (whose error check reads the device)
+HOST_SCALAR_SCHEDULERS = frozenset({"UniPCMultistepScheduler"})
+
+
+class DeviceScalarsWithoutWaiting(TorchFunctionMode):
+    """Within a scheduler's step: a host scalar sent to the GPU (``sigma.to(device)``) is filled there
+    with its value, instead of a copy that waits for the GPU's queue, and ``torch.linalg.solve`` runs
+    as ``solve_ex`` without the error check that reads the device. The same kernels and values, no stall."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to and args[0].device.type == "cpu" and args[0].dim() == 0:
+            device, dtype, _, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+            if device is not None and device.type == "cuda":
+                return torch.full((), args[0].item(), dtype=dtype or args[0].dtype, device=device)
+        if func is torch.linalg.solve:
+            return torch.linalg.solve_ex(*args, **kwargs).result
+        return func(*args, **kwargs)
+
+
+def stall_free_step(scheduler: Any) -> contextlib.AbstractContextManager:
+    """What a step of ``scheduler`` runs within so that it does not wait for the GPU."""
+    return (
+        DeviceScalarsWithoutWaiting()
+        if type(scheduler).__name__ in HOST_SCALAR_SCHEDULERS
+        else contextlib.nullcontext()
+    )
 
 
 def require_conditioning(conditioning: dict[str, torch.Tensor], names: list[str]) -> None:

@@ -27,6 +27,7 @@ from .base import (
     require_conditioning,
     scheduler_step_kwargs,
     split_lora_key,
+    stall_free_step,
 )
 from .loading import Stage, load_component_config, load_stage_pipeline, new_scheduler
 from .mixed_lora import LORA_SCALES, MixedLoRA
@@ -258,9 +259,10 @@ class DiffusersAdapter:
 
     def step(self, state: RequestState, model_output: torch.Tensor) -> None:
         kwargs = scheduler_step_kwargs(state.scheduler, state.generator) if self.step_takes_generator else {}
-        state.latents = state.scheduler.step(
-            model_output, state.host_timestep, state.latents, **kwargs, return_dict=False
-        )[0]
+        with stall_free_step(state.scheduler):
+            state.latents = state.scheduler.step(
+                model_output, state.host_timestep, state.latents, **kwargs, return_dict=False
+            )[0]
         state.step_index += 1
 
     def latent_channels(self) -> int:
