@@ -12,7 +12,7 @@ import torch
 
 from stepdiff.adapters import GenerationParams, Stage, load_adapter
 from stepdiff.runner import GraphedCall
-from stepdiff.stage_batching import decode_batch, encode_batch, warm_up_decode
+from stepdiff.stage_batching import decode_batch, encode_batch, warm_up_decode, warm_up_encode
 
 PROMPTS = ["a cat", "a red panda sitting on a tree branch in a bamboo forest, soft light", "a dog", ""]
 
@@ -211,6 +211,21 @@ def test_a_compiled_decode_runs_through_inductor_and_stays_within_a_level_of_eag
     assert any(cache.iterdir())
     assert compiled.shape == eager.shape and compiled.dtype == np.uint8
     assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 1
+
+
+def test_the_encode_warm_up_captures_what_requests_then_replay(tmp_path_factory):
+    """``--warmup`` with ``encoder=graphs``: a capture per batch size from 1 to the stage's largest, in the
+    LoRA setting requests run in (none), so that served requests of the default kind capture nothing."""
+    encoder = tiny_stage("sd", Stage.TEXT_ENCODER, tmp_path_factory)
+    encoder.graph_text_encoders()
+    graphed = encoder.pipe.text_encoder.forward
+    warm_up_encode(encoder, 4)
+    assert sorted(len(capture.inputs[0]) for capture in graphed.captures.values()) == [1, 2, 3, 4]
+    requests = [request for request in mixed_requests(encoder) if request.prompt][:3]
+    with torch.inference_mode():
+        for count in range(1, 4):
+            assert not any(isinstance(result, Exception) for result in encode_batch(encoder, requests[:count]))
+    assert len(graphed.captures) == 4
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -92,11 +92,13 @@ def test_true_cfg_scale_is_ignored_by_stable_diffusion(server):
     assert np.array_equal(plain, with_true_cfg)
 
 
-def test_warm_up_prepares_the_denoiser_and_the_decode_before_ready(server):
-    """``--warmup`` (the session server's sizes): before the server is ready, denoise_step has prepared its
-    row buckets for each size (CUDA graphs on a GPU; none on the CPU) and vae_decode has decoded every batch
-    of each size, so that its memory peak is reserved before the first request."""
+def test_warm_up_prepares_the_stages_before_ready(server):
+    """``--warmup`` (the session server's sizes): before the server is ready, text_encoder has encoded every
+    batch it can form (capturing its graphs on a GPU), denoise_step has prepared its row buckets for each
+    size (CUDA graphs on a GPU; none on the CPU) and vae_decode has decoded every batch of each size, so
+    that its memory peak is reserved before the first request."""
     log = server.log_file.read_text(errors="replace")
+    assert "text_encoder: warm-up: batches of 1 to 16 prompts encoded in" in log
     assert f"denoise_step: denoiser exact on cpu; warm-up {WARMUP}: 0 CUDA graphs" in log
     assert f"vae_decode: warm-up {WARMUP}: batches of 1 to 4 latents of each size decoded in" in log
 

@@ -67,6 +67,29 @@ def decode_batch(adapter: StepAdapter, batch: Sequence[torch.Tensor]) -> list[np
     return run_in_groups(batch, lambda latents: tuple(latents.shape), decode_group)
 
 
+def warm_up_encode(adapter: StepAdapter, max_count: int) -> None:
+    """Encode every batch the stage can form of the pipeline's default request (``max_count`` prompts
+    down to 1), as served: graphed text encoders (``encoder=graphs``) capture their graph of each batch
+    size before the first request instead of during it."""
+    info = adapter.info
+    params = GenerationParams(
+        prompt="",
+        negative_prompt=None,
+        seed=0,
+        num_inference_steps=info.default_steps,
+        guidance_scale=info.default_guidance_scale,
+        height=info.default_height,
+        width=info.default_width,
+        scheduler=info.default_scheduler,
+        true_cfg_scale=info.default_true_cfg_scale,
+    )
+    with torch.inference_mode():
+        for count in range(max_count, 0, -1):
+            for result in encode_batch(adapter, [params] * count):
+                if isinstance(result, Exception):
+                    raise result
+
+
 def warm_up_decode(
     adapter: StepAdapter, sizes: Sequence[tuple[int, int]], max_count: int
 ) -> tuple[list[tuple[int, ...]], list[tuple[int, int, int]]]:

@@ -4,12 +4,15 @@ Triton's dynamic batcher hands over the requests that queued while the stage was
 guidance, negative-prompt presence and LoRA setting share one text-encoder forward (``encode_batch``).
 """
 
+import json
+import time
+
 import torch
 import triton_python_backend_utils as pb_utils
 
 from stepdiff.adapters import GenerationParams, Stage
 from stepdiff.params import PARAM_NAMES, parse_generation_params
-from stepdiff.stage_batching import encode_batch
+from stepdiff.stage_batching import encode_batch, warm_up_encode
 from stepdiff.stage_io import load_stage, output_tensor
 from stepdiff.triton_io import error_response, numpy_inputs, release_triton_objects
 
@@ -17,8 +20,16 @@ from stepdiff.triton_io import error_response, numpy_inputs, release_triton_obje
 class TritonPythonModel:
     def initialize(self, args):
         self.settings, self.adapter = load_stage(args, Stage.TEXT_ENCODER)
-        if self.settings.encoder == "graphs":  # captured by the first forward of each batch size
+        if self.settings.encoder == "graphs":  # captured by the warm-up, or else by each batch size's first call
             self.adapter.graph_text_encoders()
+            if self.settings.warmup_sizes():
+                self._warm_up(json.loads(args["model_config"])["max_batch_size"])
+
+    def _warm_up(self, batch):
+        began = time.perf_counter()
+        warm_up_encode(self.adapter, batch)
+        seconds = time.perf_counter() - began
+        pb_utils.Logger.log_info(f"text_encoder: warm-up: batches of 1 to {batch} prompts encoded in {seconds:.1f} s")
 
     def execute(self, requests):
         parsed = []
