@@ -35,9 +35,9 @@ if TYPE_CHECKING:  # torch is imported where a torch object is made: txt2img's p
 LORA_NAME = re.compile(r"[a-z0-9_-]+")
 DTYPES = ("float32", "float16", "bfloat16")
 MODES = ("exact", "compiled", "eager")  # the denoiser runner's modes (stepdiff.runner)
-# The VAE decode: diffusers' eager kernels replayed from CUDA graphs, as diffusers runs them, or through
-# torch.compile; the text encoders: replayed from graphs, or as diffusers runs them. Graphs are opt-in:
-# on an H200 the tiny SD pipeline's graphed negative embeddings differed from eager (by 0.002).
+# The VAE decode: diffusers' eager kernels replayed from CUDA graphs, as diffusers runs them (the
+# default: no gain from graphs at 512x512 on an H200, GPU-bound), or through torch.compile; the text
+# encoders: replayed from graphs (the default, the same bits), or as diffusers runs them.
 DECODERS = ("graphs", "eager", "compiled")
 ENCODERS = ("graphs", "eager")
 
