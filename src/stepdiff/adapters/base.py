@@ -178,9 +178,9 @@ class StepAdapter(Protocol):
     def graph_decode(self) -> None:
         """Make ``decode`` replay its VAE from CUDA graphs (``decoder=graphs``)."""
 
-    def graph_text_encoders(self) -> None:
+    def graph_text_encoders(self) -> bool:
         """Make ``encode_prompts`` replay its text encoders from CUDA graphs (``encoder=graphs``) where
-        their shapes recur (not byte-identical in every case: README, ``--encoder``)."""
+        their shapes recur; False where they stay eager."""
 
     def warmup_latents(self, height: int, width: int, count: int) -> torch.Tensor:
         """Zero latents of ``count`` requests of this size, concatenated as ``decode`` takes them."""

@@ -75,13 +75,16 @@ class DiffusersAdapter:
         shape: the eager kernels without their launch cost, so the same image."""
         self.pipe.vae.decode = GraphedCall(self.pipe.vae.decode, self.device, "vae_decode")
 
-    def graph_text_encoders(self) -> None:
+    def graph_text_encoders(self) -> bool:
         """Replay this stage's text encoders from CUDA graphs from now on (``encoder=graphs``), one per
         batch size and LoRA setting: prompts are padded to the tokenizer's length, so a shape recurs."""
+        graphed = False
         for name in self.stage_components[Stage.TEXT_ENCODER]:
             module = getattr(self.pipe, name, None)
             if isinstance(module, torch.nn.Module):
                 module.forward = GraphedCall(module.forward, self.device, name, lambda: self.active_loras)
+                graphed = True
+        return graphed
 
     def load_loras(self, loras: Mapping[str, str]) -> None:
         """Load the LoRA adapters ``loras`` (name -> path) into the stages that run them (text encoder,

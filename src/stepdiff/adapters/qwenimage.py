@@ -112,9 +112,10 @@ class QwenImageAdapter(DiffusersAdapter):
         """The texts a request is conditioned on, in the pipeline's order: cond, then uncond."""
         return TEXTS if do_cfg else TEXTS[:1]
 
-    def graph_text_encoders(self) -> None:
+    def graph_text_encoders(self) -> bool:
         """Kept eager: the prompts are not padded to a fixed length, so a graph per length would be
         captured on most requests."""
+        return False
 
     def encode_prompts(self, batch: Sequence[GenerationParams]) -> list[dict[str, torch.Tensor]]:
         rows: list[dict[str, torch.Tensor]] = [{} for _ in batch]

@@ -20,10 +20,10 @@ from stepdiff.triton_io import error_response, numpy_inputs, release_triton_obje
 class TritonPythonModel:
     def initialize(self, args):
         self.settings, self.adapter = load_stage(args, Stage.TEXT_ENCODER)
-        if self.settings.encoder == "graphs":  # captured by the warm-up, or else by each batch size's first call
-            self.adapter.graph_text_encoders()
-            if self.settings.warmup_sizes():
-                self._warm_up(json.loads(args["model_config"])["max_batch_size"])
+        # graphs captured by the warm-up, or else by each batch size's first call
+        graphed = self.settings.encoder == "graphs" and self.adapter.graph_text_encoders()
+        if graphed and self.settings.warmup_sizes():
+            self._warm_up(json.loads(args["model_config"])["max_batch_size"])
 
     def _warm_up(self, batch):
         began = time.perf_counter()
