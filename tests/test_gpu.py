@@ -127,7 +127,7 @@ def test_graphed_text_encoders_give_the_eager_conditioning(family, tmp_path_fact
     """``encoder=graphs`` on the GPU: prompts of several lengths, with and without guidance, negative
     prompts given and not (the "" negative's embeddings differed by 0.002 while transformers saw the
     capture and built an explicit causal mask): the eager conditioning bit for bit, from the capture on."""
-    from test_stage_batching import mixed_requests
+    from test_stage_batching import graphed_text_encoders, mixed_requests
 
     from stepdiff.stage_batching import encode_batch
     from stepdiff.tiny import make_tiny
@@ -142,8 +142,7 @@ def test_graphed_text_encoders_give_the_eager_conditioning(family, tmp_path_fact
             for eager_request, graphed_request in zip(eager, encode_batch(encoder, requests), strict=True):
                 for name, value in eager_request.items():
                     assert torch.equal(graphed_request[name], value), name
-    modules = [getattr(encoder.pipe, name) for name in encoder.stage_components[Stage.TEXT_ENCODER]]
-    graphed = [module.forward for module in modules if isinstance(getattr(module, "forward", None), GraphedCall)]
+    graphed = graphed_text_encoders(encoder)
     assert graphed and all(forward.use_graphs and forward.captures for forward in graphed)
 
 

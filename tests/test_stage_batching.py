@@ -59,6 +59,12 @@ def mixed_requests(encoder) -> list[GenerationParams]:
     return requests
 
 
+def graphed_text_encoders(encoder) -> list[GraphedCall]:
+    """The stage's text encoders' forwards that ``graph_text_encoders`` replaced."""
+    modules = [getattr(encoder.pipe, name, None) for name in encoder.stage_components[Stage.TEXT_ENCODER]]
+    return [module.forward for module in modules if isinstance(getattr(module, "forward", None), GraphedCall)]
+
+
 def test_grouped_requests_share_forwards_and_each_gets_its_solo_conditioning(encoder, monkeypatch):
     requests = mixed_requests(encoder)
     group_sizes = []
@@ -251,9 +257,7 @@ def test_graphed_stages_give_the_eager_conditioning_and_images(family, tmp_path_
             for eager, graphed in zip(eager_images, images, strict=True):
                 assert np.array_equal(graphed, eager)
     assert sorted(len(capture.inputs[0]) for capture in decoder.pipe.vae.decode.captures.values()) == [2, 3]
-    encoders = [getattr(encoder.pipe, name) for name in encoder.stage_components[Stage.TEXT_ENCODER]]
-    graphed_forwards = [module.forward for module in encoders if isinstance(module, torch.nn.Module)]
-    captured = [len(forward.captures) for forward in graphed_forwards if isinstance(forward, GraphedCall)]
+    captured = [len(forward.captures) for forward in graphed_text_encoders(encoder)]
     if family == "qwenimage":  # its prompts keep their own lengths: eager
         assert captured == []
     else:
