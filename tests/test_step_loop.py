@@ -70,6 +70,24 @@ def test_a_run_takes_the_oldest_call_of_every_sequence_and_later_calls_wait_in_o
     assert loop.run_once() == 0 and len(answers.got) == 4
 
 
+def test_starts_and_aborts_are_answered_before_the_steps_taken_with_them(adapters):
+    encoder, denoiser = adapters
+    engine = StepEngine(denoiser, 8, 4, 60)
+    start(engine, encoder, 1, params(steps=3))
+    start(engine, encoder, 2, params(steps=3))
+    loop, answers = StepLoop(engine, 1.0), Answers()
+    p = params(seed=3, steps=3)
+    with torch.inference_mode():
+        conditioning = encoder.encode_prompt(p)
+    loop.submit(StepCall(1), answers.reply("step"))
+    loop.submit(StepCall(3, start=True, params=p, conditioning=conditioning), answers.reply("start"))
+    loop.submit(StepCall(2, end=True, abort=True), answers.reply("abort"))
+    assert loop.run_once() == 3
+    assert [name for name, _ in answers.got] == ["start", "abort", "step"]
+    assert answers.named("start").num_steps == 3 and sorted(engine.states) == [1, 3]
+    assert engine.forward_batch_sizes == [1]
+
+
 def test_a_bad_call_fails_alone_and_the_next_good_call_still_steps(adapters):
     encoder, denoiser = adapters
     engine = StepEngine(denoiser, 8, 4, 60)
@@ -91,7 +109,7 @@ def test_a_bad_call_fails_alone_and_the_next_good_call_still_steps(adapters):
 
 
 def test_a_run_that_raises_answers_every_call_it_took(adapters):
-    encoder, denoiser = adapters
+    _, denoiser = adapters
     engine = StepEngine(denoiser, 8, 4, 60)
     loop, answers = StepLoop(engine, 1.0), Answers()
 
@@ -164,7 +182,7 @@ def test_the_thread_serves_generations_submitted_from_many_threads_to_the_engine
 
 
 def test_stop_answers_waiting_calls_busy_and_refuses_new_ones(adapters):
-    encoder, denoiser = adapters
+    _, denoiser = adapters
     engine = StepEngine(denoiser, 8, 4, 60)
     loop, answers = StepLoop(engine, 1.0), Answers()
     loop.submit(StepCall(1), answers.reply("waiting"))

@@ -85,19 +85,26 @@ class StepLoop:
         return sorted(heads, key=arrival)
 
     def run_once(self) -> int:
-        """One run over the calls taken now; returns how many it answered. Every taken call gets an
-        answer: a failure of the whole run answers each of them with that error."""
+        """One run over the calls taken now; returns how many it answered. STARTs and aborts, which take
+        no step, run first and are answered at once (not after the GPU wait of the run's forwards).
+        Every taken call gets an answer: a failure of a whole run answers each of its calls with it."""
         taken = self.take()
         self.engine.sweep()
-        if taken:
-            try:
-                results = self.engine.run([waiting.call for waiting in taken])
-            except Exception as error:  # noqa: BLE001 - answered to every call of the run
-                results = [StepResult(error=error) for _ in taken]
-            for waiting, result in zip(taken, results, strict=True):
-                answer(waiting.reply, result)
+        controls = [waiting for waiting in taken if waiting.call.start or waiting.call.abort]
+        steps = [waiting for waiting in taken if not (waiting.call.start or waiting.call.abort)]
+        for calls in (controls, steps):
+            if calls:
+                self._run(calls)
         self.after_run()
         return len(taken)
+
+    def _run(self, taken: list[WaitingCall]) -> None:
+        try:
+            results = self.engine.run([waiting.call for waiting in taken])
+        except Exception as error:  # noqa: BLE001 - answered to every call of the run
+            results = [StepResult(error=error) for _ in taken]
+        for waiting, result in zip(taken, results, strict=True):
+            answer(waiting.reply, result)
 
     def _serve(self) -> None:
         if self.engine.runner.device.type == "cuda":  # per thread; streams, events and graphs use it
