@@ -142,3 +142,45 @@ def test_a_refused_start_ends_the_sequence_with_an_abort():
         raise AssertionError("the refused START did not reach the caller")
     [abort] = stages.calls
     assert "abort" in abort["inputs"] and abort["end"]
+
+
+class UnansweredSteps(RecordingStages):
+    """From step call ``hang_at`` on, denoise_step answers nothing (its process died after taking the call);
+    probes (a START and END at once with ``abort``) come back with ``probe_error``, or after ``slow``."""
+
+    def __init__(self, hang_at: int, probe_error: str | None, slow: float = 0.0):
+        super().__init__(num_steps=10)
+        self.hang_at, self.probe_error, self.slow = hang_at, probe_error, slow
+        self.probes = 0
+
+    async def __call__(self, model, inputs, outputs, correlation_id=0, start=False, end=False):
+        if model == "denoise_step" and start and end and "abort" in inputs:
+            self.probes += 1
+            if self.probe_error is not None:
+                raise RuntimeError(self.probe_error)
+            return {}
+        if model == "denoise_step" and not start and len(self.calls) == self.hang_at:
+            self.calls.append({"inputs": set(inputs), "outputs": outputs, "end": end, "in_flight_before": 0})
+            if self.slow:
+                await asyncio.sleep(self.slow)
+                return {}
+            await asyncio.Event().wait()  # never answered
+        return await super().__call__(model, inputs, outputs, correlation_id, start, end)
+
+
+def test_a_call_a_dead_process_never_answers_fails_with_the_probes_error(monkeypatch):
+    """Triton 2.51 fails nothing that denoise_step's step loop was handed when its process dies: a probe
+    through Triton's queue gets the "not healthy" error, and the generation fails with it, sending no abort."""
+    monkeypatch.setattr("stepdiff.orchestrator.PROBE_SECONDS", 0.05)
+    stages = UnansweredSteps(hang_at=3, probe_error="denoise_step: Stub process 'denoise_step_0_0' is not healthy.")
+    assert "is not healthy" in failed_generation(stages)
+    assert stages.probes >= 1
+    assert not any("abort" in call["inputs"] for call in stages.calls)
+
+
+def test_a_slow_call_of_a_live_process_is_waited_for(monkeypatch):
+    """Probes that are answered (the process lives, maybe busy compiling) keep the generation waiting."""
+    monkeypatch.setattr("stepdiff.orchestrator.PROBE_SECONDS", 0.05)
+    stages = UnansweredSteps(hang_at=3, probe_error=None, slow=0.4)
+    result = asyncio.run(generate(stages, PARAMS, ["prompt_embeds"], lookahead=2))
+    assert result is not None and stages.probes >= 3

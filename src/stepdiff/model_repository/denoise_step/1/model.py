@@ -94,7 +94,7 @@ class TritonPythonModel:
         )
         step = scalar(controls, "step")
         call.step = None if step is None else int(step)
-        if call.start:
+        if call.start and not call.abort:  # a START with abort (txt2img's probe) takes no inputs
             raw = numpy_inputs(request, PARAM_NAMES)
             call.params = parse_generation_params(raw, self.adapter.info, self.settings)
             present = {spec.name: torch_input(request, spec.name) for spec in self.adapter.conditioning}
@@ -118,7 +118,7 @@ class TritonPythonModel:
         if result.error is not None:
             response = error_response(result.error)
         else:
-            if call.start:
+            if call.params is not None:
                 for name, _ in call.params.loras:
                     self.lora_counters[name].increment(1)
             outputs = [
