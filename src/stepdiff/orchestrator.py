@@ -76,36 +76,6 @@ def new_correlation_id() -> int:
 MODEL_PROCESS_DIED = "is not healthy"  # "Stub process '<instance>' is not healthy." (the launcher restarts)
 SERVER_NOT_READY = "Server not ready"  # the server is stopping or restarting: it takes no new requests
 NOTHING_TO_ABORT = (MODEL_PROCESS_DIED, SERVER_NOT_READY)
-PROBE_SECONDS = 0.5  # how long a denoise_step call goes unanswered before a probe asks whether it is alive
-
-
-async def answered_while_alive(call: StageCaller, pending: asyncio.Future) -> Any:
-    """``pending``'s result (a denoise_step call); while it waits, a probe every ``PROBE_SECONDS``.
-
-    denoise_step answers its calls from its step loop, after ``execute`` has returned, and Triton 2.51
-    fails nothing of that kind when the model's process dies (only the requests it still has queued or in
-    ``execute``): the call would wait until the server restarts. A probe (a sequence that starts and ends
-    at once with ``abort``, which denoise_step answers without a step) goes through Triton's queue like
-    any call, so it comes back "not healthy" when the process is gone: that error is raised. A probe that
-    is answered only shows the process alive (maybe busy): the wait goes on.
-    """
-    probe: asyncio.Future | None = None
-    while True:
-        waiting = {pending} if probe is None else {pending, probe}
-        done, _ = await asyncio.wait(waiting, timeout=PROBE_SECONDS, return_when=asyncio.FIRST_COMPLETED)
-        if pending in done:
-            if probe is not None:  # left to finish on its own; its outcome no longer matters
-                probe.add_done_callback(lambda finished: finished.exception())
-            return pending.result()
-        if probe in done:
-            error = probe.exception()
-            if error is not None and MODEL_PROCESS_DIED in str(error):
-                pending.add_done_callback(lambda finished: finished.exception())
-                raise error
-            probe = None
-        elif probe is None:
-            abort = {"abort": batch_of_one(True, np.bool_)}
-            probe = asyncio.ensure_future(call("denoise_step", abort, [], new_correlation_id(), start=True, end=True))
 
 
 @dataclass
@@ -146,8 +116,7 @@ async def generate(
     denoise_step's state, and also the sequence's slot in Triton's sequence batcher, which only an END
     (or ``max_sequence_idle_microseconds``) frees: denoise_step freeing its own state after a failed call
     is not enough, and 1024 such sequences would fill the batcher. Not after ``NOTHING_TO_ABORT``
-    errors: the server restarts or stops, which frees every slot, and an abort would wait for that (nor
-    are the calls in flight waited for then: a process that died answers none of them).
+    errors: the server restarts or stops, which frees every slot, and an abort would wait for that.
     """
     inputs = params_as_inputs(params)
     conditioning = await call("text_encoder", inputs, list(conditioning_names))
@@ -160,7 +129,7 @@ async def generate(
     async def denoise_call(*args: Any, **kwargs: Any) -> Any:
         """A denoise_step call whose error is kept for the abort's decision."""
         try:
-            return await answered_while_alive(call, asyncio.ensure_future(call("denoise_step", *args, **kwargs)))
+            return await call("denoise_step", *args, **kwargs)
         except Exception as error:
             step_errors.append(str(error))
             raise
@@ -196,13 +165,14 @@ async def generate(
         latents = (await denoise_call({}, ["latents"], correlation_id, end=True)).get("latents")
         finished = True
     finally:
-        restarting = any(reason in error for error in step_errors for reason in NOTHING_TO_ABORT)
-        if not finished and not restarting:
+        if not finished:
             for pending in in_flight:  # let them finish before the abort (they may still be on their way)
                 with contextlib.suppress(Exception):
                     await pending
-            with contextlib.suppress(Exception):  # the original error (or the cancel) is what matters
-                await call("denoise_step", {"abort": batch_of_one(True, np.bool_)}, [], correlation_id, end=True)
+            restarting = any(reason in error for error in step_errors for reason in NOTHING_TO_ABORT)
+            if not restarting:
+                with contextlib.suppress(Exception):  # the original error (or the cancel) is what matters
+                    await call("denoise_step", {"abort": batch_of_one(True, np.bool_)}, [], correlation_id, end=True)
     if latents is None:
         raise RuntimeError("denoise_step finished the sequence without returning latents")
     decoded = await call("vae_decode", {"latents": latents}, ["image"])

@@ -1,28 +1,23 @@
 """denoise_step: one denoising step per request; per-sequence state stays on the device.
 
-Triton's sequence batcher (oldest strategy) delivers calls of several sequences at once; ``execute``
-decodes them and hands them to the StepLoop, whose thread runs the StepEngine over the oldest waiting
-call of every sequence (one denoiser forward per compatible group, then each request's own scheduler
-step) and answers each call through its response sender. Returning before the step is taken lets
-Triton deliver each sequence's next call while the GPU works, so the next forward takes every
-generation whose step is due (step_loop.py says why Triton's own batches split them).
+Triton's sequence batcher (oldest strategy) delivers calls of several sequences at once; the
+StepEngine runs one denoiser forward per compatible group and each request's own scheduler step.
 With several instances (``stepdiff serve --gpus``: one per GPU) every step of a sequence goes to the
 instance that took its START, and each instance admits its share of ``max_active_sequences``.
 """
 
-import functools
 import json
+import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepdiff.adapters import Stage
-from stepdiff.engine import StepCall, StepEngine, StepResult
+from stepdiff.engine import StepCall, StepEngine
 from stepdiff.params import PARAM_NAMES, parse_generation_params, scalar
 from stepdiff.runner import DenoiserRunner
 from stepdiff.settings import device_label, instance_count
 from stepdiff.stage_io import load_stage, output_tensor, torch_input
-from stepdiff.step_loop import StepLoop
 from stepdiff.triton_io import error_response, numpy_inputs, release_triton_objects
 
 BATCH_SIZE_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
@@ -78,10 +73,10 @@ class TritonPythonModel:
             name: self.metric_families["stepdiff_lora_requests_total"].Metric(labels={**labels, "adapter": name})
             for name in settings.lora_paths()
         }
-        # sequences nobody ended (a caller that died, a sequence Triton reaped) are swept, also when idle
-        sweep_seconds = min(max(settings.sequence_idle_seconds / 4, 0.1), 5.0)
-        self.loop = StepLoop(self.engine, sweep_seconds, after_run=self._observe_run)
-        self.loop.start()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.sweeper = threading.Thread(target=self._sweep_periodically, name="stepdiff-sweeper", daemon=True)
+        self.sweeper.start()
 
     def _step_call(self, request) -> StepCall:
         controls = numpy_inputs(request, ("START", "END", "CORRID", "step", "abort"))
@@ -94,31 +89,39 @@ class TritonPythonModel:
         )
         step = scalar(controls, "step")
         call.step = None if step is None else int(step)
-        if call.start and not call.abort:  # a START with abort (txt2img's probe) takes no inputs
+        if call.start:
             raw = numpy_inputs(request, PARAM_NAMES)
             call.params = parse_generation_params(raw, self.adapter.info, self.settings)
             present = {spec.name: torch_input(request, spec.name) for spec in self.adapter.conditioning}
             call.conditioning = {name: value for name, value in present.items() if value is not None}
         return call
 
-    def execute(self, requests):
-        """Hand every call to the step loop; each is answered through its response sender."""
-        for request in requests:
-            sender = request.get_response_sender()
-            try:
-                call = self._step_call(request)
-            except Exception as error:  # noqa: BLE001 - a malformed call fails alone
-                sender.send(error_response(error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                continue
-            self.loop.submit(call, functools.partial(self._reply, sender, call))
-        return None
+    def _sweep_periodically(self):
+        """Free sequences nobody ended (a caller that died, a sequence Triton reaped), also when idle."""
+        period = min(max(self.settings.sequence_idle_seconds / 4, 0.1), 5.0)
+        while not self.stopping.wait(period):
+            with self.lock:
+                if self.engine.sweep():
+                    self.active_gauge.set(len(self.engine.states))
 
-    def _reply(self, sender, call: StepCall, result: StepResult) -> None:
-        """One call's response (on the step loop's thread)."""
-        if result.error is not None:
-            response = error_response(result.error)
-        else:
-            if call.params is not None:
+    def execute(self, requests):
+        with self.lock:
+            return self._execute(requests)
+
+    def _execute(self, requests):
+        self.engine.sweep()
+        calls, responses = [], [None] * len(requests)
+        for index, request in enumerate(requests):
+            try:
+                calls.append((index, self._step_call(request)))
+            except Exception as error:  # noqa: BLE001 - a malformed call fails alone
+                responses[index] = error_response(error)
+        results = self.engine.run([call for _, call in calls])
+        for (index, call), result in zip(calls, results, strict=True):
+            if result.error is not None:
+                responses[index] = error_response(result.error)
+                continue
+            if call.start:
                 for name, _ in call.params.loras:
                     self.lora_counters[name].increment(1)
             outputs = [
@@ -127,22 +130,18 @@ class TritonPythonModel:
             ]
             if result.latents is not None and call.wants_latents:  # reading them back waits for the GPU
                 outputs.append(output_tensor("latents", result.latents.float().cpu().numpy()))
-            response = pb_utils.InferenceResponse(output_tensors=outputs)
-        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-
-    def _observe_run(self):
-        """Metrics after each run of the step loop (and each idle sweep)."""
+            responses[index] = pb_utils.InferenceResponse(output_tensors=outputs)
         for size in self.engine.forward_batch_sizes:
             self.batch_histogram.observe(size)
-        self.engine.forward_batch_sizes = []
         self.steps_counter.increment(self.engine.steps_done)
-        self.engine.steps_done = 0
         self.active_gauge.set(len(self.engine.states))
         self.graphs_gauge.set(self.engine.runner.stats.graphs)
         self.graph_memory_gauge.set(self.engine.runner.stats.graph_memory_bytes)
+        return responses
 
     def finalize(self):
-        self.loop.stop()
+        self.stopping.set()
+        self.sweeper.join(timeout=10)
         del self.active_gauge, self.steps_counter, self.batch_histogram, self.graphs_gauge, self.graph_memory_gauge
         del self.lora_counters
         del self.metric_families
