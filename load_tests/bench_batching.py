@@ -6,8 +6,9 @@
    compiled too, `--decoder compiled`): images at concurrency 1
    checked against the references; latency at concurrency 1 per
    scheduler, with a per-step breakdown from Triton's statistics; a closed-loop concurrency sweep
-   (images/s, p50/p99, mean requests per denoiser forward) and Poisson arrivals at a fraction of the
-   peak, for the first scheduler. With --cold-start, each mode's server is first started once with
+   (images/s, p50/p99, mean requests per denoiser forward; --closed-loop staggered, the default, starts
+   the clients spread over a generation's time and counts a window after the ramp: the steady state)
+   and Poisson arrivals at a fraction of the peak, for the first scheduler. With --cold-start, each mode's server is first started once with
    the Inductor cache emptied, and that start is timed too.
 3. In-process (same run, same GPU), per scheduler: the pipeline's latency at batch 1 with its
    UNet eager, replayed from CUDA graphs (stepdiff's runner, mode exact), and compiled (runner, mode
@@ -299,29 +300,71 @@ def cpu_seconds(server_pid: int | None) -> dict[str, float]:
     return used
 
 
-def closed_loop(load: Load, metrics_url: str, concurrency: int, duration: float, server_pid: int | None = None) -> dict:
+CLOSED_LOOP_STARTS = {  # how the throughput tables' closed loops ran
+    "together": "Closed loop: every client starts at once and every request counts (ramp-up and drain included).",
+    "staggered": "Closed loop: the clients start spread over about one generation's time; only the requests "
+    "completed in the measured window, after all were in flight for a generation's time, count.",
+}
+
+
+def closed_loop(
+    load: Load,
+    metrics_url: str,
+    concurrency: int,
+    duration: float,
+    server_pid: int | None = None,
+    generation_s: float = 0.0,
+) -> dict:
     """``concurrency`` clients, each sending its next request when the previous one returns; with
-    ``server_pid``, also the share of one core each Triton process used meanwhile."""
-    latencies: list[float] = []
-    deadline = time.monotonic() + duration
-    rows0, forwards0 = forward_counters(metrics_url)
-    cpu0 = cpu_seconds(server_pid)
+    ``server_pid``, also the share of one core each Triton process used meanwhile.
+
+    Without ``generation_s`` every client starts at once and every request counts. Such clients stay in
+    step: their generations are encoded, stepped and decoded together, so at each turn the GPU decodes
+    while no forward runs, and the first and last requests see fewer in flight. With ``generation_s``
+    (about one generation's time at this concurrency), client i starts i * generation_s / concurrency
+    seconds after the first, and only the requests completed in the ``duration`` seconds that begin
+    2 * generation_s after the start count (every client has then finished one request with all
+    ``concurrency`` in flight); the counters are read at the window's ends."""
+    start = time.monotonic()
+    window = (start + 2 * generation_s, start + 2 * generation_s + duration) if generation_s else None
+    deadline = window[1] if window else start + duration
+    completed: list[tuple[float, float]] = []  # (when, seconds) per request
+    readings: dict[str, tuple[float, tuple[float, float], dict[str, float]]] = {}
+
+    def read(edge: str) -> None:
+        readings[edge] = (time.monotonic(), forward_counters(metrics_url), cpu_seconds(server_pid))
 
     def client(worker: int) -> None:
+        if generation_s:
+            time.sleep(worker * generation_s / concurrency)
         count = 0
         while time.monotonic() < deadline or count == 0:
             seconds, _ = load.request(random.randrange(2**31))
-            latencies.append(seconds)
+            completed.append((time.monotonic(), seconds))
             count += 1
 
-    start = time.monotonic()
+    timers = []
+    if window:
+        timers = [
+            threading.Timer(at - time.monotonic(), read, (edge,))
+            for edge, at in (("begin", window[0]), ("end", window[1]))
+        ]
+        for timer in timers:
+            timer.start()
+    else:
+        read("begin")
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(client, range(concurrency)))
-    elapsed = time.monotonic() - start
-    rows, forwards = forward_counters(metrics_url)
-    cpu = cpu_seconds(server_pid)
+    for timer in timers:
+        timer.join()
+    if not window:
+        read("end")
+    (began, (rows0, forwards0), cpu0), (ended, (rows, forwards), cpu) = readings["begin"], readings["end"]
+    latencies = [seconds for when, seconds in completed if window is None or window[0] <= when <= window[1]]
+    elapsed = ended - began
     return {
         "concurrency": concurrency,
+        "starts": "staggered" if window else "together",
         "requests": len(latencies),
         "seconds": elapsed,
         "images_per_s": len(latencies) / elapsed,
@@ -495,7 +538,7 @@ def through_triton(args, references: dict, mode: str, record: dict, save: Callab
                     "max_abs_diff": int(np.abs(image.astype(int) - reference).max()),
                 }
         print(f"[{mode}] images vs in-process eager diffusers: {checks}", flush=True)
-        closed_loop(load, metrics_url, max(args.concurrency), 3)  # warm-up at every batch size
+        warm = closed_loop(load, metrics_url, max(args.concurrency), 3)  # warm-up at every batch size
         latency_c1, breakdown = record["latency_c1_s"], record["breakdown_c1"] = {}, {}
         for scheduler in args.schedulers:
             before = triton_statistics(grpc_url)
@@ -510,7 +553,12 @@ def through_triton(args, references: dict, mode: str, record: dict, save: Callab
         sweep = record["sweep"] = []
         for concurrency in args.concurrency:
             stages_before = stage_executions(grpc_url)
-            row = closed_loop(load, metrics_url, concurrency, args.duration, triton.tritonserver_pid(args.port))
+            # a generation's time at this concurrency, from the warm-up's rate at the highest (an underestimate
+            # below it, which only spreads the starts less)
+            generation_s = concurrency / warm["images_per_s"] if args.closed_loop == "staggered" else 0.0
+            row = closed_loop(
+                load, metrics_url, concurrency, args.duration, triton.tritonserver_pid(args.port), generation_s
+            )
             row["stages"] = stage_costs(stages_before, stage_executions(grpc_url))
             sweep.append(row)
             save()
@@ -626,6 +674,8 @@ def report(result: dict, out: Path) -> None:
         lines += [
             "",
             f"## Throughput, stepdiff `{mode}`, {schedulers[0]} (ceiling: in-process UNet {variant} at that batch)",
+            "",
+            CLOSED_LOOP_STARTS[tri["sweep"][0].get("starts", "together")] if tri["sweep"] else "",
             "",
             "| concurrency | images/s | p50 s | p99 s | mean requests/forward | step calls/s | ceiling images/s "
             "| vs ceiling | ceiling with text encoder + VAE | vs that "
@@ -779,6 +829,13 @@ def main() -> int:
         "--stage-batches", type=csv_of(int), default=[1, 2, 4], help="requests per text encoder / VAE decode call"
     )
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per concurrency level")
+    parser.add_argument(
+        "--closed-loop",
+        choices=["staggered", "together"],
+        default="staggered",
+        help="staggered: the clients start spread over one generation's time and only the duration after "
+        "the ramp counts; together: all start at once and everything counts (the figures before 2026-12-04)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--check-seeds", type=csv_of(int), default=[0, 1, 2])
     parser.add_argument("--open-loop-fraction", type=float, default=0.8)

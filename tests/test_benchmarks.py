@@ -110,6 +110,9 @@ def test_batching_benchmark_writes_its_tables(tiny_sd, tmp_path):
     served = results["triton"]["eager"]
     assert served["cold_start_s"] > 0 and served["start_s"] > 0  # a start from an empty cache, then the measured one
     assert (tmp_path / "tritonserver-eager-cold.log").stat().st_size > 0 and not (cache / "earlier-kernel").exists()
+    # the closed loops started their clients spread out and counted a window after the ramp
+    assert [row["starts"] for row in served["sweep"]] == ["staggered", "staggered"]
+    assert "Closed loop: the clients start spread" in (tmp_path / "results.md").read_text()
     for row in results["triton"]["eager"]["sweep"]:  # every generation ran each stage once
         assert row["stages"]["text_encoder"]["mean_batch"] >= 1
         assert row["stages"]["vae_decode"]["mean_batch"] >= 1
