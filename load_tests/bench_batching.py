@@ -8,8 +8,8 @@
    scheduler, with a per-step breakdown from Triton's statistics; a closed-loop concurrency sweep
    (images/s, p50/p99, mean requests per denoiser forward; --closed-loop staggered, the default, starts
    the clients spread over a generation's time and counts a window after the ramp: the steady state)
-   and Poisson arrivals at a fraction of the peak, for the first scheduler. With --cold-start, each mode's server is first started once with
-   the Inductor cache emptied, and that start is timed too.
+   and Poisson arrivals at a fraction of the peak, for the first scheduler. With --cold-start, each
+   mode's server is first started once with the Inductor cache emptied, and that start is timed too.
 3. In-process (same run, same GPU), per scheduler: the pipeline's latency at batch 1 with its
    UNet eager, replayed from CUDA graphs (stepdiff's runner, mode exact), and compiled (runner, mode
    compiled: torch.compile + graphs); the UNet alone at 1..N requests per forward (with CFG, 2 rows
