@@ -8,8 +8,9 @@
    scheduler, with a per-step breakdown from Triton's statistics; a closed-loop concurrency sweep
    (images/s, p50/p99, mean requests per denoiser forward; --closed-loop staggered, the default, starts
    the clients spread over a generation's time and counts a window after the ramp: the steady state)
-   and Poisson arrivals at a fraction of the peak, for the first scheduler. With --cold-start, each
-   mode's server is first started once with the Inductor cache emptied, and that start is timed too.
+   and Poisson arrivals at a fraction of the peak (counted after a ramp-up, without the drain), for the
+   first scheduler. With --cold-start, each mode's server is first started once with the Inductor
+   cache emptied, and that start is timed too.
 3. In-process (same run, same GPU), per scheduler: the pipeline's latency at batch 1 with its
    UNet eager, replayed from CUDA graphs (stepdiff's runner, mode exact), and compiled (runner, mode
    compiled: torch.compile + graphs); the UNet alone at 1..N requests per forward (with CFG, 2 rows
@@ -307,6 +308,38 @@ CLOSED_LOOP_STARTS = {  # how the throughput tables' closed loops ran
 }
 
 
+class WindowReadings:
+    """The denoiser's forward counters and the Triton processes' CPU seconds at the two edges of a
+    measurement window: read by timers at the ``window``'s (monotonic) times, else when ``read`` is called."""
+
+    def __init__(self, metrics_url: str, server_pid: int | None, window: tuple[float, float] | None = None):
+        self.metrics_url, self.server_pid = metrics_url, server_pid
+        self.edges: dict[str, tuple[float, tuple[float, float], dict[str, float]]] = {}
+        self.timers = [
+            threading.Timer(at - time.monotonic(), self.read, (edge,))
+            for edge, at in (zip(("begin", "end"), window, strict=True) if window else ())
+        ]
+        for timer in self.timers:
+            timer.start()
+
+    def read(self, edge: str) -> None:
+        self.edges[edge] = (time.monotonic(), forward_counters(self.metrics_url), cpu_seconds(self.server_pid))
+
+    def measured(self) -> dict:
+        """Once both edges are read: seconds between them, mean requests per forward, forwards' requests
+        per second, and the share of one core each process used."""
+        for timer in self.timers:
+            timer.join()
+        (began, (rows0, forwards0), cpu0), (ended, (rows, forwards), cpu) = self.edges["begin"], self.edges["end"]
+        elapsed = ended - began
+        return {
+            "seconds": elapsed,
+            "mean_forward_batch": (rows - rows0) / max(forwards - forwards0, 1),
+            "step_calls_per_s": (rows - rows0) / elapsed,
+            "cpu_cores": {name: round((cpu[name] - cpu0[name]) / elapsed, 2) for name in cpu if name in cpu0},
+        }
+
+
 def closed_loop(
     load: Load,
     metrics_url: str,
@@ -329,10 +362,9 @@ def closed_loop(
     window = (start + 2 * generation_s, start + 2 * generation_s + duration) if generation_s else None
     deadline = window[1] if window else start + duration
     completed: list[tuple[float, float]] = []  # (when, seconds) per request
-    readings: dict[str, tuple[float, tuple[float, float], dict[str, float]]] = {}
-
-    def read(edge: str) -> None:
-        readings[edge] = (time.monotonic(), forward_counters(metrics_url), cpu_seconds(server_pid))
+    readings = WindowReadings(metrics_url, server_pid, window)
+    if not window:
+        readings.read("begin")
 
     def client(worker: int) -> None:
         if generation_s:
@@ -343,61 +375,54 @@ def closed_loop(
             completed.append((time.monotonic(), seconds))
             count += 1
 
-    timers = []
-    if window:
-        timers = [
-            threading.Timer(at - time.monotonic(), read, (edge,))
-            for edge, at in (("begin", window[0]), ("end", window[1]))
-        ]
-        for timer in timers:
-            timer.start()
-    else:
-        read("begin")
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(client, range(concurrency)))
-    for timer in timers:
-        timer.join()
     if not window:
-        read("end")
-    (began, (rows0, forwards0), cpu0), (ended, (rows, forwards), cpu) = readings["begin"], readings["end"]
+        readings.read("end")
+    measured = readings.measured()
     latencies = [seconds for when, seconds in completed if window is None or window[0] <= when <= window[1]]
-    elapsed = ended - began
     return {
         "concurrency": concurrency,
         "starts": "staggered" if window else "together",
         "requests": len(latencies),
-        "seconds": elapsed,
-        "images_per_s": len(latencies) / elapsed,
+        "images_per_s": len(latencies) / measured["seconds"],
         "p50_s": percentile(latencies, 50),
         "p99_s": percentile(latencies, 99),
-        "mean_forward_batch": (rows - rows0) / max(forwards - forwards0, 1),
-        "step_calls_per_s": (rows - rows0) / elapsed,
-        "cpu_cores": {name: round((cpu[name] - cpu0[name]) / elapsed, 2) for name in cpu if name in cpu0},
+        **measured,
     }
 
 
 def open_loop(load: Load, metrics_url: str, rate: float, duration: float) -> dict:
-    """Poisson arrivals at ``rate`` requests/s for ``duration`` seconds; every request is waited for."""
-    latencies: list[float] = []
-    rows0, forwards0 = forward_counters(metrics_url)
+    """Poisson arrivals at ``rate`` requests/s for 1.5 x ``duration`` seconds; every request is waited for.
+    What counts is the ``duration`` after the first half (the ramp-up) of it: latencies of the requests
+    that arrive then, images/s and forwards completed then (the drain after the last arrival left out)."""
+    arrivals: list[tuple[float, float]] = []  # (arrived, seconds) per request
     start = time.monotonic()
+    window = (start + duration / 2, start + 1.5 * duration)
+    readings = WindowReadings(metrics_url, None, window)
+
+    def request(arrived: float) -> None:
+        seconds, _ = load.request(random.randrange(2**31))
+        arrivals.append((arrived, seconds))
+
     with ThreadPoolExecutor(256) as pool:
         futures, next_arrival = [], start
-        while next_arrival < start + duration:
+        while next_arrival < window[1]:
             time.sleep(max(0.0, next_arrival - time.monotonic()))
-            futures.append(pool.submit(lambda: latencies.append(load.request(random.randrange(2**31))[0])))
+            futures.append(pool.submit(request, next_arrival))
             next_arrival += random.expovariate(rate)
         for future in futures:
             future.result()
-    elapsed = time.monotonic() - start
-    rows, forwards = forward_counters(metrics_url)
+    measured = readings.measured()
+    completed = sum(window[0] <= arrived + seconds <= window[1] for arrived, seconds in arrivals)
+    latencies = [seconds for arrived, seconds in arrivals if window[0] <= arrived < window[1]]
     return {
         "offered_rate": rate,
         "requests": len(latencies),
-        "images_per_s": len(latencies) / elapsed,
+        "images_per_s": completed / measured["seconds"],
         "p50_s": percentile(latencies, 50),
         "p99_s": percentile(latencies, 99),
-        "mean_forward_batch": (rows - rows0) / max(forwards - forwards0, 1),
+        "mean_forward_batch": measured["mean_forward_batch"],
     }
 
 
@@ -711,7 +736,7 @@ def report(result: dict, out: Path) -> None:
         lines += [
             "",
             f"Poisson arrivals at {ol['offered_rate']:.2f}/s (~{cfg['open_loop_fraction']:.0%} of peak): "
-            f"{ol['images_per_s']:.2f} images/s, "
+            f"{ol['images_per_s']:.2f} images/s (after a ramp-up of half the window), "
             f"p50 {ol['p50_s']:.2f} s, p99 {ol['p99_s']:.2f} s, mean requests/forward {ol['mean_forward_batch']:.2f}. "
             f"Server start {tri['start_s']:.0f} s"
             + (f" (cold, Inductor cache emptied: {tri['cold_start_s']:.0f} s)" if tri.get("cold_start_s") else "")

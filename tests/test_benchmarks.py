@@ -6,6 +6,7 @@ Timings are not checked here; the fidelity trace is, since on CPU every stage mu
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -113,6 +114,8 @@ def test_batching_benchmark_writes_its_tables(tiny_sd, tmp_path):
     # the closed loops started their clients spread out and counted a window after the ramp
     assert [row["starts"] for row in served["sweep"]] == ["staggered", "staggered"]
     assert "Closed loop: the clients start spread" in (tmp_path / "results.md").read_text()
+    poisson = served["open_loop"]  # counted in the window after its ramp-up (a second: it may hold none)
+    assert poisson["images_per_s"] >= 0 and (poisson["requests"] == 0) == math.isnan(poisson["p50_s"])
     for row in results["triton"]["eager"]["sweep"]:  # every generation ran each stage once
         assert row["stages"]["text_encoder"]["mean_batch"] >= 1
         assert row["stages"]["vae_decode"]["mean_batch"] >= 1
