@@ -310,7 +310,8 @@ CLOSED_LOOP_STARTS = {  # how the throughput tables' closed loops ran
 
 class WindowReadings:
     """The denoiser's forward counters and the Triton processes' CPU seconds at the two edges of a
-    measurement window: read by timers at the ``window``'s (monotonic) times, else when ``read`` is called."""
+    measurement window: read by timers at the ``window``'s (monotonic) times; without a window, now and
+    when ``measured`` is called."""
 
     def __init__(self, metrics_url: str, server_pid: int | None, window: tuple[float, float] | None = None):
         self.metrics_url, self.server_pid = metrics_url, server_pid
@@ -321,15 +322,19 @@ class WindowReadings:
         ]
         for timer in self.timers:
             timer.start()
+        if window is None:
+            self.read("begin")
 
-    def read(self, edge: str) -> None:
+    def read(self, edge: str) -> None:  # "begin" or "end"
         self.edges[edge] = (time.monotonic(), forward_counters(self.metrics_url), cpu_seconds(self.server_pid))
 
     def measured(self) -> dict:
-        """Once both edges are read: seconds between them, mean requests per forward, forwards' requests
-        per second, and the share of one core each process used."""
+        """After the window's end (without a window: read now): seconds between the edges, mean requests
+        per forward, forwards' requests per second, and the share of one core each process used."""
         for timer in self.timers:
             timer.join()
+        if not self.timers:
+            self.read("end")
         (began, (rows0, forwards0), cpu0), (ended, (rows, forwards), cpu) = self.edges["begin"], self.edges["end"]
         elapsed = ended - began
         return {
@@ -363,8 +368,6 @@ def closed_loop(
     deadline = window[1] if window else start + duration
     completed: list[tuple[float, float]] = []  # (when, seconds) per request
     readings = WindowReadings(metrics_url, server_pid, window)
-    if not window:
-        readings.read("begin")
 
     def client(worker: int) -> None:
         if generation_s:
@@ -377,8 +380,6 @@ def closed_loop(
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(client, range(concurrency)))
-    if not window:
-        readings.read("end")
     measured = readings.measured()
     latencies = [seconds for when, seconds in completed if window is None or window[0] <= when <= window[1]]
     return {
