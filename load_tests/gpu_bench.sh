@@ -8,6 +8,8 @@
 #       `stepdiff serve --denoiser MODE` (and `--decoder compiled` for compiled) with the 512x512 warm-up,
 #       timed to ready twice: first with the Inductor cache emptied, then again with it filled; the
 #       stage models' warm-up lines (graphs, their memory, the decode's compile) from each start's log
+#   bash load_tests/gpu_bench.sh compile [BENCH_COMPILE_ARGS ...]
+#       make-tiny sd15-size (float16), then bench_compile.py (torch.compile levers of the compiled stages)
 #   bash load_tests/gpu_bench.sh families BUILD:DTYPE [BUILD:DTYPE ...]
 #       make-tiny BUILD, then bench_families.py, for each build
 # Each slice stops its work STEPDIFF_CALL_SECONDS (default 560) after the call began and then copies what
@@ -61,9 +63,9 @@ timed_serve() {  # timed_serve NAME ARGS...: seconds to ready of `stepdiff serve
 }
 
 case "$slice" in
-  batching)
+  batching|compile)
     sd15
-    timeout --signal=INT "$(left)" python3 load_tests/bench_batching.py --pipeline "$work/sd15" \
+    timeout --signal=INT "$(left)" python3 "load_tests/bench_$slice.py" --pipeline "$work/sd15" \
       --out "$work/out" --device cuda --dtype float16 "$@"
     ;;
   starts)
@@ -84,5 +86,5 @@ case "$slice" in
     done
     ;;
   *)
-    echo "gpu_bench: unknown slice '$slice' (batching, starts or families)"; exit 2 ;;
+    echo "gpu_bench: unknown slice '$slice' (batching, compile, starts or families)"; exit 2 ;;
 esac

@@ -210,3 +210,69 @@ def test_lora_benchmark_writes_its_table(tiny_sd, tmp_path):
     # none, one adapter, 4 adapters + none mixed in one forward, the same grouped by setting
     assert [row["forwards_per_step"] for row in rows] == [1, 1, 1, 5]
     assert "4 adapters + none, mixed" in output and (tmp_path / "results.md").is_file()
+
+
+def test_compile_levers_benchmark_applies_each_lever_and_writes_its_tables(tiny_sd, tmp_path):
+    """Every lever of both stages runs through the served stage adapters and gets its row against
+    ``served``; torch.compile itself is switched off (TORCH_COMPILE_DISABLE: a CPU compile takes about a
+    minute per lever; the compiled paths are tested in test_runner and test_stage_batching)."""
+    output = run_script(
+        "bench_compile.py",
+        "--pipeline",
+        str(tiny_sd),
+        "--out",
+        str(tmp_path),
+        "--batches",
+        "1,2",
+        "--decode-batches",
+        "1,2",
+        "--repeats",
+        "1",
+        *TINY,
+        env={"TORCH_COMPILE_DISABLE": "1"},
+    )
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert list(results["denoiser"]) == [
+        "served",
+        "cudnn_benchmark",
+        "channels_last",
+        "inductor_tuning",
+        "fused_qkv",
+        "all",
+    ]
+    assert list(results["decoder"]) == [
+        "served",
+        "cudnn_benchmark",
+        "channels_last",
+        "inductor_tuning",
+        "static",
+        "all",
+    ]
+    for table in results.values():
+        for row in table.values():
+            assert set(row["ms_per_call"]) == {"1", "2"} and all(ms > 0 for ms in row["ms_per_call"].values())
+    # the same rows as eager up to rounding (channels-last convolutions sum in another order)
+    assert all(row["max_difference_from_eager"] < 1e-4 for row in results["denoiser"].values())
+    assert all(row["max_difference_from_eager"] <= 1 for row in results["decoder"].values())
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| fused_qkv |" in markdown and "| static |" in markdown and "every lever ran eagerly" in markdown
+    assert "## decoder" in output
+
+
+def test_compile_levers_benchmark_names_a_bad_lever():
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "load_tests" / "bench_compile.py"),
+            "--pipeline",
+            "x",
+            "--out",
+            "y",
+            "--levers",
+            "served,turbo",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 2 and "--levers: unknown turbo" in completed.stderr

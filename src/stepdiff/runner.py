@@ -83,11 +83,12 @@ class RunnerStats:
     forwards: list[int] = field(default_factory=list)  # rows per forward of the last ``run``
 
 
-def compiled(function: Callable) -> Callable:
-    """``function`` through ``torch.compile`` (Inductor), its kernels cached on disk (``COMPILE_CACHE``,
-    unless TORCHINDUCTOR_CACHE_DIR names another place): a restart loads them instead of compiling again."""
+def compiled(function: Callable, **options: Any) -> Callable:
+    """``function`` through ``torch.compile`` (Inductor; ``options`` are torch.compile's), its kernels cached
+    on disk (``COMPILE_CACHE``, unless TORCHINDUCTOR_CACHE_DIR names another place): a restart loads them
+    instead of compiling again."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
-    return torch.compile(function)
+    return torch.compile(function, **options)
 
 
 def capture_graph(
