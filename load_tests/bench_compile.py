@@ -57,22 +57,28 @@ class Lever:
     static: bool = False
 
 
-DENOISER_LEVERS = {
+SHARED_LEVERS = {
     "served": Lever(),
     "cudnn_benchmark": Lever(cudnn_benchmark=True),
     "channels_last": Lever(channels_last=True),
     "inductor_tuning": Lever(inductor=INDUCTOR_TUNING),
-    "fused_qkv": Lever(fused_qkv=True),
-    "all": Lever(cudnn_benchmark=True, channels_last=True, inductor=INDUCTOR_TUNING, fused_qkv=True),
 }
-DECODER_LEVERS = {
-    "served": Lever(),
-    "cudnn_benchmark": Lever(cudnn_benchmark=True),
-    "channels_last": Lever(channels_last=True),
-    "inductor_tuning": Lever(inductor=INDUCTOR_TUNING),
-    "static": Lever(static=True),
-    "all": Lever(cudnn_benchmark=True, channels_last=True, inductor=INDUCTOR_TUNING, static=True),
-}
+
+
+def with_all(levers: dict[str, Lever]) -> dict[str, Lever]:
+    """``levers`` and ``all``: every one of them together."""
+    together = Lever(
+        cudnn_benchmark=any(lever.cudnn_benchmark for lever in levers.values()),
+        channels_last=any(lever.channels_last for lever in levers.values()),
+        inductor={key: value for lever in levers.values() for key, value in lever.inductor.items()},
+        fused_qkv=any(lever.fused_qkv for lever in levers.values()),
+        static=any(lever.static for lever in levers.values()),
+    )
+    return {**levers, "all": together}
+
+
+DENOISER_LEVERS = with_all({**SHARED_LEVERS, "fused_qkv": Lever(fused_qkv=True)})
+DECODER_LEVERS = with_all({**SHARED_LEVERS, "static": Lever(static=True)})
 LEVERS = {"denoiser": DENOISER_LEVERS, "decoder": DECODER_LEVERS}
 
 
