@@ -146,20 +146,26 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> tuple[Settings, dict[str, str]]:
     """denoise_step's settings as it will load them, and the STEPDIFF_* variables for tritonserver: the
     pipeline (resolved, and downloaded once, before Triton starts) and the flags given, no defaults, so
-    config parameters hold where no flag or variable overrides them. Every model's settings are checked."""
+    config parameters hold where no flag or variable overrides them. Every model's settings are checked,
+    first with the pipeline as given: a bad setting fails in seconds, before the pipeline's libraries load."""
+    flags = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name) is not None}
+    if "lora" in flags:  # repeated --lora NAME=PATH: one setting
+        flags["lora"] = ";".join(flags["lora"])
+    template = (args.model_repository or TEMPLATE).resolve()
+
+    def checked(pipeline: str | Path) -> tuple[Settings, dict[str, str]]:
+        variables = Settings.variables({"pipeline": pipeline, **flags})
+        settings = model_settings(template, {**os.environ, **variables})[CONSUMER]
+        settings.torch_device()
+        return settings, variables
+
+    checked(args.pipeline)
     from .adapters import adapter_class
     from .adapters.loading import resolve_pipeline
 
     path = resolve_pipeline(args.pipeline)
     adapter_class(path)  # fail now, with the supported list, rather than in three model loads
-    flags = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name) is not None}
-    if "lora" in flags:  # repeated --lora NAME=PATH: one setting
-        flags["lora"] = ";".join(flags["lora"])
-    variables = Settings.variables({"pipeline": path, **flags})
-    template = (args.model_repository or TEMPLATE).resolve()
-    settings = model_settings(template, {**os.environ, **variables})[CONSUMER]
-    settings.torch_device()
-    return settings, variables
+    return checked(path)
 
 
 def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
