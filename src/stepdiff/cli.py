@@ -170,6 +170,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, dict[str, st
 
 def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
     """Start tritonserver for ``args`` and wait until every model is ready."""
+    server.check_ports_free((args.http_port, args.grpc_port, args.metrics_port))  # now, not after the loads
     settings, variables = settings_from_args(args)
     gpus = serving_gpus(args.gpus, settings)
     options = server.ServerOptions(
