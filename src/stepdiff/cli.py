@@ -147,7 +147,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, dict[str, st
     """denoise_step's settings as it will load them, and the STEPDIFF_* variables for tritonserver: the
     pipeline (resolved, and downloaded once, before Triton starts) and the flags given, no defaults, so
     config parameters hold where no flag or variable overrides them. Every model's settings are checked,
-    first with the pipeline as given: a bad setting fails in seconds, before the pipeline's libraries load."""
+    first with the pipeline as given: a bad setting fails at once, before the pipeline's libraries load."""
     flags = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name) is not None}
     if "lora" in flags:  # repeated --lora NAME=PATH: one setting
         flags["lora"] = ";".join(flags["lora"])
