@@ -71,9 +71,10 @@ def test_config_parameters_apply_to_their_own_model_only():
 
 def test_the_launcher_exports_the_pipeline_and_the_flags_given_only(tiny_sd, monkeypatch):
     monkeypatch.setenv("STEPDIFF_MAX_PIXELS", "8192")  # the user's variable: left to tritonserver's environment
-    settings, variables = settings_from_args(serve_args(tiny_sd, "--max-steps", "5", "--device", "cpu"))
+    settings, variables, gpus = settings_from_args(serve_args(tiny_sd, "--max-steps", "5", "--device", "cpu"))
     assert variables == {"STEPDIFF_PIPELINE": str(tiny_sd), "STEPDIFF_MAX_STEPS": "5", "STEPDIFF_DEVICE": "cpu"}
     assert (settings.max_steps, settings.max_pixels, settings.max_active_sequences) == (5, 8192, 256)
+    assert gpus == ()  # no --gpus: the stage models' own instance groups
 
 
 @pytest.mark.parametrize(

@@ -143,11 +143,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
 
 
-def settings_from_args(args: argparse.Namespace) -> tuple[Settings, dict[str, str]]:
-    """denoise_step's settings as it will load them, and the STEPDIFF_* variables for tritonserver: the
+def settings_from_args(args: argparse.Namespace) -> tuple[Settings, dict[str, str], tuple[int, ...]]:
+    """denoise_step's settings as it will load them; the STEPDIFF_* variables for tritonserver: the
     pipeline (resolved, and downloaded once, before Triton starts) and the flags given, no defaults, so
-    config parameters hold where no flag or variable overrides them. Every model's settings are checked,
-    first with the pipeline as given: a bad setting fails at once, before the pipeline's libraries load."""
+    config parameters hold where no flag or variable overrides them; and the GPUs ``--gpus`` gives the
+    stage models. Every model's settings and ``--gpus`` are checked first with the pipeline as given: a
+    bad value fails at once, before the pipeline's libraries load."""
     flags = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name) is not None}
     if "lora" in flags:  # repeated --lora NAME=PATH: one setting
         flags["lora"] = ";".join(flags["lora"])
@@ -159,20 +160,19 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, dict[str, st
         settings.torch_device()
         return settings, variables
 
-    checked(args.pipeline)
+    gpus = serving_gpus(args.gpus, checked(args.pipeline)[0])
     from .adapters import adapter_class
     from .adapters.loading import resolve_pipeline
 
     path = resolve_pipeline(args.pipeline)
     adapter_class(path)  # fail now, with the supported list, rather than in three model loads
-    return checked(path)
+    return (*checked(path), gpus)
 
 
 def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
     """Start tritonserver for ``args`` and wait until every model is ready."""
     server.check_ports_free((args.http_port, args.grpc_port, args.metrics_port))  # now, not after the loads
-    settings, variables = settings_from_args(args)
-    gpus = serving_gpus(args.gpus, settings)
+    settings, variables, gpus = settings_from_args(args)
     options = server.ServerOptions(
         model_repository=write_repository_for(
             Path(settings.pipeline),
