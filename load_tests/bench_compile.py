@@ -137,6 +137,7 @@ def decoder_calls(
 
 
 CALLS = {"denoiser": (Stage.DENOISE, denoiser_calls), "decoder": (Stage.DECODE, decoder_calls)}
+STAGE_BATCHES = {"denoiser": lambda args: args.batches, "decoder": lambda args: args.decode_batches}
 
 
 def difference(output: Any, reference: Any) -> float:
@@ -204,9 +205,6 @@ def markdown(results: dict[str, dict], args, device_name: str) -> str:
             distance = row["max_difference_from_eager"]
             lines.append(f"| {name} | {row['compile_s']:.1f} | " + " | ".join(cells) + f" | {distance:.3g} |")
     return "\n".join(lines) + "\n"
-
-
-STAGE_BATCHES = {"denoiser": lambda args: args.batches, "decoder": lambda args: args.decode_batches}
 
 
 def main() -> int:
