@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO / "src"))
 import generate as txt2img_client  # noqa: E402
 
 from stepdiff import server as triton  # noqa: E402
-from stepdiff.adapters.loading import resolve_pipeline  # noqa: E402
+from stepdiff.pipeline_source import resolve_pipeline  # noqa: E402
 from stepdiff.repository import write_repository_for  # noqa: E402
 from stepdiff.runner import COMPILE_CACHE, MODES, DenoiserRunner, Rows  # noqa: E402
 from stepdiff.settings import DTYPES, Settings, torch_dtype  # noqa: E402

@@ -23,7 +23,7 @@ def run_serve(*args: str, environ: dict[str, str] | None = None) -> subprocess.C
 def test_missing_pipeline_is_a_clear_error(tmp_path):
     result = run_serve("--pipeline", str(tmp_path / "nowhere"), "--http-port", "1")
     assert result.returncode == 2
-    assert "stepdiff: error: pipeline" in result.stderr and "nowhere" in result.stderr
+    assert f"stepdiff: error: pipeline '{tmp_path / 'nowhere'}': no such directory, and not a hub id" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -199,13 +199,18 @@ print(code, "diffusers" in sys.modules, "stepdiff.adapters" in sys.modules)
 
 
 def test_a_bad_setting_or_a_port_in_use_fails_before_the_pipelines_libraries_load(tiny_sd):
-    """The user hears of a bad flag, a bad --gpus (a GPU listed twice; on a machine without CUDA: none
-    seen) or a taken port at once, not after diffusers and transformers import."""
+    """The user hears of a missing pipeline directory, a bad flag, a bad --gpus (a GPU listed twice; on a
+    machine without CUDA: none seen) or a taken port at once, not after diffusers and transformers import."""
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        for flags in (["--step-lookahead", "0"], ["--gpus", "0,0"], ["--metrics-port", port]):
+        for flags in (
+            ["--pipeline", "/nonexistent/sd15"],
+            ["--step-lookahead", "0"],
+            ["--gpus", "0,0"],
+            ["--metrics-port", port],
+        ):
             command = [sys.executable, "-c", LOADED_AFTER_SERVE, "--pipeline", str(tiny_sd), *flags]
             done = subprocess.run(command, capture_output=True, text=True, timeout=120)
             assert done.stdout.split() == ["2", "False", "False"], (flags, done.stdout, done.stderr)

@@ -14,6 +14,7 @@ from collections import deque
 from pathlib import Path
 
 from . import openai_api, server
+from .pipeline_source import local_pipeline, resolve_pipeline
 from .repository import CONSUMER, TEMPLATE, model_settings, serving_gpus, write_repository_for
 from .settings import DECODERS, ENCODERS, MODES, Settings
 
@@ -160,9 +161,9 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, dict[str, st
         settings.torch_device()
         return settings, variables
 
+    local_pipeline(args.pipeline)  # a missing directory fails here; only a hub id needs diffusers to resolve
     gpus = serving_gpus(args.gpus, checked(args.pipeline)[0])
     from .adapters import adapter_class
-    from .adapters.loading import resolve_pipeline
 
     path = resolve_pipeline(args.pipeline)
     adapter_class(path)  # fail now, with the supported list, rather than in three model loads

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
+from ..pipeline_source import resolve_pipeline
 from .base import STEP_METHODS, GenerationParams, InvalidInput, PipelineInfo, RequestState, StepAdapter
 from .flux import FluxAdapter
-from .loading import Stage, pipeline_class_name, resolve_pipeline
+from .loading import Stage, pipeline_class_name
 from .qwenimage import QwenImageAdapter
 from .stable_diffusion import StableDiffusionAdapter
 from .stable_diffusion_3 import StableDiffusion3Adapter

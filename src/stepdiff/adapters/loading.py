@@ -25,23 +25,6 @@ class Stage(enum.Enum):
     INFO = "info"
 
 
-def resolve_pipeline(path_or_hub_id: str) -> Path:
-    """A local diffusers directory for ``path_or_hub_id`` (downloads hub ids once, safetensors only)."""
-    if not path_or_hub_id:
-        raise ValueError("no pipeline given: pass --pipeline PATH_OR_HUB_ID (or set STEPDIFF_PIPELINE)")
-    local = Path(path_or_hub_id).expanduser()
-    if local.exists():
-        if not (local / "model_index.json").is_file():
-            raise ValueError(f"{local} is not a diffusers pipeline directory (no model_index.json)")
-        return local.resolve()
-    try:
-        return Path(diffusers.DiffusionPipeline.download(path_or_hub_id, use_safetensors=True))
-    except Exception as error:  # the hub raises many types; the message is what matters
-        raise ValueError(
-            f"pipeline {path_or_hub_id!r} is neither a local directory nor a reachable hub id: {error}"
-        ) from error
-
-
 def pipeline_class_name(path: Path) -> str:
     """``_class_name`` from the pipeline's ``model_index.json``."""
     return json.loads((path / "model_index.json").read_text())["_class_name"]
