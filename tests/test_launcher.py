@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import sys
 import pytest
 from conftest import start_launcher
 
+from stepdiff.cli import exit_code_of
 from stepdiff.server import load_failures
 
 
@@ -214,3 +216,9 @@ def test_a_bad_setting_or_a_port_in_use_fails_before_the_pipelines_libraries_loa
             command = [sys.executable, "-c", LOADED_AFTER_SERVE, "--pipeline", str(tiny_sd), *flags]
             done = subprocess.run(command, capture_output=True, text=True, timeout=120)
             assert done.stdout.split() == ["2", "False", "False"], (flags, done.stdout, done.stderr)
+
+
+def test_the_launcher_exits_with_the_code_tritonserver_left_as_a_shell_reports_it():
+    """tritonserver exiting on its own: its code; a clean exit, which the launcher did not ask for, is a
+    failure; a death by SIGKILL is 137 (Popen's -9 would reach the shell as 247)."""
+    assert [exit_code_of(code) for code in (3, 0, -signal.SIGKILL, -signal.SIGSEGV)] == [3, 1, 137, 139]

@@ -288,6 +288,12 @@ def serve(args: argparse.Namespace) -> int:
         return watch(args, process, stop)
 
 
+def exit_code_of(returncode: int) -> int:
+    """The launcher's exit code when tritonserver exited on its own: its code, 1 for a clean exit (the
+    launcher did not ask for it), 128 + N for a death by signal N (``Popen`` reports -N), as shells do."""
+    return 128 - returncode if returncode < 0 else returncode or 1
+
+
 def restart_reason(process: server.TritonProcess, stalls: server.StallDetector | None) -> str:
     """Why tritonserver must restart now ("" when nothing is wrong): model processes that died, else models
     that stalled. A stalled model's processes are aborted here, so that Triton fails its requests in flight
@@ -328,7 +334,7 @@ def watch(args: argparse.Namespace, process: server.TritonProcess, stop: threadi
                 f"stepdiff: tritonserver exited with code {process.process.returncode} (log: {process.log_path})",
                 file=sys.stderr,
             )
-            return process.process.returncode or 1
+            return exit_code_of(process.process.returncode)
         reason = restart_reason(process, stalls)
         if not reason:
             continue

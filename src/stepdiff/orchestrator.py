@@ -111,7 +111,7 @@ async def generate(
     holds some request's last step.) A cancel is checked right before each call: at most
     ``lookahead - 1`` more steps run.
 
-    The denoise sequence always ends: normally with END on the last step; otherwise (a cancel, an
+    The denoise sequence always ends: normally with the END call after the last step; otherwise (a cancel, an
     error, a refused START) with an END carrying ``abort`` once the calls in flight are back. That frees
     denoise_step's state, and also the sequence's slot in Triton's sequence batcher, which only an END
     (or ``max_sequence_idle_microseconds``) frees: denoise_step freeing its own state after a failed call
