@@ -47,7 +47,8 @@ def test_sequence_lifecycle_returns_latents_and_frees_state(adapters):
 
 def test_end_after_the_last_step_returns_the_same_latents_without_a_step(adapters):
     """txt2img's way to finish: every step without END, then END alone, which takes no step and
-    returns exactly the latents END on the last step returns; a step call after the last one fails."""
+    returns exactly the latents END on the last step returns; a step call after the last one is refused
+    and leaves the finished sequence waiting for its END."""
     encoder, denoiser = adapters
     engine = StepEngine(denoiser, 8, 4, 60)
     finals = []
@@ -59,9 +60,6 @@ def test_end_after_the_last_step_returns_the_same_latents_without_a_step(adapter
         if end_apart:
             [extra] = engine.run([StepCall(cid)])  # no END: one step too many
             assert isinstance(extra.error, InvalidInput) and "send END for its latents" in str(extra.error)
-            start(engine, encoder, cid, params(steps=3))
-            for _ in range(3):
-                engine.run([StepCall(cid)])
             [result] = engine.run([StepCall(cid, end=True)])
             assert result.error is None and result.done and engine.forward_batch_sizes == []
         finals.append(result.latents)
@@ -101,7 +99,9 @@ def test_compatible_requests_share_one_forward_and_batches_are_capped(adapters):
     assert engine.steps_done == 4
 
 
-def test_bad_calls_fail_alone_and_leave_no_state(adapters):
+def test_bad_calls_fail_alone_and_a_wrong_step_leaves_its_sequence_as_it_was(adapters):
+    """An unknown sequence and a START without inputs leave no state; a wrong ``step`` is refused, naming
+    the step to send, and that step then runs as if the refused call had not come."""
     encoder, denoiser = adapters
     engine = StepEngine(denoiser, 8, 8, 60)
     start(engine, encoder, 1, params())
@@ -109,10 +109,14 @@ def test_bad_calls_fail_alone_and_leave_no_state(adapters):
     unknown, wrong_step, good = engine.run([StepCall(99, step=0), StepCall(1, step=2), StepCall(2, step=0)])
     assert isinstance(unknown.error, InvalidInput) and "unknown" in str(unknown.error)
     assert isinstance(wrong_step.error, InvalidInput) and "step=2" in str(wrong_step.error)
+    assert "unchanged: send step=0 next" in str(wrong_step.error)
     assert good.error is None and good.step_index == 1
-    assert set(engine.states) == {2}
+    assert set(engine.states) == {1, 2} and engine.states[1].step_index == 0
     [missing] = engine.run([StepCall(3, start=True)])
-    assert isinstance(missing.error, InvalidInput) and set(engine.states) == {2}
+    assert isinstance(missing.error, InvalidInput) and set(engine.states) == {1, 2}
+    [retried] = engine.run([StepCall(1, step=0)])
+    assert retried.error is None and retried.step_index == 1
+    assert torch.equal(engine.states[1].latents, engine.states[2].latents)  # same seed, same first step
 
 
 def test_scheduler_failure_fails_only_its_request(adapters):

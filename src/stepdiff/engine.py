@@ -5,6 +5,8 @@ request's state; a step call advances it by one step (the rows of all compatible
 ``run`` share the runner's denoiser forwards); a step call can ask for its latents (previews). END
 on the last step returns the final latents and frees the state; so does END on a call after the last
 step, which takes no step (txt2img's way: its last step then batches like any other); an abort frees it.
+A call refused for its place in the sequence (a wrong ``step``, a step after the last) leaves the
+sequence as it was; any other failed call frees it.
 
 Nothing in an intermediate step waits for the GPU to finish that step: ``run`` queues the step's work,
 then waits only for the run ``max_runahead - 1`` runs back, so the GPU always has this run queued
@@ -28,6 +30,10 @@ from .adapters.mixed_lora import LORA_SCALES
 from .admission import ServerBusy
 from .params import GenerationParams, InvalidInput
 from .runner import DenoiserRunner, Rows
+
+
+class StepRefused(InvalidInput):
+    """A step call that does not fit its sequence's position; the sequence stays as it was."""
 
 
 @dataclass
@@ -112,7 +118,6 @@ class StepEngine:
             try:
                 state = self._accept(call)
             except Exception as error:  # noqa: BLE001 - reported to this caller only
-                self._finish(call.correlation_id)
                 results[index].error = error
                 continue
             if state is not None:
@@ -139,7 +144,8 @@ class StepEngine:
                     result.latents = finished[index]
                 elif not call.start and (call.wants_latents or state.done):
                     result.latents = self.adapter.output_latents(state)
-            if result.error is not None or call.end:  # a finished request waits for its END (or the sweep)
+            # a finished request waits for its END (or the sweep), a refused call's sequence for its next
+            if call.end or (result.error is not None and not isinstance(result.error, StepRefused)):
                 self._finish(call.correlation_id)
         return results
 
@@ -163,14 +169,14 @@ class StepEngine:
             raise InvalidInput(f"sequence {call.correlation_id}: unknown or already finished (send START first)")
         state.last_active = time.monotonic()
         if call.step is not None and call.step != state.step_index:
-            raise InvalidInput(
+            raise StepRefused(
                 f"step={call.step} but sequence {call.correlation_id} is at step {state.step_index} of "
-                f"{state.num_steps}"
+                f"{state.num_steps} (unchanged: send step={state.step_index} next)"
             )
         if state.done:
             if call.end:  # the final latents, after the last step
                 return None
-            raise InvalidInput(
+            raise StepRefused(
                 f"sequence {call.correlation_id} already took all {state.num_steps} steps (send END for its latents)"
             )
         return state
