@@ -22,6 +22,7 @@ OPTIONS = [
     "--scheduler",
     "EulerAncestralDiscreteScheduler",
 ]
+SAME_OPTIONS = dict(seed=21, num_inference_steps=6, height=48, width=64, scheduler="EulerAncestralDiscreteScheduler")
 
 
 def client(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -60,6 +61,9 @@ def test_stepwise_loop_gives_the_txt2img_image(server, tmp_path):
         )
         assert np.array_equal(np.asarray(Image.open(out)), expected)
     assert server.metric("stepdiff_active_sequences") == 0
+    refused = client("stepwise.py", "a red panda", "--url", server.grpc_url, "--num-inference-steps", "0")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith("failed: num_inference_steps=0 is out of range"), refused.stderr
 
 
 def test_generate_saves_pngs_named_by_prompt_and_seed(server, tmp_path):
@@ -83,14 +87,7 @@ def test_generate_saves_pngs_named_by_prompt_and_seed(server, tmp_path):
         saved = sorted(path.name for path in out.iterdir())
         assert saved == ["a-photo-of-a-cat-21.png", "empty-21.png"]
         image = np.asarray(Image.open(out / "a-photo-of-a-cat-21.png"))
-        expected, _ = server.txt2img(
-            "a photo of a cat",
-            seed=21,
-            num_inference_steps=6,
-            height=48,
-            width=64,
-            scheduler="EulerAncestralDiscreteScheduler",
-        )
+        expected, _ = server.txt2img("a photo of a cat", **SAME_OPTIONS)
         assert np.array_equal(image, expected)
         assert result.stdout.count(" s  64x48  seed 21  ") == 2
 
@@ -101,6 +98,24 @@ def test_generate_reports_rejections_and_a_server_that_is_down(server, tmp_path)
     assert "height=50 is not a multiple of 8" in rejected.stderr and "400" in rejected.stderr
     down = client("generate.py", "a cat", "--url", f"127.0.0.1:{free_ports(1)[0]}", "--out", str(tmp_path))
     assert down.returncode == 1 and "cannot reach the server" in down.stderr
+
+
+def test_generate_writes_the_format_asked_for_from_raw_pixels_and_streams(server, tmp_path):
+    """--output-format raw: the raw pixels as a PNG, the same image; --stream with jpeg: a JPEG file; a
+    streamed request refused by the server: one line naming the field, no Python status None."""
+    raw = client("generate.py", "a photo of a cat", "--url", server.http_url, "--output-format", "raw",
+                 "--out", str(tmp_path / "raw"), *OPTIONS)  # fmt: skip
+    assert raw.returncode == 0, raw.stderr
+    expected, _ = server.txt2img("a photo of a cat", **SAME_OPTIONS)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "raw" / "a-photo-of-a-cat-21.png")), expected)
+    jpeg = client("generate.py", "a photo of a cat", "--url", server.grpc_url, "--stream", "--output-format", "jpeg",
+                  "--out", str(tmp_path / "jpeg"), *OPTIONS)  # fmt: skip
+    assert jpeg.returncode == 0, jpeg.stderr
+    assert Image.open(tmp_path / "jpeg" / "a-photo-of-a-cat-21.jpg").format == "JPEG"
+    refused = client("generate.py", "a cat", "--url", server.grpc_url, "--stream", "--height", "50",
+                     "--out", str(tmp_path / "refused"))  # fmt: skip
+    assert refused.returncode == 1 and "failed: 'a cat': " in refused.stderr
+    assert "height=50 is not a multiple of 8" in refused.stderr and "None" not in refused.stderr
 
 
 def test_generate_streams_with_progress_and_previews(server, tmp_path):
@@ -123,9 +138,7 @@ def test_generate_streams_with_progress_and_previews(server, tmp_path):
         "a-red-panda-step004.png",
     ]
     assert "6/6" in result.stderr  # tqdm's bar reached the last step
-    expected, _ = server.txt2img(
-        "a red panda", seed=21, num_inference_steps=6, height=48, width=64, scheduler="EulerAncestralDiscreteScheduler"
-    )
+    expected, _ = server.txt2img("a red panda", **SAME_OPTIONS)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a-red-panda-21.png")), expected)
 
 

@@ -109,6 +109,17 @@ def generate(
     return result.as_numpy("image"), int(result.as_numpy("seed")[0]), time.perf_counter() - started
 
 
+def encoded_file(image: np.ndarray, output_format: str | None, jpeg_quality: int | None) -> bytes:
+    """Pixels the server sent raw (``--output-format raw``, ``--stream``) as the file the user asked for:
+    a JPEG for ``jpeg`` (quality as the server's default), else a PNG, which keeps every pixel."""
+    encoded = io.BytesIO()
+    if output_format == "jpeg":
+        Image.fromarray(image).save(encoded, format="JPEG", quality=jpeg_quality or 90)
+    else:
+        Image.fromarray(image).save(encoded, format="PNG")
+    return encoded.getvalue()
+
+
 def generate_streaming(
     url: str,
     prompt: str,
@@ -212,20 +223,26 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(local, "client"):
             http_timeout = {"network_timeout": args.timeout} if args.timeout and args.protocol == "http" else {}
             local.client = module.InferenceServerClient(args.url, **http_timeout)
+        output_format = options.get("output_format")
         try:
-            if args.stream:
+            if args.stream:  # the stream sends raw pixels: the file is encoded here
                 image, seed, seconds = generate_streaming(
                     args.url, prompt, options, args.preview_every, args.out, request_id
                 )
-                encoded = io.BytesIO()
-                Image.fromarray(image).save(encoded, format="PNG")
-                encoded = encoded.getvalue()
+                if image is None:
+                    print(f"failed: {prompt!r}: the stream ended without an image", file=sys.stderr)
+                    return False
+            elif output_format == "raw":
+                image, seed, seconds = generate(local.client, module, prompt, options, args.timeout, request_id)
             else:  # the server encodes the file: a few hundred KB instead of megabytes of pixels
                 encoded, seed, seconds = generate_file(local.client, module, prompt, options, args.timeout, request_id)
         except InferenceServerException as error:
-            print(f"rejected: {prompt!r}: {error.message()} (status {error.status()})", file=sys.stderr)
+            status = f" ({error.status()})" if error.status() else ""
+            print(f"failed: {prompt!r}: {error.message()}{status}", file=sys.stderr)
             return False
-        extension = "jpg" if options.get("output_format") == "jpeg" and not args.stream else "png"
+        if args.stream or output_format == "raw":
+            encoded = encoded_file(image, output_format, options.get("jpeg_quality"))
+        extension = "jpg" if output_format == "jpeg" else "png"
         path = args.out / f"{slug(prompt)}-{seed}.{extension}"
         path.write_bytes(encoded)
         width, height = Image.open(io.BytesIO(encoded)).size

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
 
 def tensor(name: str, value: np.ndarray) -> grpcclient.InferInput:
@@ -112,8 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scheduler")
     parser.add_argument("--out", type=Path, default=Path("stepwise.png"))
     args = parser.parse_args(argv)
-    with grpcclient.InferenceServerClient(args.url) as client:
-        image = run(client, args)
+    try:
+        with grpcclient.InferenceServerClient(args.url) as client:
+            image = run(client, args)
+    except InferenceServerException as error:  # a refused input or an unreachable server: one line
+        print(f"failed: {error.message()} ({error.status()})", file=sys.stderr)
+        return 1
     Image.fromarray(image).save(args.out)
     print(f"wrote {args.out} ({image.shape[1]}x{image.shape[0]})")
     return 0
