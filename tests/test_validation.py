@@ -90,6 +90,19 @@ def test_direct_denoise_step_calls_are_validated(server):
     assert server.metric("stepdiff_active_sequences") == 0
 
 
+def test_vae_decode_refuses_latents_of_an_image_over_max_pixels(server):
+    """Direct callers of vae_decode are held to max_pixels like txt2img's: 160x160 latents of the tiny SD
+    (VAE factor 8) would be a 1280x1280 image."""
+    with pytest.raises(InferenceServerException) as raised:
+        raw_infer(server, {"latents": (np.zeros((1, 4, 160, 160), np.float32), "FP32")}, model="vae_decode")
+    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT", raised.value.message()
+    assert "latents: [1, 4, 160, 160] decode to 1280x1280 = 1638400 pixels, over the limit of 1048576 (max_pixels)" in (
+        raised.value.message()
+    )
+    image = raw_infer(server, {"latents": (np.zeros((1, 4, 128, 128), np.float32), "FP32")}, model="vae_decode")
+    assert image.as_numpy("image").shape == (1, 1024, 1024, 3)  # exactly max_pixels: decoded
+
+
 def test_after_bad_requests_the_next_good_one_is_still_exact(server, reference):
     for overrides, _ in BAD_REQUESTS.values():
         with pytest.raises(InferenceServerException):

@@ -166,8 +166,8 @@ class StepAdapter(Protocol):
     def output_latents(self, state: RequestState) -> torch.Tensor:
         """The request's current latents as ``decode`` and the previews take them: [1, channels, h, w]."""
 
-    def check_latents(self, latents: torch.Tensor | None) -> torch.Tensor:
-        """Raise InvalidInput unless ``latents`` can be decoded by this pipeline."""
+    def check_latents(self, latents: torch.Tensor | None, max_pixels: int) -> torch.Tensor:
+        """Raise InvalidInput unless ``latents`` can be decoded by this pipeline into at most ``max_pixels``."""
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Final latents [1, ...] -> uint8 image [1, height, width, 3]."""
@@ -276,12 +276,19 @@ def require_conditioning(conditioning: dict[str, torch.Tensor], names: list[str]
             raise InvalidInput(f"{name}: required on START (the text_encoder output for this request)")
 
 
-def check_latents(latents: torch.Tensor | None, channels: int) -> torch.Tensor:
-    """Latents of shape [1, channels, h, w] with finite values, or InvalidInput naming the problem."""
+def check_latents(latents: torch.Tensor | None, channels: int, vae_scale_factor: int, max_pixels: int) -> torch.Tensor:
+    """Latents of shape [1, channels, h, w] with finite values, of an image (``vae_scale_factor`` pixels
+    per latent) of at most ``max_pixels``, or InvalidInput naming the problem."""
     if latents is None:
         raise InvalidInput("latents: required input is missing")
     if latents.dim() != 4 or latents.shape[0] != 1 or latents.shape[1] != channels or min(latents.shape[2:]) < 1:
         raise InvalidInput(f"latents: expected shape [1, {channels}, h, w], got {list(latents.shape)}")
+    height, width = (side * vae_scale_factor for side in latents.shape[2:])
+    if height * width > max_pixels:
+        raise InvalidInput(
+            f"latents: {list(latents.shape)} decode to {height}x{width} = {height * width} pixels, over the "
+            f"limit of {max_pixels} (max_pixels)"
+        )
     if not torch.isfinite(latents).all():
         raise InvalidInput("latents: contains NaN or infinity")
     return latents

@@ -277,8 +277,8 @@ class DiffusersAdapter:
         factor = self.vae_scale_factor
         return torch.zeros(count, self.latent_channels(), height // factor, width // factor)
 
-    def check_latents(self, latents: torch.Tensor | None) -> torch.Tensor:
-        return check_latents(latents, self.latent_channels())
+    def check_latents(self, latents: torch.Tensor | None, max_pixels: int) -> torch.Tensor:
+        return check_latents(latents, self.latent_channels(), self.vae_scale_factor, max_pixels)
 
 
 def lora_state_dict(pipe: Any, path: str) -> tuple[dict[str, torch.Tensor], dict[str, float] | None, Any]:

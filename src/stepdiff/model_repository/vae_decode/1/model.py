@@ -17,6 +17,7 @@ from stepdiff.triton_io import error_response, release_triton_objects
 class TritonPythonModel:
     def initialize(self, args):
         settings, self.adapter = load_stage(args, Stage.DECODE)
+        self.max_pixels = settings.max_pixels
         if settings.decoder == "compiled":  # compiled by the warm-up below, or else by the first decode
             self.adapter.compile_decode()
         elif settings.decoder == "graphs":  # captured by the warm-up below, or else by the first decode
@@ -44,7 +45,7 @@ class TritonPythonModel:
         checked = []
         for request in requests:
             try:
-                checked.append(self.adapter.check_latents(torch_input(request, "latents")))
+                checked.append(self.adapter.check_latents(torch_input(request, "latents"), self.max_pixels))
             except Exception as error:  # noqa: BLE001 - every error goes back to its own request
                 checked.append(error)
         valid = [latents for latents in checked if isinstance(latents, torch.Tensor)]
