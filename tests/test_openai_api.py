@@ -128,6 +128,13 @@ def test_invalid_num_inference_steps_is_400(client, steps, message):
         (b'{"prompt": "a cat", "guidance_scale": 1e39}', "guidance_scale", "not a finite 32-bit float"),
         (b'{"prompt": "a cat", "lora": ["x", 1]}', "lora", "lora: expected a string or a list of them, got 1"),
         (b'{"prompt": "a cat", "lora": "x"}', "lora", "lora: unknown adapter 'x': loaded none"),
+        # JSON escapes of lone surrogates decode to text UTF-8 cannot encode; the error renders all the same
+        (b'{"prompt": "\\ud800"}', "prompt", "prompt: not valid Unicode text"),
+        (b'{"prompt": "a", "scheduler": "\\udfff"}', "scheduler", "scheduler: not valid Unicode text"),
+        (b'{"prompt": "a", "lora": ["\\ud800"]}', "lora", "lora: not valid Unicode text"),
+        (b'{"prompt": "a", "\\ud800": 1}', "\ud800", "not supported by this server"),
+        (b"[" * 100_000, None, "the request body is not valid JSON: maximum recursion depth exceeded"),
+        (b'{"prompt": "a", "size": "\\u0666\\u0664x64"}', "size", "is not WIDTHxHEIGHT in pixels"),
     ],
 )
 def test_bad_requests_get_the_openai_error_shape(server, body, param, message):

@@ -71,7 +71,7 @@ ACCEPTED_FIELDS = (
     *TXT2IMG_FIELDS,
     *LIST_FIELDS,
 )
-SIZE = re.compile(r"(\d{1,9})x(\d{1,9})")
+SIZE = re.compile(r"([0-9]{1,9})x([0-9]{1,9})")  # ASCII digits: \d also matches other scripts' digits
 # txt2img's messages start with the input they are about: "height=60 is not ...", "prompt: ...",
 # "height x width = ...".
 MESSAGE_FIELD = re.compile(r"(\w+)(?:=|:| x )")
@@ -89,10 +89,12 @@ class OpenAIError(Exception):
         self.param = param
         self.code = code
 
-    def response(self) -> JSONResponse:
+    def response(self) -> Response:
+        """The error as JSON, non-ASCII text escaped: a message quoting the request (a field name, a
+        value) renders even where the request held a lone surrogate, which UTF-8 cannot encode."""
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         body = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
-        return JSONResponse({"error": body}, status_code=self.status)
+        return Response(json.dumps({"error": body}), status_code=self.status, media_type="application/json")
 
 
 def invalid(param: str | None, message: str, code: str = "invalid_value") -> OpenAIError:
@@ -155,8 +157,19 @@ def check_type(name: str, value: Any, json_type: tuple[tuple[type, ...], str], p
     types, description = json_type
     if isinstance(value, bool) or not isinstance(value, types):
         raise invalid(name, f"{name}: expected {description}{plural}, got {json.dumps(value)}", "invalid_type")
+    if isinstance(value, str) and not is_unicode_text(value):
+        raise invalid(name, f"{name}: not valid Unicode text (a lone surrogate escape such as \\ud800)")
     if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:
         raise invalid(name, f"{name}={value} is out of range: not a finite 32-bit float")
+
+
+def is_unicode_text(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (JSON's ``\\ud800`` escapes decode to lone surrogates, which do not)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_size(size: str | None) -> tuple[int, int] | None:
@@ -298,7 +311,7 @@ async def image_generations(request: Request) -> Response:
     """``POST /v1/images/generations``."""
     try:
         body = json.loads(await request.body())
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # RecursionError: arrays or objects nested too deep
         raise invalid(None, f"the request body is not valid JSON: {error}", "invalid_json") from None
     images = parse_image_request(body, request.app.state.model_id)
     generated = await unless_disconnected(generate(request.app.state.triton, images), request.receive)
