@@ -104,9 +104,14 @@ def test_vae_decode_refuses_latents_of_an_image_over_max_pixels(server):
 
 
 def test_after_bad_requests_the_next_good_one_is_still_exact(server, reference):
+    """Bad requests leave the server exact, and each is counted in stepdiff_failed_requests_total with its
+    code (Triton's own nv_inference_request_failure counts them as successes)."""
+    failed_before = server.metric("stepdiff_failed_requests_total", model="txt2img", code="INVALID_ARG")
     for overrides, _ in BAD_REQUESTS.values():
         with pytest.raises(InferenceServerException):
             raw_infer(server, {"prompt": text(b"a cat"), **overrides})
+    failed = server.metric("stepdiff_failed_requests_total", model="txt2img", code="INVALID_ARG") - failed_before
+    assert failed == len(BAD_REQUESTS)
     image, _ = server.txt2img("a red panda", seed=11, num_inference_steps=6)
     assert np.array_equal(image, reference_image(reference, "a red panda", 11, num_inference_steps=6))
     assert server.metric("stepdiff_active_sequences") == 0

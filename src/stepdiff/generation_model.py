@@ -38,6 +38,7 @@ from .triton_io import bls_call, error_response, load_settings, numpy_inputs, re
 FINAL = "TRITONSERVER_RESPONSE_COMPLETE_FINAL"
 # Seconds finalize waits for the generations still in flight to answer before cancelling them.
 FINALIZE_GRACE = 5.0
+FAILURE_CODES = ("INVALID_ARG", "UNAVAILABLE", "INTERNAL")  # the status codes txt2img's errors carry
 QUEUE_WAIT_BUCKETS = [0.01, 0.05, 0.25, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
 
 
@@ -105,6 +106,16 @@ class GenerationModel:
             kind=pb_utils.MetricFamily.COUNTER,
         )
         self.cancelled = self.cancelled_family.Metric(labels={"model": args["model_name"]})
+        self.failed_family = pb_utils.MetricFamily(
+            name="stepdiff_failed_requests_total",
+            description="Generations answered with an error, by its Triton status code (Triton's own "
+            "nv_inference_request_failure counts a Python model's error responses as successes)",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.failed = {  # created at start, so that every series exists at 0 before the first failure
+            code: self.failed_family.Metric(labels={"model": args["model_name"], "code": code})
+            for code in FAILURE_CODES
+        }
         self.model_name = args["model_name"]
         self.stage_calls_family = pb_utils.MetricFamily(
             name="stepdiff_stage_calls_in_flight",
@@ -139,8 +150,10 @@ class GenerationModel:
             response = None if request.is_cancelled() else error_response(error)
         if response is None:
             self._cancelled(request, sender)
-        else:
-            sender.send(response, flags=getattr(pb_utils, FINAL))
+            return
+        if response.has_error():
+            self._failed(response.error())
+        sender.send(response, flags=getattr(pb_utils, FINAL))
 
     async def _generate(self, request: Any, sender: Any) -> Any:
         """The request's response with its image; None when it was cancelled while waiting or between steps."""
@@ -193,6 +206,11 @@ class GenerationModel:
         finally:
             in_flight.increment(-1)
 
+    def _failed(self, error: Any) -> None:
+        """Count an error answer by its status code."""
+        names = {getattr(pb_utils.TritonError, name): name for name in FAILURE_CODES}
+        self.failed[names.get(error.code(), "INTERNAL")].increment(1)
+
     def _cancelled(self, request: Any, sender: Any) -> None:
         """Close a cancelled generation's request (CANCELLED, or an empty final on a stream), then count it
         and log it by the request's id (the client's ``request_id``), so that a count can be matched."""
@@ -225,7 +243,8 @@ class GenerationModel:
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
         self.admission.close()
-        del self.cancelled, self.cancelled_family, self.stage_calls, self.stage_calls_family, self.admission
+        del self.cancelled, self.cancelled_family, self.failed, self.failed_family
+        del self.stage_calls, self.stage_calls_family, self.admission
         release_triton_objects()
 
     def _finish_generations(self, grace: float) -> None:
