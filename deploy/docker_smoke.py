@@ -51,6 +51,12 @@ SEED, STEPS, HEIGHT, WIDTH = 7, 5, 64, 48  # not square: a transposed image fail
 # Seconds docker stop waits before SIGKILL (Docker's default is 10). The launcher gives tritonserver 30 s to
 # unload its models after SIGTERM, then kills it; unloading takes 10-30 s on 2 busy CPU cores.
 STOP_GRACE = 60
+# Not eager: fullgraph, and the backend's own compile errors raised (Dynamo would otherwise fall back to eager).
+COMPILE_CHECK = (
+    "import torch, torch._dynamo; torch._dynamo.config.suppress_errors = False\n"
+    "f = torch.compile(lambda x: (x.sin() ** 2 + x.cos() ** 2) * 2, fullgraph=True)\n"
+    "print('compiled', round(float(f(torch.ones(4)).sum()), 3))"
+)
 WHEELS_PORT = 47213  # where --torch-wheels are served to the build
 SOURCES = """Types: deb
 URIs: {mirror}
@@ -406,6 +412,16 @@ def smoke(args: argparse.Namespace, log: Log, summary: dict) -> None:
         )
         if quality < 40:
             raise SmokeError(f"the image is not diffusers' (PSNR {quality:.1f} dB < 40)")
+
+        # torch.compile in the image (--denoiser/--decoder compiled): Inductor builds a C++ kernel with the
+        # image's compiler, into a cache that allows exec, as the launcher's own Inductor cache does
+        began = time.monotonic()
+        compiled = docker("exec", "-e", "TORCHINDUCTOR_CACHE_DIR=/home/stepdiff/.cache/inductor-smoke", name, "python",
+                          "-c", COMPILE_CHECK, check=False, timeout=300)  # fmt: skip
+        summary["torch_compile"] = compiled.stdout.strip() or compiled.stderr.strip()[-500:]
+        if compiled.returncode != 0 or compiled.stdout.strip() != "compiled 8.0":
+            raise SmokeError(f"torch.compile failed in the image: {compiled.stdout}{compiled.stderr[-3000:]}")
+        log(f"torch.compile of a small function in the image: {time.monotonic() - began:.1f} s")
 
         started = time.monotonic()
         docker("stop", "--time", str(STOP_GRACE), name, timeout=STOP_GRACE + 60)

@@ -9,12 +9,14 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import start_launcher
+from conftest import Server, start_launcher, wait_for_line
 
 from stepdiff.cli import exit_code_of
-from stepdiff.server import load_failures
+from stepdiff.server import check_ports_free, load_failures
 
 
 def run_serve(*args: str, environ: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -66,6 +68,48 @@ def test_unsupported_pipeline_class_names_the_step_methods(tiny_sd, tmp_path):
         "decode()",
     ):
         assert method in result.stderr
+
+
+def test_sigterm_while_the_models_load_stops_the_launcher_at_once(tiny_sd, tmp_path):
+    """A pod deleted during a long start (a download, a compile) is not held until the models are ready:
+    SIGTERM stops tritonserver and the launcher then, with exit code 0."""
+    process, ports = start_launcher(tiny_sd, tmp_path / "triton.log")
+    for line in process.stdout:  # the launcher prints its settings line, then starts tritonserver
+        if line.startswith("stepdiff: device"):
+            break
+    time.sleep(1.0)  # tritonserver loads its models: the tiny pipeline's take ~10 s on 2 cores
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "stepdiff: stopped before ready (tritonserver exit code" in output and "stepdiff: ready" not in output
+    assert time.monotonic() - signalled < 40  # Triton's graceful stop; ready would have come first otherwise
+    check_ports_free(ports)  # tritonserver is gone with its ports
+
+
+def test_drain_seconds_lets_a_generation_in_flight_finish_before_the_stop(tiny_sd, tmp_path):
+    """--drain-seconds: SIGTERM during a generation; the launcher waits for it (Triton goes on serving), the
+    client gets its image, then Triton stops and the launcher exits 0."""
+    process, (http_port, grpc_port, metrics_port) = start_launcher(
+        tiny_sd, tmp_path / "triton.log", "--drain-seconds", "120"
+    )
+    try:
+        wait_for_line(process, "stepdiff: ready")
+        server = Server(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics",
+                        tmp_path / "triton.log")  # fmt: skip
+        with ThreadPoolExecutor(1) as pool:
+            generation = pool.submit(server.txt2img, "a red panda", seed=3, num_inference_steps=200)
+            while server.metric("stepdiff_active_sequences") < 1:
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            image, seed = generation.result(timeout=120)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert image.shape == (64, 64, 3) and seed == 3
+    assert process.returncode == 0, output
+    assert "stepdiff: draining: 1 generations in flight or queued" in output
+    assert "stepdiff: drained; 0 generations left" in output and "stepdiff: stopped" in output
 
 
 def test_model_load_failure_exits_with_tritons_reason(tiny_sd, tmp_path):

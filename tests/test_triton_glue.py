@@ -101,7 +101,7 @@ def test_finalize_waits_for_generations_in_flight_then_cancels_the_rest(glue, mo
     monkeypatch.setattr(generation_model, "FINALIZE_GRACE", 1.0)
     model = generation_model.GenerationModel()  # the parts finalize touches, without Triton's initialize
     model.executor, model.stage_calls = None, {}
-    model.cancelled = model.cancelled_family = model.stage_calls_family = object()
+    model.cancelled = model.cancelled_family = model.failed = model.failed_family = model.stage_calls_family = object()
     model.admission = types.SimpleNamespace(close=lambda: None)
     loop = asyncio.new_event_loop()  # run as the stub runs it: run_forever in a thread of its own
     loop_thread = threading.Thread(target=loop.run_forever, daemon=True)

@@ -115,3 +115,14 @@ def test_the_orchestrators_processes_load_neither_torch_nor_diffusers(server):
         maps = Path(f"/proc/{stub.pid}/maps").read_text()
         loads_torch = "libtorch" in maps
         assert loads_torch == (stub.model not in ORCHESTRATORS), stub.instance
+
+
+def test_a_long_prompts_truncation_warning_stays_one_short_log_line(server):
+    """diffusers warns with the cut-off text of a prompt over 77 tokens; the stage models cut the line, so
+    prompts up to max_prompt_bytes cannot fill the server's log."""
+    tail = "".join(f" word{index}" for index in range(500))  # 3890 bytes (under max_prompt_bytes), far past 77 tokens
+    server.txt2img("a cat" + tail, seed=1, num_inference_steps=1)
+    lines = [line for line in server.log_file.read_text(errors="replace").splitlines() if "word499" in line]
+    warned = [line for line in server.log_file.read_text(errors="replace").splitlines() if "was truncated" in line]
+    assert lines == [] and warned, "the warning should be logged, without the prompt's end"
+    assert all(len(line) < 800 and "more characters)" in line for line in warned)

@@ -52,6 +52,30 @@ def is_alive(identity: str) -> bool:
     return process_identity(int(identity.partition("-")[0])) == identity
 
 
+SLOTS_FOLDER = Path(tempfile.gettempdir()) / "stepdiff-admission"
+
+
+def slots_file(server_pid: int) -> Path:
+    """The file the model processes of the tritonserver ``server_pid`` share."""
+    return SLOTS_FOLDER / f"{process_identity(server_pid)}.json"
+
+
+def generations_in_server(server_pid: int) -> int:
+    """Generations running or waiting in the tritonserver ``server_pid`` (txt2img's and txt2img_stream's,
+    from their shared file; held by processes still alive), read under a shared lock: 0 before any."""
+    try:
+        fd = os.open(slots_file(server_pid), os.O_RDONLY)
+    except FileNotFoundError:
+        return 0
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        raw = os.pread(fd, os.fstat(fd).st_size, 0)
+    finally:
+        os.close(fd)  # and its lock
+    state: State = json.loads(raw) if raw else {}
+    return sum(1 for entries in state.values() for _, owner in entries if is_alive(owner))
+
+
 class SharedSlots:
     """The running and waiting generations of one server, in a JSON file that its processes share; this
     one's entries belong to ``owner`` (default: this process)."""
@@ -66,11 +90,10 @@ class SharedSlots:
     def for_server(cls, limit: int, max_queue: int) -> SharedSlots:
         """The slots of the tritonserver whose model process this is (Triton starts them as its children),
         in the temporary directory; the files of servers that are gone are removed."""
-        folder = Path(tempfile.gettempdir()) / "stepdiff-admission"
-        for stale in folder.glob("*.json"):
+        for stale in SLOTS_FOLDER.glob("*.json"):
             if not is_alive(stale.stem):
                 stale.unlink(missing_ok=True)
-        return cls(folder / f"{process_identity(os.getppid())}.json", limit, max_queue)
+        return cls(slots_file(os.getppid()), limit, max_queue)
 
     def close(self) -> None:
         os.close(self.fd)

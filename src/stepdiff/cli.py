@@ -14,6 +14,7 @@ from collections import deque
 from pathlib import Path
 
 from . import openai_api, server
+from .admission import generations_in_server
 from .pipeline_source import local_pipeline, resolve_pipeline
 from .repository import CONSUMER, TEMPLATE, model_settings, serving_gpus, write_repository_for
 from .settings import DECODERS, ENCODERS, MODES, Settings
@@ -44,7 +45,9 @@ SERVE_FLAGS = (
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--pipeline", required=True, help="diffusers directory or hub id, e.g. runwayml/stable-diffusion-v1-5"
+        "--pipeline",
+        required=True,
+        help="diffusers directory or hub id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5",
     )
     parser.add_argument(
         "--model-repository",
@@ -170,8 +173,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, dict[str, st
     return (*checked(path), gpus)
 
 
-def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
-    """Start tritonserver for ``args`` and wait until every model is ready."""
+def start_from_args(args: argparse.Namespace, stop: threading.Event | None = None) -> server.TritonProcess:
+    """Start tritonserver for ``args`` and wait until every model is ready (or ``stop`` is set)."""
     server.check_ports_free((args.http_port, args.grpc_port, args.metrics_port))  # now, not after the loads
     settings, variables, gpus = settings_from_args(args)
     options = server.ServerOptions(
@@ -216,7 +219,7 @@ def start_from_args(args: argparse.Namespace) -> server.TritonProcess:
     )
     process = server.start_triton(options, variables, log_file)
     try:
-        process.wait_ready()
+        process.wait_ready(stop=stop)
     except BaseException:
         process.stop()
         raise
@@ -279,13 +282,40 @@ def serve(args: argparse.Namespace) -> int:
     """
     if not 0 <= args.stall_seconds < math.inf:
         raise ValueError(f"--stall-seconds {args.stall_seconds}: must be >= 0 (0 turns stall detection off)")
-    stop = threading.Event()
+    if not 0 <= args.drain_seconds < math.inf:
+        raise ValueError(f"--drain-seconds {args.drain_seconds}: must be >= 0 (0 stops at once)")
+    stop, stop_now = threading.Event(), threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, lambda *_: (stop_now if stop.is_set() else stop).set())
     images_api = openai_api.images_api(args.openai_port, args.pipeline, args.grpc_port)  # binds its port now
-    process = start_from_args(args)
+    process = start_from_args(args, stop)
+    if stop.is_set():  # SIGINT / SIGTERM while the models loaded: no need to wait for them
+        print(f"stepdiff: stopped before ready (tritonserver exit code {process.stop()})", flush=True)
+        return 0
     with openai_api.serving(images_api, process):  # from Triton's readiness until Triton has stopped
-        return watch(args, process, stop)
+        code = watch(args, process, stop)
+        if stop.is_set():  # SIGINT / SIGTERM
+            drain(process, args.drain_seconds, stop_now)
+            print(f"stepdiff: stopped (tritonserver exit code {process.stop()})", flush=True)
+    return code
+
+
+def drain(process: server.TritonProcess, seconds: float, stop_now: threading.Event) -> None:
+    """Wait until no generation runs or waits in the server (``--drain-seconds``), at most ``seconds``, or
+    until ``stop_now`` is set. Triton goes on serving meanwhile: behind a load balancer that has taken the
+    server out (Kubernetes does at SIGTERM), what is in flight finishes instead of failing."""
+    deadline = time.monotonic() + seconds
+    in_flight = generations_in_server(process.process.pid) if seconds else 0
+    if not in_flight:
+        return
+    print(
+        f"stepdiff: draining: {in_flight} generations in flight or queued; stopping once they finish, at most "
+        f"{seconds:g} s (--drain-seconds; a second Ctrl-C / SIGTERM stops now)",
+        flush=True,
+    )
+    while in_flight and time.monotonic() < deadline and not stop_now.wait(0.5):
+        in_flight = generations_in_server(process.process.pid)
+    print(f"stepdiff: drained; {in_flight} generations left", flush=True)
 
 
 def exit_code_of(returncode: int) -> int:
@@ -358,8 +388,6 @@ def watch(args: argparse.Namespace, process: server.TritonProcess, stop: threadi
             warn_unwatched(process)
             if stalls is not None:
                 stalls.reset()  # the new server's metrics start from zero
-    code = process.stop()
-    print(f"stepdiff: stopped (tritonserver exit code {code})", flush=True)
     return 0
 
 
@@ -419,6 +447,13 @@ def main(argv: list[str] | None = None) -> int:
         default=120.0,
         help="restart tritonserver when a model answers no request for this long while work waits for it "
         "(default 120; 0: off)",
+    )
+    serve_parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=0.0,
+        help="on SIGTERM / Ctrl-C, first let the generations in flight and queued finish, for up to this long "
+        "(a second signal stops at once; default 0: stop at once, failing them)",
     )
     serve_parser.set_defaults(run=serve)
     tiny_parser = commands.add_parser("make-tiny", help="write a random pipeline offline, reproducibly")

@@ -8,6 +8,7 @@ them there from whichever GPU produced them, and moves them to its own instance'
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,27 @@ from .adapters import Stage, StepAdapter, load_adapter
 from .server import keep_host_buffers_in_heap
 from .settings import Settings
 from .triton_io import load_settings
+
+LOG_LINE_CHARACTERS = 500  # diffusers' truncation warning quotes the cut-off prompt text: up to max_prompt_bytes
+
+
+class ShortRecords(logging.Filter):
+    """Cuts a log record's message to ``LOG_LINE_CHARACTERS``, saying how much it left out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if len(message) > LOG_LINE_CHARACTERS:
+            left_out = len(message) - LOG_LINE_CHARACTERS
+            record.msg, record.args = f"{message[:LOG_LINE_CHARACTERS]}... ({left_out} more characters)", ()
+        return True
+
+
+def shorten_library_logs() -> None:
+    """Keep diffusers' and transformers' log lines (their own handlers, on the Triton log's stderr) short:
+    a long prompt's truncation warning would otherwise write the prompt's tail into the log per request."""
+    for name in ("diffusers", "transformers"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(ShortRecords())
 
 
 def instance_device(args: dict[str, Any], settings: Settings) -> torch.device:
@@ -34,8 +56,10 @@ def instance_device(args: dict[str, Any], settings: Settings) -> torch.device:
 def load_stage(args: dict[str, Any], stage: Stage) -> tuple[Settings, StepAdapter]:
     """A stage model's settings (torch's threads pinned to them) and its adapter, loaded on the instance's
     device in the settings' dtype, with the served LoRA adapters (the stages that run none ignore them).
-    Image-sized host buffers come from the heap (``keep_host_buffers_in_heap``)."""
+    Image-sized host buffers come from the heap (``keep_host_buffers_in_heap``); the libraries' log lines
+    are kept short (``shorten_library_logs``)."""
     keep_host_buffers_in_heap()
+    shorten_library_logs()
     settings = load_settings(args)
     settings.apply_threads()
     device = instance_device(args, settings)
