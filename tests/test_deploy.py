@@ -55,9 +55,23 @@ def test_single_gpu_deployment_serves_safely():
     assert {"/dev/shm", "/home/stepdiff/.cache"} <= mounts
     assert next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"]["medium"] == "Memory"
     assert container["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]
-    assert pod["terminationGracePeriodSeconds"] > 30  # Triton's own wait for generations in flight
+    # the launcher drains (its generations finish) and then stops tritonserver (up to 30 s) within the grace
+    drain = float(container["args"][container["args"].index("--drain-seconds") + 1])
+    assert pod["terminationGracePeriodSeconds"] >= drain + 35
+    live = container["livenessProbe"]  # outlasts the launcher's own restart of tritonserver (a model load)
+    assert live["periodSeconds"] * live["failureThreshold"] >= 300
+    assert "replicas" not in objects["Deployment"]["spec"]  # the HPA's, not reset by each apply
     assert container["command"][:2] == ["/usr/bin/tini", "--"]  # the image's PID 1 (command replaces ENTRYPOINT)
     assert {port["name"] for port in objects["Service"]["spec"]["ports"]} == {"http", "grpc", "metrics"}
+
+
+def test_kserve_runtime_gives_the_python_backend_its_shared_memory():
+    objects = {document["kind"]: document for document in render(REPO / "deploy" / "overlays" / "kserve")}
+    runtime = objects["ServingRuntime"]["spec"]
+    [container] = runtime["containers"]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert next(v for v in runtime["volumes"] if v["name"] == "dshm")["emptyDir"]["medium"] == "Memory"
+    assert {"name": "STEPDIFF_MAX_ACTIVE_SEQUENCES", "value": "64"} in container["env"]
 
 
 def test_autoscaling_keys_on_a_metric_stepdiff_exports():
