@@ -1,5 +1,5 @@
 """deploy/: every overlay renders with `kubectl kustomize`, and every object validates against the
-Kubernetes schemas (kubernetes-validate, offline); the Deployment has what serving needs."""
+Kubernetes schemas (kubernetes-validate, offline); the StatefulSet has what serving needs."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ def test_overlay_renders_and_validates(overlay):
 
 def test_single_gpu_deployment_serves_safely():
     objects = {document["kind"]: document for document in render(REPO / "deploy" / "overlays" / "single-gpu")}
-    assert {"Deployment", "Service", "PodMonitor", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= set(objects)
-    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    assert {"StatefulSet", "Service", "PodMonitor", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= set(objects)
+    pod = objects["StatefulSet"]["spec"]["template"]["spec"]
     [container] = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     probes = {name: container[name]["httpGet"]["path"] for name in ("startupProbe", "readinessProbe", "livenessProbe")}
@@ -60,7 +60,10 @@ def test_single_gpu_deployment_serves_safely():
     assert pod["terminationGracePeriodSeconds"] >= drain + 35
     live = container["livenessProbe"]  # outlasts the launcher's own restart of tritonserver (a model load)
     assert live["periodSeconds"] * live["failureThreshold"] >= 300
-    assert "replicas" not in objects["Deployment"]["spec"]  # the HPA's, not reset by each apply
+    assert "replicas" not in objects["StatefulSet"]["spec"]  # the HPA's, not reset by each apply
+    # each pod its own model cache: one ReadWriteOnce claim shared by all replicas held them to one node
+    [claim] = objects["StatefulSet"]["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "model-cache" and "PersistentVolumeClaim" not in objects
     assert container["command"][:2] == ["/usr/bin/tini", "--"]  # the image's PID 1 (command replaces ENTRYPOINT)
     assert {port["name"] for port in objects["Service"]["spec"]["ports"]} == {"http", "grpc", "metrics"}
 
@@ -88,22 +91,19 @@ def test_autoscaling_keys_on_a_metric_stepdiff_exports():
 
 def test_multi_gpu_deployment_puts_an_instance_on_every_gpu_it_requests():
     """`--gpus all` on the pod's two GPUs; what scales with the GPUs is twice the single-GPU overlay's."""
-    import argparse
-
-    from stepdiff.cli import add_server_arguments
+    from stepdiff.cli import command_parser
 
     def parts(overlay: str) -> tuple[dict, dict, dict]:
         objects = {document["kind"]: document for document in render(REPO / "deploy" / "overlays" / overlay)}
-        [container] = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+        [container] = objects["StatefulSet"]["spec"]["template"]["spec"]["containers"]
         env = {variable["name"]: variable["value"] for variable in container["env"]}
         return container, env, objects["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["target"]
 
     single, single_env, single_target = parts("single-gpu")
     multi, multi_env, multi_target = parts("multi-gpu")
-    parser = argparse.ArgumentParser()
-    add_server_arguments(parser)
-    args = parser.parse_args(multi["args"])  # stepdiff serve takes them
+    args = command_parser().parse_args(["serve", *multi["args"]])  # stepdiff serve takes them
     assert args.gpus == "all" and args.device is None  # --gpus places the stage models
+    assert args.drain_seconds == 120  # as the single-GPU pod: the patch replaces the whole args list
     gpus = multi["resources"]["limits"]["nvidia.com/gpu"]
     assert gpus == multi["resources"]["requests"]["nvidia.com/gpu"] == 2
     assert single["resources"]["limits"]["nvidia.com/gpu"] == 1

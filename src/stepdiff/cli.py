@@ -433,7 +433,8 @@ def demo(args: argparse.Namespace) -> int:
     return code
 
 
-def main(argv: list[str] | None = None) -> int:
+def command_parser() -> argparse.ArgumentParser:
+    """The ``stepdiff`` command line: serve, make-tiny, demo."""
     parser = argparse.ArgumentParser(prog="stepdiff", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="serve a pipeline with tritonserver (foreground)")
@@ -478,7 +479,11 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser.add_argument("--steps", type=int, default=20)
     demo_parser.add_argument("--out", type=Path, default=Path("outputs"))
     demo_parser.set_defaults(run=demo)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = command_parser().parse_args(argv)
     try:
         return args.run(args)
     except (server.LaunchError, ValueError) as error:
