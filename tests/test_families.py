@@ -242,3 +242,27 @@ def test_stream_and_stepwise_client_give_the_txt2img_image(family, family_server
         true_cfg_scale=3.0,
     )
     assert np.array_equal(np.asarray(Image.open(out)), expected)
+
+
+def test_warm_up_rows_are_the_rows_of_a_request_of_that_size(family, family_pipeline):
+    """``--warmup`` captures the graphs a request of that size will replay: its rows' key, and per row the
+    same tensors in the same shapes and dtypes, as many rows as the family's default guidance brings."""
+    import torch
+
+    from stepdiff.adapters import GenerationParams, Stage, load_adapter
+
+    cpu = torch.device("cpu")
+    encoder = load_adapter(str(family_pipeline), Stage.TEXT_ENCODER, cpu, torch.float32)
+    denoiser = load_adapter(str(family_pipeline), Stage.DENOISE, cpu, torch.float32)
+    info = denoiser.info
+    params = GenerationParams("a cat", None, 0, 2, info.default_guidance_scale, 48, 80, info.default_scheduler)
+    with torch.inference_mode():
+        real = denoiser.denoiser_rows(denoiser.prepare(1, params, encoder.encode_prompt(params)))
+    [warm] = denoiser.warmup_rows(48, 80)
+
+    def layout(rows) -> dict:
+        return {name: (tuple(tensor.shape[1:]), tensor.dtype) for name, tensor in rows.tensors.items()}
+
+    assert {rows.key for rows in real} == {warm.key}
+    assert all(layout(rows) == layout(warm) for rows in real)
+    assert sum(rows.count for rows in real) == warm.count

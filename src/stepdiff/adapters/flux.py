@@ -89,6 +89,8 @@ class FluxAdapter(DiffusersAdapter):
         self.vae_scale_factor = vae_scale_factor(path)
         self.noise_channels = transformer_config["in_channels"] // 4
         self.guidance_embeds = transformer_config.get("guidance_embeds", False)
+        self.joint_attention_dim = transformer_config["joint_attention_dim"]
+        self.pooled_projection_dim = transformer_config["pooled_projection_dim"]
         self.position_ids: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         super().__init__(path, stage, device, dtype)
 
@@ -138,7 +140,7 @@ class FluxAdapter(DiffusersAdapter):
             for name in self.required_conditioning(self.uses_cfg(params))
         }
         generator = self.seeded_generator(params)
-        height, width = self._latent_size(params)
+        height, width = self._latent_size(params.height, params.width)
         noise = randn_tensor(
             (1, self.noise_channels, height, width), generator=generator, device=self.device, dtype=self.dtype
         )
@@ -148,13 +150,13 @@ class FluxAdapter(DiffusersAdapter):
         scheduler.set_begin_index(0)
         return self.new_state(correlation_id, params, kept, scheduler, timesteps, generator, latents)
 
-    def _latent_size(self, params: GenerationParams) -> tuple[int, int]:
+    def _latent_size(self, height: int, width: int) -> tuple[int, int]:
         """Latent height and width (2x2 latent pixels per packed token)."""
         patch = self.vae_scale_factor * 2
-        return 2 * (params.height // patch), 2 * (params.width // patch)
+        return 2 * (height // patch), 2 * (width // patch)
 
     def batch_key(self, state: RequestState) -> Hashable:
-        return self._latent_size(state.params)
+        return self._latent_size(state.params.height, state.params.width)
 
     def denoiser_rows(self, state: RequestState) -> list[Rows]:
         """One row per text (cond, then uncond), as the pipeline calls the transformer once per text.
@@ -167,7 +169,7 @@ class FluxAdapter(DiffusersAdapter):
         rows = []
         for text in self._texts(state.do_cfg):
             embeds, pooled = (state.conditioning[name] for name in TEXTS[text])
-            key = ("transformer", self._latent_size(state.params), embeds.shape[1])
+            key = ("transformer", self._latent_size(state.params.height, state.params.width), embeds.shape[1])
             self._position_ids_for(key)
             rows.append(Rows(key, {**shared, "encoder_hidden_states": embeds, "pooled_projections": pooled}))
         return rows
@@ -202,8 +204,21 @@ class FluxAdapter(DiffusersAdapter):
         return neg_noise_pred + state.params.true_cfg_scale * (noise_pred - neg_noise_pred)
 
     def warmup_rows(self, height: int, width: int) -> list[Rows]:
-        """None: graphs are captured on first use (the text length is part of the key)."""
-        return []
+        """A row of a request (true CFG adds a second of the same key), its text as ``encode_prompt``
+        pads every prompt: T5's ``max_sequence_length`` tokens."""
+        key = ("transformer", self._latent_size(height, width), MAX_SEQUENCE_LENGTH)
+        self._position_ids_for(key)
+        latent_height, latent_width = key[1]
+        tensors = {
+            "hidden_states": (1, (latent_height // 2) * (latent_width // 2), self.noise_channels * 4),
+            "timestep": (1,),
+            "encoder_hidden_states": (1, MAX_SEQUENCE_LENGTH, self.joint_attention_dim),
+            "pooled_projections": (1, self.pooled_projection_dim),
+        }
+        zeros = {name: torch.zeros(shape, device=self.device, dtype=self.dtype) for name, shape in tensors.items()}
+        if self.guidance_embeds:
+            zeros["guidance"] = torch.zeros(1, device=self.device, dtype=torch.float32)
+        return [Rows(key, zeros)]
 
     def output_latents(self, state: RequestState) -> torch.Tensor:
         return unpack_latents(state.latents, state.params.height, state.params.width, self.vae_scale_factor)

@@ -9,6 +9,7 @@ image size when its config asks for dynamic shifting). Skip-layer guidance is no
 
 from __future__ import annotations
 
+import json
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -64,6 +65,14 @@ SD3_LATENT_RGB_FACTORS = np.array(
 SD3_LATENT_RGB_BIAS = np.array([0.2394, 0.2135, 0.1925], dtype=np.float32)
 
 
+def text_length(path: Path) -> int:
+    """Tokens of the transformer's text input, the same for every prompt: ``encode_prompt`` pads CLIP's
+    to ``tokenizer_max_length`` and T5's to ``max_sequence_length`` (without T5: zeros of CLIP's length)."""
+    clip = json.loads((path / "tokenizer" / "tokenizer_config.json").read_text()).get("model_max_length", 77)
+    has_t5 = json.loads((path / "model_index.json").read_text()).get("text_encoder_3", [None])[0] is not None
+    return clip + (MAX_SEQUENCE_LENGTH if has_t5 else clip)
+
+
 class StableDiffusion3Adapter(DiffusersAdapter):
     """Step-wise ``StableDiffusion3Pipeline``; loads only the components its stage needs."""
 
@@ -84,6 +93,9 @@ class StableDiffusion3Adapter(DiffusersAdapter):
         self.patch_size = transformer_config["patch_size"]
         self.sample_size = transformer_config["sample_size"]
         self.in_channels = transformer_config["in_channels"]
+        self.joint_attention_dim = transformer_config["joint_attention_dim"]
+        self.pooled_projection_dim = transformer_config["pooled_projection_dim"]
+        self.text_length = text_length(path)
         super().__init__(path, stage, device, dtype)
 
     def pipeline_info(self) -> PipelineInfo:
@@ -164,8 +176,18 @@ class StableDiffusion3Adapter(DiffusersAdapter):
         return classifier_free_guidance(state, outputs)
 
     def warmup_rows(self, height: int, width: int) -> list[Rows]:
-        """None: graphs are captured on first use (the text length is part of the key)."""
-        return []
+        """Rows of a guided request (the default guidance runs CFG), its text as ``encode_prompt`` pads
+        every prompt."""
+        rows = 2
+        latent = (self.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        tensors = {
+            "hidden_states": (rows, *latent),
+            "encoder_hidden_states": (rows, self.text_length, self.joint_attention_dim),
+            "pooled_projections": (rows, self.pooled_projection_dim),
+        }
+        zeros = {name: torch.zeros(shape, device=self.device, dtype=self.dtype) for name, shape in tensors.items()}
+        timestep = torch.zeros(rows, device=self.device)  # the scheduler's float32 timesteps
+        return [Rows(("transformer", latent, self.text_length), {**zeros, "timestep": timestep})]
 
     def output_latents(self, state: RequestState) -> torch.Tensor:
         return state.latents
