@@ -17,7 +17,7 @@ from . import openai_api, server
 from .admission import generations_in_server
 from .pipeline_source import local_pipeline, resolve_pipeline
 from .repository import CONSUMER, TEMPLATE, model_settings, serving_gpus, write_repository_for
-from .settings import DECODERS, ENCODERS, MODES, Settings
+from .settings import DECODERS, ENCODERS, MODES, Settings, cache_folder
 
 CLIENT = Path(__file__).resolve().parent / "client" / "generate.py"  # client/ in a checkout links here
 
@@ -192,7 +192,7 @@ def start_from_args(args: argparse.Namespace, stop: threading.Event | None = Non
         log_verbose=args.log_verbose,
         admin_key=os.environ.get("STEPDIFF_ADMIN_KEY", ""),
     )
-    log_file = args.log_file or Path.home() / ".cache" / "stepdiff" / "logs" / f"tritonserver-{args.http_port}.log"
+    log_file = args.log_file or cache_folder() / "logs" / f"tritonserver-{args.http_port}.log"
     print(
         f"stepdiff: starting tritonserver {server.TRITON_VERSION} for {settings.pipeline} (log: {log_file})", flush=True
     )

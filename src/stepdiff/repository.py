@@ -23,7 +23,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from .served_pipeline import PARAMETER, ServedPipeline
-from .settings import Settings, instance_count
+from .settings import Settings, cache_folder, instance_count
 
 if TYPE_CHECKING:  # the orchestrators import this module: torch only where it is used
     from .adapters.base import TensorSpec
@@ -135,7 +135,7 @@ def write_served_repository(
 
 def served_repository_path(http_port: int) -> Path:
     """Where ``stepdiff serve`` writes the repository of the server on ``http_port``."""
-    return Path.home() / ".cache" / "stepdiff" / "served" / f"model_repository-{http_port}"
+    return cache_folder() / "served" / f"model_repository-{http_port}"
 
 
 def write_repository_for(

@@ -32,18 +32,17 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .settings import MODES
+from .settings import MODES, cache_folder
 
 # Every even row count up to 32 and every 4th up to 64: requests bring 2 rows each with guidance, so a
 # batch pads by at most 2 rows (coarser buckets padded a typical 29-row batch to 32, 10% of the forward).
 ROW_BUCKETS = (1, *range(2, 33, 2), *range(36, 65, 4))
-COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stepdiff" / "inductor"
+COMPILE_CACHE = cache_folder() / "inductor"
 log = logging.getLogger(__name__)
 
 

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from .settings import cache_folder
+
 TRITON_VERSION = "2.51.0"
 # Endpoints that change the server (load/unload models, register shared memory, logging, tracing)
 # need this header with the admin key; inference, health, metadata and statistics stay open.
@@ -74,10 +76,6 @@ def _wheel_stub(pytriton_root: Path | None) -> Path | None:
     return stub if stub.is_file() else None
 
 
-def _stepdiff_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stepdiff"
-
-
 def libpython_directory() -> Path | None:
     """A folder holding only a link to the running interpreter's ``libpython`` (the stub links it).
 
@@ -89,7 +87,7 @@ def libpython_directory() -> Path | None:
     libdir = sysconfig.get_config_var("LIBDIR")
     if not name or not libdir or not (Path(libdir) / name).is_file():
         return None  # a statically linked interpreter: nothing to provide
-    folder = _stepdiff_cache() / f"libpython-{hashlib.sha256(str(Path(libdir) / name).encode()).hexdigest()[:12]}"
+    folder = cache_folder() / f"libpython-{hashlib.sha256(str(Path(libdir) / name).encode()).hexdigest()[:12]}"
     link = folder / name
     if not link.exists():
         folder.mkdir(parents=True, exist_ok=True)
@@ -105,7 +103,7 @@ def prepare_backend_directory(python_backend: Path, stub: Path) -> Path:
     ``libtriton_python.so``. The folder is cached per server build and Python version.
     """
     key = hashlib.sha256(f"{python_backend.resolve()}|{stub.resolve()}".encode()).hexdigest()[:12]
-    backends = _stepdiff_cache() / f"backends-py{PYTHON_VERSION}-{key}"
+    backends = cache_folder() / f"backends-py{PYTHON_VERSION}-{key}"
     prepared = backends / "python"
     if not (prepared / ".complete").exists():
         prepared.mkdir(parents=True, exist_ok=True)

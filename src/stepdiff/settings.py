@@ -207,6 +207,12 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def cache_folder() -> Path:
+    """stepdiff's cache: the Python backend it pairs, served repositories, logs, compiled kernels;
+    ``$XDG_CACHE_HOME/stepdiff`` where that is set (not empty), else ``~/.cache/stepdiff``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stepdiff"
+
+
 def variable(name: str) -> str:
     """The environment variable of the setting ``name``: ``STEPDIFF_<NAME>``."""
     return f"STEPDIFF_{name.upper()}"
