@@ -59,4 +59,5 @@ ENV PATH=/opt/venv/bin:${PATH} \
 EXPOSE 8000 8001 8002
 ENTRYPOINT ["/usr/bin/tini", "--"]
 # The launcher finds the tritonserver of the nvidia-pytriton wheel and the model repository in the package.
-CMD ["sh", "-c", "exec stepdiff serve --pipeline \"$STEPDIFF_PIPELINE\""]
+# --log-stdout: tritonserver's log in `docker logs` as well.
+CMD ["sh", "-c", "exec stepdiff serve --pipeline \"$STEPDIFF_PIPELINE\" --log-stdout"]

@@ -67,13 +67,13 @@ def test_copied_paths_exist_and_are_in_the_build_context():
     assert not allowed & set(HEAVY)
 
 
-def test_runs_stepdiff_serve_as_the_deployments_user():
+def test_runs_stepdiff_serve_as_the_pods_user():
     steps = instructions()
     [user] = [args for op, args in steps if op == "USER"]
     assert user != "root"
     uid = re.search(rf"useradd .*--uid (\d+) .*\b{user}\b", DOCKERFILE).group(1)
-    deployment = yaml.safe_load((REPO / "deploy" / "base" / "deployment.yaml").read_text())
-    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(uid)
+    statefulset = yaml.safe_load((REPO / "deploy" / "base" / "statefulset.yaml").read_text())
+    assert statefulset["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(uid)
     assert ("EXPOSE", "8000 8001 8002") in steps
     assert ("ENTRYPOINT", '["/usr/bin/tini", "--"]') in steps  # SIGTERM to the launcher, zombies reaped
     [cmd] = [args for op, args in steps if op == "CMD"]

@@ -89,9 +89,10 @@ def test_sigterm_while_the_models_load_stops_the_launcher_at_once(tiny_sd, tmp_p
 
 def test_drain_seconds_lets_a_generation_in_flight_finish_before_the_stop(tiny_sd, tmp_path):
     """--drain-seconds: SIGTERM during a generation; the launcher waits for it (Triton goes on serving), the
-    client gets its image, then Triton stops and the launcher exits 0."""
+    client gets its image, then Triton stops and the launcher exits 0. With --log-stdout its output also
+    holds Triton's log."""
     process, (http_port, grpc_port, metrics_port) = start_launcher(
-        tiny_sd, tmp_path / "triton.log", "--drain-seconds", "120"
+        tiny_sd, tmp_path / "triton.log", "--drain-seconds", "120", "--log-stdout"
     )
     try:
         wait_for_line(process, "stepdiff: ready")
@@ -110,6 +111,8 @@ def test_drain_seconds_lets_a_generation_in_flight_finish_before_the_stop(tiny_s
     assert process.returncode == 0, output
     assert "stepdiff: draining: 1 generations in flight or queued" in output
     assert "stepdiff: drained; 0 generations left" in output and "stepdiff: stopped" in output
+    # --log-stdout: Triton's log in the launcher's output as well
+    assert "tritonserver: " in output and "Started GRPCInferenceService" in output
 
 
 def test_model_load_failure_exits_with_tritons_reason(tiny_sd, tmp_path):

@@ -145,6 +145,11 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-file", type=Path, default=None, help="tritonserver log (default: ~/.cache/stepdiff/logs/)"
     )
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    parser.add_argument(
+        "--log-stdout",
+        action="store_true",
+        help="also copy tritonserver's log to stdout, each line prefixed 'tritonserver: ' (for kubectl / docker logs)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[Settings, dict[str, str], tuple[int, ...]]:
@@ -218,12 +223,29 @@ def start_from_args(args: argparse.Namespace, stop: threading.Event | None = Non
         flush=True,
     )
     process = server.start_triton(options, variables, log_file)
+    if args.log_stdout:
+        threading.Thread(target=copy_log, args=(log_file,), name="copy-log", daemon=True).start()
     try:
         process.wait_ready(stop=stop)
     except BaseException:
         process.stop()
         raise
     return process
+
+
+def copy_log(path: Path) -> None:
+    """Copy tritonserver's log to stdout as it grows, line by line (``--log-stdout``), across restarts
+    (they append to it): a container's own log then holds Triton's, the watchdog's stacks included."""
+    with open(path, "rb") as log:
+        pending = b""
+        while True:
+            chunk = log.read(1 << 16)
+            if not chunk:
+                time.sleep(0.2)
+                continue
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                print("tritonserver: " + line.decode(errors="replace"), flush=True)
 
 
 GAVE_UP = 3  # exit code of `stepdiff serve` when model processes keep dying
