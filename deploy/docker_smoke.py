@@ -431,8 +431,10 @@ def smoke(args: argparse.Namespace, log: Log, summary: dict) -> None:
         result = docker("logs", name)
         logs = result.stdout + result.stderr
         summary["container_log_tail"] = logs.strip().splitlines()[-12:]
-        stopped = re.search(r"stepdiff: stopped \(tritonserver exit code (-?\d+)\)", logs)
-        summary["tritonserver_exit_code"] = int(stopped.group(1)) if stopped else None
+        stopped = re.search(r"stepdiff: stopped \(tritonserver (?:exit code (-?\d+)|killed with signal (\d+))", logs)
+        summary["tritonserver_exit_code"] = (
+            (int(stopped.group(1)) if stopped.group(1) else -int(stopped.group(2))) if stopped else None
+        )
         log(
             f"docker stop: {summary['stop_seconds']:.1f} s, exit code {state['ExitCode']}, OOM {state['OOMKilled']}; "
             f"the launcher's tritonserver exit code {summary['tritonserver_exit_code']} (-9: killed after its 30 s)"

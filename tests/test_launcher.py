@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import Server, start_launcher, wait_for_line
+from tritonclient.utils import InferenceServerException
 
 from stepdiff.cli import exit_code_of
 from stepdiff.server import check_ports_free, load_failures
@@ -82,7 +83,7 @@ def test_sigterm_while_the_models_load_stops_the_launcher_at_once(tiny_sd, tmp_p
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
-    assert "stepdiff: stopped before ready (tritonserver exit code" in output and "stepdiff: ready" not in output
+    assert "stepdiff: stopped before ready (tritonserver " in output and "stepdiff: ready" not in output
     assert time.monotonic() - signalled < 40  # Triton's graceful stop; ready would have come first otherwise
     check_ports_free(ports)  # tritonserver is gone with its ports
 
@@ -95,7 +96,7 @@ def test_drain_seconds_lets_a_generation_in_flight_finish_before_the_stop(tiny_s
         tiny_sd, tmp_path / "triton.log", "--drain-seconds", "120", "--log-stdout"
     )
     try:
-        wait_for_line(process, "stepdiff: ready")
+        started = wait_for_line(process, "stepdiff: ready")
         server = Server(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics",
                         tmp_path / "triton.log")  # fmt: skip
         with ThreadPoolExecutor(1) as pool:
@@ -109,10 +110,40 @@ def test_drain_seconds_lets_a_generation_in_flight_finish_before_the_stop(tiny_s
         process.kill()
     assert image.shape == (64, 64, 3) and seed == 3
     assert process.returncode == 0, output
-    assert "stepdiff: draining: 1 generations in flight or queued" in output
-    assert "stepdiff: drained; 0 generations left" in output and "stepdiff: stopped" in output
+    assert "stepdiff: draining: generations in flight or queued: 1;" in output
+    assert "stepdiff: drained; generations left: 0" in output and "stepdiff: stopped" in output
     # --log-stdout: Triton's log in the launcher's output as well
-    assert "tritonserver: " in output and "Started GRPCInferenceService" in output
+    everything = "\n".join(started) + output
+    assert "tritonserver: " in everything and "Started GRPCInferenceService" in everything
+
+
+def test_a_second_signal_during_the_drain_stops_at_once(tiny_sd, tmp_path):
+    """The second Ctrl-C / SIGTERM ends the drain and kills tritonserver, which would otherwise wait its 30 s
+    exit timeout for the generation in flight."""
+    process, (http_port, grpc_port, metrics_port) = start_launcher(
+        tiny_sd, tmp_path / "triton.log", "--drain-seconds", "120"
+    )
+    try:
+        wait_for_line(process, "stepdiff: ready")
+        server = Server(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics",
+                        tmp_path / "triton.log")  # fmt: skip
+        with ThreadPoolExecutor(1) as pool:
+            generation = pool.submit(server.txt2img, "a red panda", seed=3, num_inference_steps=200, height=256)
+            while server.metric("stepdiff_active_sequences") < 1:
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            wait_for_line(process, "stepdiff: draining: generations in flight or queued: 1;")
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            output, _ = process.communicate(timeout=120)
+            stopped_after = time.monotonic() - signalled
+            with pytest.raises(InferenceServerException):  # its generation failed: it was not waited for
+                generation.result(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    assert stopped_after < 15, output  # not Triton's 30 s exit timeout
+    assert "stepdiff: drained; generations left: 1" in output and "stepdiff: stopped (tritonserver " in output
 
 
 def test_model_load_failure_exits_with_tritons_reason(tiny_sd, tmp_path):

@@ -312,14 +312,21 @@ def serve(args: argparse.Namespace) -> int:
     images_api = openai_api.images_api(args.openai_port, args.pipeline, args.grpc_port)  # binds its port now
     process = start_from_args(args, stop)
     if stop.is_set():  # SIGINT / SIGTERM while the models loaded: no need to wait for them
-        print(f"stepdiff: stopped before ready (tritonserver exit code {process.stop()})", flush=True)
+        print(f"stepdiff: stopped before ready ({stopped_how(process.stop(now=stop_now))})", flush=True)
         return 0
     with openai_api.serving(images_api, process):  # from Triton's readiness until Triton has stopped
         code = watch(args, process, stop)
         if stop.is_set():  # SIGINT / SIGTERM
             drain(process, args.drain_seconds, stop_now)
-            print(f"stepdiff: stopped (tritonserver exit code {process.stop()})", flush=True)
+            print(f"stepdiff: stopped ({stopped_how(process.stop(now=stop_now))})", flush=True)
     return code
+
+
+def stopped_how(returncode: int) -> str:
+    """How tritonserver ended after the launcher's SIGTERM: its exit code, or that it was killed."""
+    if returncode < 0:
+        return f"tritonserver killed with signal {-returncode}: not exited in time, or a second Ctrl-C / SIGTERM"
+    return f"tritonserver exit code {returncode}"
 
 
 def drain(process: server.TritonProcess, seconds: float, stop_now: threading.Event) -> None:
@@ -331,13 +338,13 @@ def drain(process: server.TritonProcess, seconds: float, stop_now: threading.Eve
     if not in_flight:
         return
     print(
-        f"stepdiff: draining: {in_flight} generations in flight or queued; stopping once they finish, at most "
+        f"stepdiff: draining: generations in flight or queued: {in_flight}; stopping once they finish, at most "
         f"{seconds:g} s (--drain-seconds; a second Ctrl-C / SIGTERM stops now)",
         flush=True,
     )
     while in_flight and time.monotonic() < deadline and not stop_now.wait(0.5):
         in_flight = generations_in_server(process.process.pid)
-    print(f"stepdiff: drained; {in_flight} generations left", flush=True)
+    print(f"stepdiff: drained; generations left: {in_flight}", flush=True)
 
 
 def exit_code_of(returncode: int) -> int:

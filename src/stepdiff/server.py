@@ -524,15 +524,18 @@ class TritonProcess:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(stub.pid, signal.SIGKILL)
 
-    def stop(self, timeout: float = 30.0) -> int:
+    def stop(self, timeout: float = 30.0, now: threading.Event | None = None) -> int:
         """SIGTERM (Triton unloads models and exits), SIGKILL to the server and its stubs after
-        ``timeout``; returns the exit code. The stubs' shared memory is freed either way."""
+        ``timeout``, or as soon as ``now`` is set; returns the exit code. The stubs' shared memory is freed
+        either way."""
         if self.process.poll() is None:
             self.stubs = list({stub.pid: stub for stub in [*self.stubs, *stub_processes(self.process.pid)]}.values())
             self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
+            deadline = time.monotonic() + timeout
+            while self.process.poll() is None and time.monotonic() < deadline and not (now and now.wait(0.1)):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(timeout=0.1 if now else max(deadline - time.monotonic(), 0))
+            if self.process.poll() is None:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self._log.close()
