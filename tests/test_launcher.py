@@ -73,10 +73,13 @@ def test_unsupported_pipeline_class_names_the_step_methods(tiny_sd, tmp_path):
 
 def test_sigterm_while_the_models_load_stops_the_launcher_at_once(tiny_sd, tmp_path):
     """A pod deleted during a long start (a download, a compile) is not held until the models are ready:
-    SIGTERM stops tritonserver and the launcher then, with exit code 0."""
-    process, ports = start_launcher(tiny_sd, tmp_path / "triton.log")
+    SIGTERM stops tritonserver and the launcher then, with exit code 0. (An empty --lora-dir is said in the
+    settings line.)"""
+    (tmp_path / "no-loras").mkdir()
+    process, ports = start_launcher(tiny_sd, tmp_path / "triton.log", "--lora-dir", str(tmp_path / "no-loras"))
     for line in process.stdout:  # the launcher prints its settings line, then starts tritonserver
         if line.startswith("stepdiff: device"):
+            assert f"LoRA adapters: none (--lora-dir {tmp_path / 'no-loras'} holds no adapter)" in line
             break
     time.sleep(1.0)  # tritonserver loads its models: the tiny pipeline's take ~10 s on 2 cores
     signalled = time.monotonic()

@@ -204,6 +204,18 @@ def test_a_lora_that_does_not_fit_stops_the_server_at_start(tiny_sd, tmp_path):
     assert f"--lora other={bad}: key 'unet.no_such_block.to_q.lora_A.weight' names no module of the unet" in output
 
 
+def test_a_lora_file_that_is_not_safetensors_stops_the_launcher_before_triton_starts(tiny_sd, tmp_path):
+    """Read at the launcher (a header, no torch): a bad file named with its flag at once, not by the models'
+    loads 30 s later."""
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    process, _ = start_launcher(tiny_sd, tmp_path / "tritonserver.log", "--lora", f"g={garbage}")
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 2, output
+    assert f"stepdiff: error: lora g={garbage}: not a safetensors file" in output
+    assert "starting tritonserver" not in output
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -17,7 +17,7 @@ from . import openai_api, server
 from .admission import generations_in_server
 from .pipeline_source import local_pipeline, resolve_pipeline
 from .repository import CONSUMER, TEMPLATE, model_settings, serving_gpus, write_repository_for
-from .settings import DECODERS, ENCODERS, MODES, Settings, cache_folder
+from .settings import DECODERS, ENCODERS, MODES, Settings, cache_folder, lora_paths
 
 CLIENT = Path(__file__).resolve().parent / "client" / "generate.py"  # client/ in a checkout links here
 
@@ -167,6 +167,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, dict[str, st
         variables = Settings.variables({"pipeline": pipeline, **flags})
         settings = model_settings(template, {**os.environ, **variables})[CONSUMER]
         settings.torch_device()
+        check_lora_files(settings.lora_paths())
         return settings, variables
 
     local_pipeline(args.pipeline)  # a missing directory fails here; only a hub id needs diffusers to resolve
@@ -176,6 +177,20 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, dict[str, st
     path = resolve_pipeline(args.pipeline)
     adapter_class(path)  # fail now, with the supported list, rather than in three model loads
     return (*checked(path), gpus)
+
+
+def check_lora_files(loras: dict[str, str]) -> None:
+    """Every LoRA given as a ``.safetensors`` file has a safetensors header, read without torch: a bad file
+    would otherwise fail only in the models' loads, and name no flag."""
+    from safetensors import SafetensorError, safe_open
+
+    for name, path in loras.items():
+        if path.endswith(".safetensors") and Path(path).is_file():
+            try:
+                with safe_open(path, framework="numpy"):
+                    pass
+            except (SafetensorError, OSError) as error:
+                raise ValueError(f"lora {name}={path}: not a safetensors file ({error})") from None
 
 
 def start_from_args(args: argparse.Namespace, stop: threading.Event | None = None) -> server.TritonProcess:
@@ -202,6 +217,9 @@ def start_from_args(args: argparse.Namespace, stop: threading.Event | None = Non
         f"stepdiff: starting tritonserver {server.TRITON_VERSION} for {settings.pipeline} (log: {log_file})", flush=True
     )
     device = f"GPUs {','.join(map(str, gpus))} (an instance of each stage model per GPU)" if gpus else ""
+    empty_lora_dir = ""  # a mistyped or unmounted folder would otherwise pass unseen
+    if settings.lora_dir and not lora_paths("", settings.lora_dir):
+        empty_lora_dir = f" (--lora-dir {settings.lora_dir} holds no adapter)"
     share = f" ({settings.sequences_per_instance(len(gpus))} per denoise_step instance)" if gpus else ""
     print(
         f"stepdiff: device {device or settings.torch_device()}, dtype "
@@ -213,7 +231,7 @@ def start_from_args(args: argparse.Namespace, stop: threading.Event | None = Non
         f"denoiser {settings.denoiser}, encoder {settings.encoder}, decoder {settings.decoder}, "
         f"warm-up {settings.warmup or 'on first use'}, "
         f"step lookahead {settings.step_lookahead}; "
-        f"LoRA adapters: {', '.join(settings.lora_paths()) or 'none'}; "
+        f"LoRA adapters: {', '.join(settings.lora_paths()) or 'none'}{empty_lora_dir}; "
         f"admin endpoints ({server.RESTRICTED_APIS}) "
         + (
             f"need header {server.ADMIN_HEADER}: $STEPDIFF_ADMIN_KEY"
