@@ -212,7 +212,7 @@ def test_a_lora_file_that_is_not_safetensors_stops_the_launcher_before_triton_st
     process, _ = start_launcher(tiny_sd, tmp_path / "tritonserver.log", "--lora", f"g={garbage}")
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 2, output
-    assert f"stepdiff: error: lora g={garbage}: not a safetensors file" in output
+    assert f"stepdiff: error: denoise_step: lora: g={garbage}: not a safetensors file" in output
     assert "starting tritonserver" not in output
 
 

@@ -167,7 +167,6 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, dict[str, st
         variables = Settings.variables({"pipeline": pipeline, **flags})
         settings = model_settings(template, {**os.environ, **variables})[CONSUMER]
         settings.torch_device()
-        check_lora_files(settings.lora_paths())
         return settings, variables
 
     local_pipeline(args.pipeline)  # a missing directory fails here; only a hub id needs diffusers to resolve
@@ -177,20 +176,6 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, dict[str, st
     path = resolve_pipeline(args.pipeline)
     adapter_class(path)  # fail now, with the supported list, rather than in three model loads
     return (*checked(path), gpus)
-
-
-def check_lora_files(loras: dict[str, str]) -> None:
-    """Every LoRA given as a ``.safetensors`` file has a safetensors header, read without torch: a bad file
-    would otherwise fail only in the models' loads, and name no flag."""
-    from safetensors import SafetensorError, safe_open
-
-    for name, path in loras.items():
-        if path.endswith(".safetensors") and Path(path).is_file():
-            try:
-                with safe_open(path, framework="numpy"):
-                    pass
-            except (SafetensorError, OSError) as error:
-                raise ValueError(f"lora {name}={path}: not a safetensors file ({error})") from None
 
 
 def start_from_args(args: argparse.Namespace, stop: threading.Event | None = None) -> server.TritonProcess:

@@ -233,6 +233,20 @@ def device_label(device: torch.device) -> str:
     return str(device.index) if device.type == "cuda" else "cpu"
 
 
+def check_safetensors_header(what: str, path: str) -> None:
+    """A ``.safetensors`` file has a safetensors header (read without torch): a bad LoRA file fails here,
+    named, not in the models' loads."""
+    if not (path.endswith(".safetensors") and Path(path).is_file()):
+        return
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy"):
+            pass
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{what}: not a safetensors file ({error})") from None
+
+
 @functools.cache
 def lora_paths(lora: str, lora_dir: str) -> tuple[tuple[str, str], ...]:
     """(name, path) of the adapters the ``lora`` and ``lora_dir`` settings name (Settings.lora_paths)."""
@@ -257,5 +271,6 @@ def lora_paths(lora: str, lora_dir: str) -> tuple[tuple[str, str], ...]:
             raise ValueError(f"{source}: adapter name {name!r} is given twice ({paths[name]} and {path})")
         if not Path(path).exists():
             raise ValueError(f"{source}: {name}={path}: no such file or directory")
+        check_safetensors_header(f"{source}: {name}={path}", path)
         paths[name] = path
     return tuple(paths.items())
