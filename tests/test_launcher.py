@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -91,26 +92,34 @@ def test_sigterm_while_the_models_load_stops_the_launcher_at_once(tiny_sd, tmp_p
     check_ports_free(ports)  # tritonserver is gone with its ports
 
 
-def test_drain_seconds_lets_a_generation_in_flight_finish_before_the_stop(tiny_sd, tmp_path):
-    """--drain-seconds: SIGTERM during a generation; the launcher waits for it (Triton goes on serving), the
-    client gets its image, then Triton stops and the launcher exits 0. With --log-stdout its output also
-    holds Triton's log."""
+@contextlib.contextmanager
+def signalled_mid_generation(tiny_sd, tmp_path, *flags: str, **options):
+    """``stepdiff serve --drain-seconds 120 FLAGS``, one generation started (200 steps, ``options``) and
+    SIGTERM sent while it runs; yields the launcher, what it printed until ready, the generation's future."""
     process, (http_port, grpc_port, metrics_port) = start_launcher(
-        tiny_sd, tmp_path / "triton.log", "--drain-seconds", "120", "--log-stdout"
+        tiny_sd, tmp_path / "triton.log", "--drain-seconds", "120", *flags
     )
     try:
         started = wait_for_line(process, "stepdiff: ready")
         server = Server(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics",
                         tmp_path / "triton.log")  # fmt: skip
         with ThreadPoolExecutor(1) as pool:
-            generation = pool.submit(server.txt2img, "a red panda", seed=3, num_inference_steps=200)
+            generation = pool.submit(server.txt2img, "a red panda", seed=3, num_inference_steps=200, **options)
             while server.metric("stepdiff_active_sequences") < 1:
                 time.sleep(0.05)
             process.send_signal(signal.SIGTERM)
-            image, seed = generation.result(timeout=120)
-        output, _ = process.communicate(timeout=120)
+            yield process, started, generation
     finally:
         process.kill()
+
+
+def test_drain_seconds_lets_a_generation_in_flight_finish_before_the_stop(tiny_sd, tmp_path):
+    """--drain-seconds: SIGTERM during a generation; the launcher waits for it (Triton goes on serving), the
+    client gets its image, then Triton stops and the launcher exits 0. With --log-stdout its output also
+    holds Triton's log."""
+    with signalled_mid_generation(tiny_sd, tmp_path, "--log-stdout") as (process, started, generation):
+        image, seed = generation.result(timeout=120)
+        output, _ = process.communicate(timeout=120)
     assert image.shape == (64, 64, 3) and seed == 3
     assert process.returncode == 0, output
     assert "stepdiff: draining: generations in flight or queued: 1;" in output
@@ -123,27 +132,14 @@ def test_drain_seconds_lets_a_generation_in_flight_finish_before_the_stop(tiny_s
 def test_a_second_signal_during_the_drain_stops_at_once(tiny_sd, tmp_path):
     """The second Ctrl-C / SIGTERM ends the drain and kills tritonserver, which would otherwise wait its 30 s
     exit timeout for the generation in flight."""
-    process, (http_port, grpc_port, metrics_port) = start_launcher(
-        tiny_sd, tmp_path / "triton.log", "--drain-seconds", "120"
-    )
-    try:
-        wait_for_line(process, "stepdiff: ready")
-        server = Server(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics",
-                        tmp_path / "triton.log")  # fmt: skip
-        with ThreadPoolExecutor(1) as pool:
-            generation = pool.submit(server.txt2img, "a red panda", seed=3, num_inference_steps=200, height=256)
-            while server.metric("stepdiff_active_sequences") < 1:
-                time.sleep(0.05)
-            process.send_signal(signal.SIGTERM)
-            wait_for_line(process, "stepdiff: draining: generations in flight or queued: 1;")
-            signalled = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            output, _ = process.communicate(timeout=120)
-            stopped_after = time.monotonic() - signalled
-            with pytest.raises(InferenceServerException):  # its generation failed: it was not waited for
-                generation.result(timeout=120)
-    finally:
-        process.kill()
+    with signalled_mid_generation(tiny_sd, tmp_path, height=256) as (process, _, generation):
+        wait_for_line(process, "stepdiff: draining: generations in flight or queued: 1;")
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+        stopped_after = time.monotonic() - signalled
+        with pytest.raises(InferenceServerException):  # its generation failed: it was not waited for
+            generation.result(timeout=120)
     assert process.returncode == 0, output
     assert stopped_after < 15, output  # not Triton's 30 s exit timeout
     assert "stepdiff: drained; generations left: 1" in output and "stepdiff: stopped (tritonserver " in output

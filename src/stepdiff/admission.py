@@ -69,11 +69,16 @@ def generations_in_server(server_pid: int) -> int:
         return 0
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
-        raw = os.pread(fd, os.fstat(fd).st_size, 0)
+        _, state = read_state(fd)
     finally:
         os.close(fd)  # and its lock
-    state: State = json.loads(raw) if raw else {}
     return sum(1 for entries in state.values() for _, owner in entries if is_alive(owner))
+
+
+def read_state(fd: int) -> tuple[bytes, State]:
+    """The shared file's bytes and its state (no generation yet when it is empty); the caller holds its lock."""
+    raw = os.pread(fd, os.fstat(fd).st_size, 0)
+    return raw, json.loads(raw) if raw else {"running": [], "waiting": []}
 
 
 class SharedSlots:
@@ -104,8 +109,7 @@ class SharedSlots:
         what the block changes is written back (then waiters start again while slots are free)."""
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         try:
-            raw = os.pread(self.fd, os.fstat(self.fd).st_size, 0)
-            state: State = json.loads(raw) if raw else {"running": [], "waiting": []}
+            raw, state = read_state(self.fd)
             owners = {owner for entries in state.values() for _, owner in entries} - {self.owner}
             gone = {owner for owner in owners if not is_alive(owner)}
             for key, entries in state.items():

@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         with grpcclient.InferenceServerClient(args.url) as client:
             image = run(client, args)
     except InferenceServerException as error:  # a refused input or an unreachable server: one line
-        print(f"failed: {error.message()} ({error.status()})", file=sys.stderr)
+        status = f" ({error.status()})" if error.status() else ""
+        print(f"failed: {error.message()}{status}", file=sys.stderr)
         return 1
     Image.fromarray(image).save(args.out)
     print(f"wrote {args.out} ({image.shape[1]}x{image.shape[0]})")
