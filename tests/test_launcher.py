@@ -252,6 +252,7 @@ def test_stage_processes_keep_image_sized_buffers_in_the_heap(threshold, expecte
         (["--warmup", "512x0"], {}, "warmup='512x0': expected sizes HEIGHTxWIDTH"),
         (["--step-lookahead", "0"], {}, "step_lookahead=0: allowed 1..8"),
         (["--step-lookahead", "9"], {}, "step_lookahead=9: allowed 1..8"),
+        (["--drain-seconds", "-1"], {}, "--drain-seconds -1.0: must be >= 0 (0 stops at once)"),
         (["--max-queue", "-1"], {}, "max_queue=-1: must be >= 0"),
         ([], {"STEPDIFF_QUEUE_TIMEOUT_SECONDS": "0"}, "queue_timeout_seconds=0.0: must be > 0 and finite"),
         ([], {"STEPDIFF_SEQUENCE_IDLE_SECONDS": "-1"}, "sequence_idle_seconds=-1.0: must be > 0 and finite"),
