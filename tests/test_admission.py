@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from stepdiff.admission import Admission, QueueFull, QueueTimeout, ServerBusy, SharedSlots, process_identity
+from stepdiff.admission import (
+    Admission,
+    QueueFull,
+    QueueTimeout,
+    ServerBusy,
+    ServerStopping,
+    SharedSlots,
+    process_identity,
+)
 from stepdiff.repository import TEMPLATE, generations_admitted, write_served_repository
 from stepdiff.settings import Settings
 
@@ -142,6 +150,38 @@ def test_no_queue_refuses_at_once_past_the_limit(tmp_path):
                     pass
 
     asyncio.run(scenario())
+
+
+def test_an_announced_stop_refuses_the_waiters_and_new_generations(tmp_path):
+    """Once the stop file is there (the launcher's announce_stop), a waiter is refused within a check and
+    leaves the queue, a new generation is refused at once; the running one keeps its slot until it ends."""
+    admission = door(tmp_path / "slots.json", limit=1)
+    outcomes: list[str] = []
+
+    async def waiter() -> None:
+        with pytest.raises(ServerStopping, match="server stopping: no new generation starts"):
+            async with admission.slot(never):
+                pass
+        outcomes.append("waiter refused")
+
+    async def scenario() -> None:
+        async with admission.slot(never):
+            task = asyncio.ensure_future(waiter())
+            await asyncio.sleep(0.05)
+            assert admission.observer.length == 1
+            admission.slots.stop_path.touch()
+            await task
+            with pytest.raises(ServerStopping):
+                async with admission.slot(never):
+                    pass
+        outcomes.append("running one ended")
+
+    asyncio.run(scenario())
+    assert outcomes == ["waiter refused", "running one ended"]
+    assert admission.observer.length == 0 and json.loads((tmp_path / "slots.json").read_text()) == {
+        "running": [],
+        "waiting": [],
+    }
 
 
 def test_the_slots_of_a_process_that_is_gone_go_to_the_waiters(tmp_path):

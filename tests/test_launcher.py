@@ -94,11 +94,9 @@ def test_sigterm_while_the_models_load_stops_the_launcher_at_once(tiny_sd, tmp_p
 
 @contextlib.contextmanager
 def signalled_mid_generation(tiny_sd, tmp_path, *flags: str, **options):
-    """``stepdiff serve --drain-seconds 120 FLAGS``, one generation started (200 steps, ``options``) and
-    SIGTERM sent while it runs; yields the launcher, what it printed until ready, the generation's future."""
-    process, (http_port, grpc_port, metrics_port) = start_launcher(
-        tiny_sd, tmp_path / "triton.log", "--drain-seconds", "120", *flags
-    )
+    """``stepdiff serve FLAGS``, one generation started (200 steps, ``options``) and SIGTERM sent while it
+    runs; yields the launcher, what it printed until ready, the generation's future."""
+    process, (http_port, grpc_port, metrics_port) = start_launcher(tiny_sd, tmp_path / "triton.log", *flags)
     try:
         started = wait_for_line(process, "stepdiff: ready")
         server = Server(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics",
@@ -117,7 +115,8 @@ def test_drain_seconds_lets_a_generation_in_flight_finish_before_the_stop(tiny_s
     """--drain-seconds: SIGTERM during a generation; the launcher waits for it (Triton goes on serving), the
     client gets its image, then Triton stops and the launcher exits 0. With --log-stdout its output also
     holds Triton's log."""
-    with signalled_mid_generation(tiny_sd, tmp_path, "--log-stdout") as (process, started, generation):
+    flags = ("--drain-seconds", "120", "--log-stdout")
+    with signalled_mid_generation(tiny_sd, tmp_path, *flags) as (process, started, generation):
         image, seed = generation.result(timeout=120)
         output, _ = process.communicate(timeout=120)
     assert image.shape == (64, 64, 3) and seed == 3
@@ -132,7 +131,7 @@ def test_drain_seconds_lets_a_generation_in_flight_finish_before_the_stop(tiny_s
 def test_a_second_signal_during_the_drain_stops_at_once(tiny_sd, tmp_path):
     """The second Ctrl-C / SIGTERM ends the drain and kills tritonserver, which would otherwise wait its 30 s
     exit timeout for the generation in flight."""
-    with signalled_mid_generation(tiny_sd, tmp_path, height=256) as (process, _, generation):
+    with signalled_mid_generation(tiny_sd, tmp_path, "--drain-seconds", "120", height=256) as (process, _, generation):
         wait_for_line(process, "stepdiff: draining: generations in flight or queued: 1;")
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
@@ -143,6 +142,22 @@ def test_a_second_signal_during_the_drain_stops_at_once(tiny_sd, tmp_path):
     assert process.returncode == 0, output
     assert stopped_after < 15, output  # not Triton's 30 s exit timeout
     assert "stepdiff: drained; generations left: 1" in output and "stepdiff: stopped (tritonserver " in output
+
+
+def test_a_stop_ends_the_generations_in_flight_before_triton_stops(tiny_sd, tmp_path):
+    """Without a drain, SIGTERM ends the generation in flight at its next step (UNAVAILABLE, saying so) while
+    Triton still takes its abort, so tritonserver stops by itself instead of waiting its 30 s exit timeout
+    for the open sequence and being killed."""
+    with signalled_mid_generation(tiny_sd, tmp_path) as (process, _, generation):
+        with pytest.raises(InferenceServerException) as failure:
+            generation.result(timeout=120)
+        output, _ = process.communicate(timeout=120)
+    assert "server stopping: the generation was ended after step" in str(failure.value)
+    assert failure.value.status() == "StatusCode.UNAVAILABLE"
+    assert process.returncode == 0, output
+    assert "stepdiff: stopping: ending the 1 generations in flight or queued" in output
+    assert "stepdiff: stopped (tritonserver exit code 0)" in output, output
+    assert "Exit timeout expired" not in (tmp_path / "triton.log").read_text()
 
 
 def test_model_load_failure_exits_with_tritons_reason(tiny_sd, tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from stepdiff.adapters import GenerationParams
+from stepdiff.admission import ServerStopping
 from stepdiff.orchestrator import generate
 
 PARAMS = GenerationParams("a cat", None, 0, 10, 7.5, 64, 64, "EulerDiscreteScheduler")
@@ -92,6 +93,26 @@ def test_a_cancel_stops_within_one_step_and_aborts_after_the_calls_in_flight():
     *steps, abort = stages.calls
     assert "abort" in abort["inputs"] and abort["end"] and abort["in_flight_before"] == 0
     assert len(steps) == 3 + 1  # one more step at most: the call in flight when the cancel came
+
+
+def test_a_stopping_server_ends_the_generation_at_its_next_step_with_an_abort():
+    """The launcher announced the stop: the generation ends like a cancel (the abort still goes out, while
+    Triton takes it) but raises ServerStopping, which the client gets as UNAVAILABLE."""
+    stages = RecordingStages(num_steps=30)
+    progress: list[int] = []
+
+    async def on_step(step, num_steps, latents):
+        progress.append(step)
+
+    with pytest.raises(ServerStopping, match=r"the generation was ended after step 3 of 30; retry"):
+        asyncio.run(
+            generate(
+                stages, PARAMS, ["prompt_embeds"], on_step=on_step, lookahead=2, is_stopping=lambda: len(progress) >= 3
+            )
+        )
+    *steps, abort = stages.calls
+    assert "abort" in abort["inputs"] and abort["end"] and abort["in_flight_before"] == 0
+    assert len(steps) == 3 + 1
 
 
 def failed_generation(stages: RecordingStages) -> str:

@@ -7,6 +7,12 @@ first, each with the process that holds it. Every change happens under an exclus
 first drops the entries of processes that are gone, so a crashed process gives its slots back. Whoever
 changes the file also starts the oldest waiters while slots are free, so a slot never waits for its
 waiter's process; a process with waiters looks every ``poll`` seconds which of them started.
+
+When the launcher stops the server it first announces the stop with a second file beside the first
+(``announce_stop``): from then on no generation is admitted, those waiting are refused, and those
+running end at their next step (``orchestrator.generate``), so that their denoise sequences are ended
+while Triton still takes calls. (Triton 2.51's Python backend refuses every BLS call once the server
+is exiting, and Triton's stop waits for the sequences still open until its exit timeout.)
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ class QueueTimeout(ServerBusy):
     """A generation waited ``queue_timeout_seconds`` and no slot came free for it."""
 
 
+class ServerStopping(ServerBusy):
+    """The server is stopping (``announce_stop``): no generation starts, and those running end."""
+
+
 def process_identity(pid: int) -> str:
     """``PID-STARTTIME`` of a running process (unique even when pids are reused), "" when it is gone."""
     try:
@@ -58,6 +68,20 @@ SLOTS_FOLDER = Path(tempfile.gettempdir()) / "stepdiff-admission"
 def slots_file(server_pid: int) -> Path:
     """The file the model processes of the tritonserver ``server_pid`` share."""
     return SLOTS_FOLDER / f"{process_identity(server_pid)}.json"
+
+
+STOPPING = "server stopping: no new generation starts; retry on another server or once it is back"
+
+
+def stop_file(server_pid: int) -> Path:
+    """The file whose presence says that the tritonserver ``server_pid`` is stopping."""
+    return slots_file(server_pid).with_suffix(".stopping")
+
+
+def announce_stop(server_pid: int) -> None:
+    """Tell the generation models of the tritonserver ``server_pid`` that it is stopping."""
+    SLOTS_FOLDER.mkdir(parents=True, exist_ok=True)
+    stop_file(server_pid).touch()
 
 
 def generations_in_server(server_pid: int) -> int:
@@ -88,6 +112,7 @@ class SharedSlots:
     def __init__(self, path: Path, limit: int, max_queue: int, owner: str | None = None):
         self.limit, self.max_queue = limit, max_queue
         self.owner = owner or process_identity(os.getpid())
+        self.stop_path = path.with_suffix(".stopping")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
 
@@ -95,13 +120,17 @@ class SharedSlots:
     def for_server(cls, limit: int, max_queue: int) -> SharedSlots:
         """The slots of the tritonserver whose model process this is (Triton starts them as its children),
         in the temporary directory; the files of servers that are gone are removed."""
-        for stale in SLOTS_FOLDER.glob("*.json"):
+        for stale in [*SLOTS_FOLDER.glob("*.json"), *SLOTS_FOLDER.glob("*.stopping")]:
             if not is_alive(stale.stem):
                 stale.unlink(missing_ok=True)
         return cls(slots_file(os.getppid()), limit, max_queue)
 
     def close(self) -> None:
         os.close(self.fd)
+
+    def stopping(self) -> bool:
+        """Whether the launcher has announced the server's stop."""
+        return self.stop_path.exists()
 
     @contextlib.contextmanager
     def _state(self) -> Iterator[State]:
@@ -129,7 +158,10 @@ class SharedSlots:
             state["running"].append(state["waiting"].pop(0))
 
     def join(self, entry: str) -> bool:
-        """Add a generation: True when it runs now, False when it waits; QueueFull when the queue is full."""
+        """Add a generation: True when it runs now, False when it waits; QueueFull when the queue is full,
+        ServerStopping when the server is stopping."""
+        if self.stopping():
+            raise ServerStopping(STOPPING)
         with self._state() as state:
             running, waiting = state["running"], state["waiting"]
             if len(running) < self.limit:  # then nobody waits
@@ -202,7 +234,8 @@ class Admission:
             self._wake_started()
 
     async def _wait(self, entry: str, is_cancelled: Callable[[], bool]) -> bool:
-        """Wait until ``entry`` runs (True) or the client cancels (False); QueueTimeout past ``timeout``."""
+        """Wait until ``entry`` runs (True) or the client cancels (False); QueueTimeout past ``timeout``,
+        ServerStopping once the server is stopping."""
         began = time.monotonic()
         started = self.waiters[entry] = asyncio.get_running_loop().create_future()
         self.observer.queued(1)
@@ -212,6 +245,8 @@ class Admission:
             while not started.done():
                 if is_cancelled():
                     return False
+                if self.slots.stopping():
+                    raise ServerStopping(STOPPING)
                 left = began + self.timeout - time.monotonic()
                 if left <= 0:
                     self.observer.rejected("queue_timeout")

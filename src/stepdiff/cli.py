@@ -14,7 +14,7 @@ from collections import deque
 from pathlib import Path
 
 from . import openai_api, server
-from .admission import generations_in_server
+from .admission import announce_stop, generations_in_server
 from .pipeline_source import local_pipeline, resolve_pipeline
 from .repository import CONSUMER, TEMPLATE, model_settings, serving_gpus, write_repository_for
 from .settings import DECODERS, ENCODERS, MODES, Settings, cache_folder, lora_paths
@@ -321,6 +321,7 @@ def serve(args: argparse.Namespace) -> int:
         code = watch(args, process, stop)
         if stop.is_set():  # SIGINT / SIGTERM
             drain(process, args.drain_seconds, stop_now)
+            end_generations(process, stop_now)
             print(f"stepdiff: stopped ({stopped_how(process.stop(now=stop_now))})", flush=True)
     return code
 
@@ -348,6 +349,30 @@ def drain(process: server.TritonProcess, seconds: float, stop_now: threading.Eve
     while in_flight and time.monotonic() < deadline and not stop_now.wait(0.5):
         in_flight = generations_in_server(process.process.pid)
     print(f"stepdiff: drained; generations left: {in_flight}", flush=True)
+
+
+# Seconds the generations still in flight at a stop get to end (each at its next step) before Triton stops.
+END_GENERATIONS_SECONDS = 10.0
+
+
+def end_generations(process: server.TritonProcess, stop_now: threading.Event) -> None:
+    """Announce the stop to the generation models, which then admit nothing and end the generations in
+    flight at their next step (UNAVAILABLE "server stopping"), and wait until they have, at most
+    END_GENERATIONS_SECONDS or until ``stop_now`` is set. Their denoise sequences must end while Triton
+    still takes calls: once tritonserver is stopping, Triton 2.51's Python backend refuses every call a
+    model makes, and Triton's stop waits its 30 s exit timeout for the sequences left open."""
+    if process.process.poll() is not None:
+        return
+    announce_stop(process.process.pid)
+    in_flight = generations_in_server(process.process.pid)
+    if not in_flight:
+        return
+    print(f"stepdiff: stopping: ending the {in_flight} generations in flight or queued (UNAVAILABLE)", flush=True)
+    deadline = time.monotonic() + END_GENERATIONS_SECONDS
+    while in_flight and time.monotonic() < deadline and not stop_now.wait(0.1):
+        in_flight = generations_in_server(process.process.pid)
+    if in_flight:
+        print(f"stepdiff: {in_flight} generations did not end in {END_GENERATIONS_SECONDS:g} s", flush=True)
 
 
 def exit_code_of(returncode: int) -> int:

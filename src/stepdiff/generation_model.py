@@ -172,6 +172,7 @@ class GenerationModel:
                     is_cancelled=request.is_cancelled,
                     lookahead=self.settings.step_lookahead,
                     preview_every=preview_every,
+                    is_stopping=self.admission.slots.stopping,
                 )
                 if started
                 else None

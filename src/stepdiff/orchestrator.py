@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .admission import ServerStopping
 from .params import GenerationParams
 
 # (steps done, number of steps, latents after that step when a preview was asked for, else None)
@@ -92,6 +93,7 @@ async def generate(
     is_cancelled: Callable[[], bool] = lambda: False,
     preview_every: int = 0,
     lookahead: int = 2,
+    is_stopping: Callable[[], bool] = lambda: False,
 ) -> GenerationResult | None:
     """Run one request through the three stages; returns None when cancelled between steps.
 
@@ -109,14 +111,16 @@ async def generate(
     final latents. (END on the last step itself would have to go out alone, and the forward it joins
     would wait for the GPU to copy its latents out: at 30 steps and 32 requests, nearly every forward
     holds some request's last step.) A cancel is checked right before each call: at most
-    ``lookahead - 1`` more steps run.
+    ``lookahead - 1`` more steps run. So is ``is_stopping`` (the server is about to stop): the generation
+    then ends the same way and raises ServerStopping.
 
     The denoise sequence always ends: normally with the END call after the last step; otherwise (a cancel, an
     error, a refused START) with an END carrying ``abort`` once the calls in flight are back. That frees
     denoise_step's state, and also the sequence's slot in Triton's sequence batcher, which only an END
     (or ``max_sequence_idle_microseconds``) frees: denoise_step freeing its own state after a failed call
     is not enough, and 1024 such sequences would fill the batcher. Not after ``NOTHING_TO_ABORT``
-    errors: the server restarts or stops, which frees every slot, and an abort would wait for that.
+    errors: the server restarts or stops, and refuses the abort too (the launcher announces a stop first,
+    so that generations end through ``is_stopping`` while Triton still takes their abort).
     """
     inputs = params_as_inputs(params)
     conditioning = await call("text_encoder", inputs, list(conditioning_names))
@@ -153,6 +157,11 @@ async def generate(
                 await collect(num_steps)
             if is_cancelled():  # checked right before sending: a cancel seen while waiting counts
                 return None
+            if is_stopping():
+                raise ServerStopping(
+                    f"server stopping: the generation was ended after step {progress['steps']} of {num_steps}; "
+                    "retry on another server or once it is back"
+                )
             step_input = {"step": batch_of_one(index, np.int32)} if alone else {}
             wanted = ["step_index", "latents"] if preview else ["step_index"]
             in_flight.append(asyncio.ensure_future(denoise_call(step_input, wanted, correlation_id)))
