@@ -142,6 +142,7 @@ def test_a_second_signal_during_the_drain_stops_at_once(tiny_sd, tmp_path):
     assert process.returncode == 0, output
     assert stopped_after < 15, output  # not Triton's 30 s exit timeout
     assert "stepdiff: drained; generations left: 1" in output and "stepdiff: stopped (tritonserver " in output
+    assert "stepdiff: stopping: ending" not in output  # the second signal does not wait for them to end
 
 
 def test_a_stop_ends_the_generations_in_flight_before_triton_stops(tiny_sd, tmp_path):

@@ -141,7 +141,7 @@ def test_requests_are_counted_per_adapter(lora_server):
         (["nope"], None, "lora: unknown adapter 'nope': loaded style-a, style_b, words"),
         (["style-a"], [float("nan")], "lora_scale=nan is out of range: allowed a finite number in [-10.0, 10.0]"),
         (["style-a"], [11.0], "lora_scale=11.0 is out of range"),
-        (["style-a", "style_b"], [1.0], "lora_scale: 1 values for 2 adapters in lora (one each)"),
+        (["style-a", "style_b"], [1.0], "lora_scale: 1 given, 2 expected (one per adapter named in lora"),
         (["style-a", "style_b", "words"], None, "lora: 3 adapters is over the limit of 2 per request"),
         (["style-a", "style-a"], None, "lora: adapter 'style-a' is named twice"),
     ],

@@ -365,7 +365,7 @@ def end_generations(process: server.TritonProcess, stop_now: threading.Event) ->
         return
     announce_stop(process.process.pid)
     in_flight = generations_in_server(process.process.pid)
-    if not in_flight:
+    if not in_flight or stop_now.is_set():
         return
     print(f"stepdiff: stopping: ending the {in_flight} generations in flight or queued (UNAVAILABLE)", flush=True)
     deadline = time.monotonic() + END_GENERATIONS_SECONDS

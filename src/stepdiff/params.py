@@ -191,7 +191,10 @@ def lora_inputs(raw: Mapping[str, np.ndarray], settings: Settings) -> tuple[tupl
         )
     scales = [1.0] * len(decoded) if scales_array is None else [float(v) for v in scales_array.reshape(-1)]
     if len(scales) != len(decoded):
-        raise InvalidInput(f"lora_scale: {len(scales)} values for {len(decoded)} adapters in lora (one each)")
+        raise InvalidInput(
+            f"lora_scale: {len(scales)} given, {len(decoded)} expected (one per adapter named in lora, or none "
+            "for 1.0 each)"
+        )
     for scale in scales:
         if not math.isfinite(scale) or abs(scale) > LORA_SCALE_LIMIT:
             raise InvalidInput(
