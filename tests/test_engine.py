@@ -67,6 +67,32 @@ def test_end_after_the_last_step_returns_the_same_latents_without_a_step(adapter
     assert engine.states == {}
 
 
+def test_start_with_step_zero_takes_the_first_step_in_the_forward_of_the_other_steps(adapters):
+    """txt2img's START carries step 0: the new request's first step shares the forward of the step calls
+    in its run, and its latents equal those of a START followed by a step call; any other step on START
+    is refused naming the values allowed, and no state is made."""
+    encoder, denoiser = adapters
+    engine = StepEngine(denoiser, 8, 4, 60)
+    with torch.inference_mode():
+        conditioning = encoder.encode_prompt(params(seed=5))
+    start(engine, encoder, 1, params(seed=5))
+    [result] = engine.run([StepCall(1, step=0, wants_latents=True)])
+    apart = result.latents
+    start(engine, encoder, 2, params(seed=6))
+    results = engine.run([StepCall(3, start=True, step=0, wants_latents=True, params=params(seed=5),
+                                   conditioning=conditioning), StepCall(2)])  # fmt: skip
+    assert [(result.error, result.step_index, result.num_steps) for result in results] == [(None, 1, 3), (None, 1, 3)]
+    assert engine.forward_batch_sizes == [2]
+    assert torch.allclose(results[0].latents, apart, atol=1e-5)  # batched with another request: close
+    [alone] = engine.run([StepCall(4, start=True, step=0, wants_latents=True, params=params(seed=5),
+                                   conditioning=conditioning)])  # fmt: skip
+    assert torch.equal(alone.latents, apart)  # alone: the same kernels as START, then step 0
+    [refused] = engine.run([StepCall(5, start=True, step=2, params=params(), conditioning=conditioning)])
+    assert isinstance(refused.error, InvalidInput)
+    assert str(refused.error) == "step=2 on START: allowed 0 (take the first step now) or none"
+    assert 5 not in engine.states
+
+
 @pytest.mark.parametrize(
     "scheduler", ["UniPCMultistepScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler", "DDIMScheduler"]
 )

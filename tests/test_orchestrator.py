@@ -26,6 +26,7 @@ class RecordingStages:
         self.served_in_order = asyncio.Lock()  # like the sequence batcher: one call of a sequence at a time
         self.in_flight = 0
         self.calls: list[dict] = []  # denoise_step calls after START, in the order they were sent
+        self.start: dict = {}  # the START call's inputs and outputs
 
     fail_at_step: int | None = None  # the step call that returns ``failure``
     failure = "denoise_step: Stub process 'denoise_step_0_0' is not healthy."  # a dead denoise_step
@@ -36,7 +37,9 @@ class RecordingStages:
         if model == "vae_decode":
             return {"image": np.zeros((1, 64, 64, 3), np.uint8)}
         if start:
-            return {"num_steps": np.array([[self.num_steps]], np.int32)}
+            self.start = {"inputs": inputs, "outputs": outputs}
+            answer = {"num_steps": np.array([[self.num_steps]], np.int32), "step_index": np.array([[1]], np.int32)}
+            return answer | ({"latents": np.ones((1, 4, 8, 8), np.float32)} if "latents" in outputs else {})
         self.calls.append({"inputs": set(inputs), "outputs": outputs, "end": end, "in_flight_before": self.in_flight})
         self.in_flight += 1
         try:
@@ -57,16 +60,29 @@ def test_two_calls_in_flight_previews_alone_and_an_end_call_after_the_last_step(
 
     result = asyncio.run(generate(stages, PARAMS, ["prompt_embeds"], on_step=on_step, preview_every=4, lookahead=2))
     assert result is not None
-    *steps, end = stages.calls
-    assert len(steps) == 10 and max(call["in_flight_before"] for call in steps) == 1  # never more than 2 at once
-    alone = [index for index, call in enumerate(steps) if "step" in call["inputs"]]
+    # START takes the first step (step 0), without latents: its preview would be after step 1
+    assert stages.start["inputs"]["step"].tolist() == [[0]] and "latents" not in stages.start["outputs"]
+    *steps, end = stages.calls  # steps 1 to 9
+    assert len(steps) == 9 and max(call["in_flight_before"] for call in steps) == 1  # never more than 2 at once
+    alone = [1 + index for index, call in enumerate(steps) if "step" in call["inputs"]]
     assert alone == [3, 7]  # previews after steps 4 and 8
-    assert all(steps[index]["in_flight_before"] == 0 for index in alone)
+    assert all(steps[index - 1]["in_flight_before"] == 0 for index in alone)
     # the last step overlaps like any other; END then takes no step and fetches the final latents
-    assert [index for index, call in enumerate(steps) if call["in_flight_before"] == 1] == [1, 2, 5, 6, 9]
-    assert not any(call["end"] for call in steps) and all("latents" not in call["outputs"] for call in steps[8:])
+    assert [1 + index for index, call in enumerate(steps) if call["in_flight_before"] == 1] == [2, 5, 6, 9]
+    assert not any(call["end"] for call in steps) and all("latents" not in call["outputs"] for call in steps[7:])
     assert end["end"] and end["inputs"] == set() and end["outputs"] == ["latents"] and end["in_flight_before"] == 0
     assert progress == [(step, step in (4, 8)) for step in range(1, 11)]
+
+
+def test_a_preview_after_every_step_gets_the_first_from_start():
+    stages, progress = RecordingStages(num_steps=3), []
+
+    async def on_step(step, num_steps, latents):
+        progress.append((step, latents is not None))
+
+    asyncio.run(generate(stages, PARAMS, ["prompt_embeds"], on_step=on_step, preview_every=1, lookahead=2))
+    assert "latents" in stages.start["outputs"]
+    assert progress == [(1, True), (2, True), (3, False)]  # the last step's latents are the image's
 
 
 def test_lookahead_one_sends_every_step_alone_with_its_index():
@@ -92,7 +108,7 @@ def test_a_cancel_stops_within_one_step_and_aborts_after_the_calls_in_flight():
     assert result is None
     *steps, abort = stages.calls
     assert "abort" in abort["inputs"] and abort["end"] and abort["in_flight_before"] == 0
-    assert len(steps) == 3 + 1  # one more step at most: the call in flight when the cancel came
+    assert 1 + len(steps) == 3 + 1  # START's step and the calls: one more than reported (the one in flight)
 
 
 def test_a_stopping_server_ends_the_generation_at_its_next_step_with_an_abort():
@@ -112,7 +128,7 @@ def test_a_stopping_server_ends_the_generation_at_its_next_step_with_an_abort():
         )
     *steps, abort = stages.calls
     assert "abort" in abort["inputs"] and abort["end"] and abort["in_flight_before"] == 0
-    assert len(steps) == 3 + 1
+    assert 1 + len(steps) == 3 + 1
 
 
 def failed_generation(stages: RecordingStages) -> str:

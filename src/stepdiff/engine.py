@@ -1,7 +1,8 @@
 """The denoise_step core: per-sequence state on the device and step-level batching, without Triton.
 
 Triton's sequence batcher hands ``StepEngine.run`` one call per sequence. A START call creates the
-request's state; a step call advances it by one step (the rows of all compatible step calls of one
+request's state (with ``step`` 0 it also takes the first step, in the same forward as the others'
+steps); a step call advances it by one step (the rows of all compatible step calls of one
 ``run`` share the runner's denoiser forwards); a step call can ask for its latents (previews). END
 on the last step returns the final latents and frees the state; so does END on a call after the last
 step, which takes no step (txt2img's way: its last step then batches like any other); an abort frees it.
@@ -142,7 +143,7 @@ class StepEngine:
                 result.step_index, result.num_steps, result.done = state.step_index, state.num_steps, state.done
                 if index in finished:
                     result.latents = finished[index]
-                elif not call.start and (call.wants_latents or state.done):
+                elif (not call.start or call.step == 0) and (call.wants_latents or state.done):
                     result.latents = self.adapter.output_latents(state)
             # a finished request waits for its END (or the sweep), a refused call's sequence for its next
             if call.end or (result.error is not None and not isinstance(result.error, StepRefused)):
@@ -157,13 +158,16 @@ class StepEngine:
         if call.start:
             if call.params is None:
                 raise InvalidInput("START: the sequence's first call must carry the generation inputs")
+            if call.step not in (None, 0):
+                raise InvalidInput(f"step={call.step} on START: allowed 0 (take the first step now) or none")
             self._finish(call.correlation_id)  # a reused id restarts cleanly
             if len(self.states) >= self.max_active_sequences:
                 raise ServerBusy(
                     f"server busy: {len(self.states)} active sequences (limit {self.max_active_sequences}); retry later"
                 )
-            self.states[call.correlation_id] = self.adapter.prepare(call.correlation_id, call.params, call.conditioning)
-            return None
+            state = self.adapter.prepare(call.correlation_id, call.params, call.conditioning)
+            self.states[call.correlation_id] = state
+            return state if call.step == 0 else None
         state = self.states.get(call.correlation_id)
         if state is None:
             raise InvalidInput(f"sequence {call.correlation_id}: unknown or already finished (send START first)")

@@ -102,6 +102,9 @@ async def generate(
 
     ``on_step`` is awaited after every step, with the current latents every ``preview_every`` steps.
 
+    The START call also takes the first step (``step`` 0): a sequence's calls each wait for a forward of
+    denoise_step's, so a START of its own would cost every generation one forward's time more.
+
     Up to ``lookahead`` step calls are in flight at once, so that the next step already waits in
     Triton's sequence batcher when denoise_step finishes one: the per-step round trip overlaps the GPU
     instead of following it. Calls in flight together are interchangeable ("the next step", no
@@ -148,9 +151,18 @@ async def generate(
         return latents
 
     try:
-        first = await denoise_call({**inputs, **conditioning}, ["num_steps"], correlation_id, start=True)
+        first_preview = preview_every == 1
+        first = await denoise_call(
+            {**inputs, **conditioning, "step": batch_of_one(0, np.int32)},
+            ["num_steps", "step_index", *(["latents"] if first_preview else [])],
+            correlation_id,
+            start=True,
+        )
         num_steps = host_scalar(first["num_steps"])
-        for index in range(num_steps):
+        progress["steps"] = 1
+        if on_step is not None:
+            await on_step(1, num_steps, first.get("latents") if first_preview and num_steps > 1 else None)
+        for index in range(1, num_steps):
             preview = index < num_steps - 1 and preview_every > 0 and (index + 1) % preview_every == 0
             alone = preview or lookahead == 1
             while in_flight and (alone or len(in_flight) >= lookahead):
