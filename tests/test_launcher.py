@@ -129,8 +129,8 @@ def test_drain_seconds_lets_a_generation_in_flight_finish_before_the_stop(tiny_s
 
 
 def test_a_second_signal_during_the_drain_stops_at_once(tiny_sd, tmp_path):
-    """The second Ctrl-C / SIGTERM ends the drain and kills tritonserver, which would otherwise wait its 30 s
-    exit timeout for the generation in flight."""
+    """The second Ctrl-C / SIGTERM ends the drain and kills tritonserver at once, without first ending the
+    generation in flight (the generation fails)."""
     with signalled_mid_generation(tiny_sd, tmp_path, "--drain-seconds", "120", height=256) as (process, _, generation):
         wait_for_line(process, "stepdiff: draining: generations in flight or queued: 1;")
         signalled = time.monotonic()
