@@ -73,15 +73,15 @@ def slots_file(server_pid: int) -> Path:
 STOPPING = "server stopping: no new generation starts; retry on another server or once it is back"
 
 
-def stop_file(server_pid: int) -> Path:
-    """The file whose presence says that the tritonserver ``server_pid`` is stopping."""
-    return slots_file(server_pid).with_suffix(".stopping")
+def stop_file(slots: Path) -> Path:
+    """The file beside the slots file ``slots`` whose presence says that its server is stopping."""
+    return slots.with_suffix(".stopping")
 
 
 def announce_stop(server_pid: int) -> None:
     """Tell the generation models of the tritonserver ``server_pid`` that it is stopping."""
     SLOTS_FOLDER.mkdir(parents=True, exist_ok=True)
-    stop_file(server_pid).touch()
+    stop_file(slots_file(server_pid)).touch()
 
 
 def generations_in_server(server_pid: int) -> int:
@@ -112,7 +112,7 @@ class SharedSlots:
     def __init__(self, path: Path, limit: int, max_queue: int, owner: str | None = None):
         self.limit, self.max_queue = limit, max_queue
         self.owner = owner or process_identity(os.getpid())
-        self.stop_path = path.with_suffix(".stopping")
+        self.stop_path = stop_file(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
 

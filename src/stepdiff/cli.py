@@ -346,9 +346,18 @@ def drain(process: server.TritonProcess, seconds: float, stop_now: threading.Eve
         f"{seconds:g} s (--drain-seconds; a second Ctrl-C / SIGTERM stops now)",
         flush=True,
     )
-    while in_flight and time.monotonic() < deadline and not stop_now.wait(0.5):
-        in_flight = generations_in_server(process.process.pid)
+    in_flight = wait_for_generations(process, in_flight, deadline, stop_now, poll=0.5)
     print(f"stepdiff: drained; generations left: {in_flight}", flush=True)
+
+
+def wait_for_generations(
+    process: server.TritonProcess, in_flight: int, deadline: float, stop_now: threading.Event, poll: float
+) -> int:
+    """Look every ``poll`` s at the generations in the server, from ``in_flight`` on, until none is left,
+    ``deadline`` (monotonic) passes or ``stop_now`` is set; returns how many are left."""
+    while in_flight and time.monotonic() < deadline and not stop_now.wait(poll):
+        in_flight = generations_in_server(process.process.pid)
+    return in_flight
 
 
 # Seconds the generations still in flight at a stop get to end (each at its next step) before Triton stops.
@@ -368,9 +377,7 @@ def end_generations(process: server.TritonProcess, stop_now: threading.Event) ->
     if not in_flight or stop_now.is_set():
         return
     print(f"stepdiff: stopping: ending the {in_flight} generations in flight or queued (UNAVAILABLE)", flush=True)
-    deadline = time.monotonic() + END_GENERATIONS_SECONDS
-    while in_flight and time.monotonic() < deadline and not stop_now.wait(0.1):
-        in_flight = generations_in_server(process.process.pid)
+    in_flight = wait_for_generations(process, in_flight, time.monotonic() + END_GENERATIONS_SECONDS, stop_now, poll=0.1)
     if in_flight:
         print(f"stepdiff: {in_flight} generations did not end in {END_GENERATIONS_SECONDS:g} s", flush=True)
 
