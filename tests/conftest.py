@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import signal
@@ -23,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import generate as txt2img_client  # noqa: E402  (client/generate.py)
 
-from stepdiff.server import free_ports  # noqa: E402
+from stepdiff.server import StubProcess, free_ports  # noqa: E402
 
 ADMIN_KEY = "test-admin-key"
 CPU_THREADS = 1  # the server's models and the reference pipeline must use the same thread count
@@ -155,6 +156,26 @@ def final_latents_of_mixes(denoiser, runner, conditioning: dict, options: tuple,
         assert all(result.error is None and result.done for result in results), results
         finals.append([result.latents for result in results])
     return finals
+
+
+PTRACE_DETACH, PTRACE_SEIZE, PTRACE_INTERRUPT, WAIT_ALL = 17, 0x4206, 0x4207, 0x40000000  # <sys/ptrace.h>, __WALL
+LIBC = ctypes.CDLL(None, use_errno=True)
+LIBC.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+
+
+def hang_main_thread(stub: StubProcess) -> None:
+    """Stop only the main thread of a model's process, which runs ``execute``, with ptrace (this test's thread
+    becomes its tracer): a hung model. Its other threads run on, the stub's health thread among them, so
+    Triton notices nothing (a SIGSTOP, which stops them all, it reports as "not healthy")."""
+    if LIBC.ptrace(PTRACE_SEIZE, stub.pid, None, None) != 0:
+        pytest.skip(f"ptrace is not permitted here: {os.strerror(ctypes.get_errno())}")
+    assert LIBC.ptrace(PTRACE_INTERRUPT, stub.pid, None, None) == 0, os.strerror(ctypes.get_errno())
+    os.waitpid(stub.pid, WAIT_ALL)  # until it stops
+
+
+def release_main_thread(stub: StubProcess) -> None:
+    """Let the main thread that ``hang_main_thread`` stopped run on (from the thread that stopped it)."""
+    assert LIBC.ptrace(PTRACE_DETACH, stub.pid, None, None) == 0, os.strerror(ctypes.get_errno())
 
 
 WARMUP = "64x64,48x64"  # the session server's --warmup

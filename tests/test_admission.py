@@ -23,7 +23,7 @@ from stepdiff.admission import (
     SharedSlots,
     process_identity,
 )
-from stepdiff.repository import TEMPLATE, generations_admitted, write_served_repository
+from stepdiff.repository import TEMPLATE, generations_admitted, python_backend_threads, write_served_repository
 from stepdiff.settings import Settings
 
 
@@ -213,6 +213,16 @@ def test_txt2img_reads_what_the_served_denoise_step_instances_admit(tmp_path):
     served = write_served_repository(TEMPLATE, tmp_path / "gpus", (), gpus=(0, 1))
     assert generations_admitted(served, {"STEPDIFF_MAX_ACTIVE_SEQUENCES": "5"}) == 4
     assert generations_admitted(TEMPLATE, {"STEPDIFF_MAX_ACTIVE_SEQUENCES": "5"}) == 5
+
+
+def test_tritons_python_threads_cover_every_admitted_generations_step_calls(tmp_path):
+    """One orchestrator instance may run every admitted generation, each with step_lookahead calls out."""
+    assert python_backend_threads(TEMPLATE, {}) == 256 * 2 + 8
+    assert (
+        python_backend_threads(TEMPLATE, {"STEPDIFF_MAX_ACTIVE_SEQUENCES": "5", "STEPDIFF_STEP_LOOKAHEAD": "3"}) == 23
+    )
+    served = write_served_repository(TEMPLATE, tmp_path / "gpus", (), gpus=(0, 1))
+    assert python_backend_threads(served, {"STEPDIFF_MAX_ACTIVE_SEQUENCES": "5"}) == 4 * 2 + 8
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ tritonserver. One server (``--stall-seconds 3``) serves every fault in turn."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import signal
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Server, running_server
+from conftest import WAIT_ALL, Server, hang_main_thread, running_server
 from tritonclient.utils import InferenceServerException
 
 from stepdiff.cli import RestartBudget, main
@@ -166,21 +165,6 @@ def test_killed_denoise_step_fails_requests_in_flight_and_the_launcher_restarts_
         f"stepdiff: restarting tritonserver: model denoise_step's process died (pid {killed.pid}, instance "
         f"denoise_step_0_0)" in log
     )
-
-
-PTRACE_SEIZE, PTRACE_INTERRUPT, WAIT_ALL = 0x4206, 0x4207, 0x40000000  # <sys/ptrace.h>, __WALL
-
-
-def hang_main_thread(stub: StubProcess) -> None:
-    """Stop only the main thread of a model's process, which runs ``execute``, with ptrace (this test's thread
-    becomes its tracer): a hung model. Its other threads run on, the stub's health thread among them, so
-    Triton notices nothing (a SIGSTOP, which stops them all, it reports as "not healthy")."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-    if libc.ptrace(PTRACE_SEIZE, stub.pid, None, None) != 0:
-        pytest.skip(f"ptrace is not permitted here: {os.strerror(ctypes.get_errno())}")
-    assert libc.ptrace(PTRACE_INTERRUPT, stub.pid, None, None) == 0, os.strerror(ctypes.get_errno())
-    os.waitpid(stub.pid, WAIT_ALL)  # until it stops
 
 
 def test_hung_denoise_step_is_aborted_and_the_launcher_restarts_triton(watched):

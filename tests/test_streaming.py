@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import queue
 import random
 import time
@@ -10,9 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import txt2img_client
+from conftest import hang_main_thread, release_main_thread, txt2img_client
 from test_batching import psnr
 from tritonclient.utils import InferenceServerException
+
+from stepdiff.server import stub_processes, tritonserver_pid
 
 
 def stream(server, prompt: str, cancel_after: int | None = None, preview_every: int = 0, **options):
@@ -84,6 +87,70 @@ def test_half_of_twenty_streams_cancelled_others_unaffected(server):
             assert psnr(final["image"], solo[i]) >= 40, i
     assert wait_for_metric(server, "stepdiff_active_sequences", 0) == 0
     assert wait_for_metric(server, "stepdiff_cancelled_requests_total", cancelled_before + 10) == cancelled_before + 10
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_forty_streams_keep_their_step_calls_queued_at_denoise_step(server):
+    """Triton 2.51 holds a thread of the calling model instance's pool for each BLS call until it is
+    answered (Triton's default: 32 per instance), and txt2img_stream runs one instance. 40 streams keep
+    2 step calls out each (the step lookahead): with denoise_step's execute held, every running stream's
+    calls reach its queue (Triton's default pool let at most 32 through); released, every stream ends
+    with its image."""
+    count, options = 40, dict(num_inference_steps=40, height=64, width=64)
+    steps: dict[int, int] = {}
+    images: dict[int, np.ndarray] = {}
+    errors: list = []
+
+    def on_response(index: int, result, error) -> None:
+        if error is not None:
+            errors.append(error)
+            return
+        if result.as_numpy("step") is not None:
+            steps[index] = int(result.as_numpy("step")[0])
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            images[index] = result.as_numpy("image")
+
+    def queued_at_denoise_step() -> float:
+        return server.metric("nv_inference_pending_request_count", model="denoise_step")
+
+    clients = [grpcclient.InferenceServerClient(server.grpc_url) for _ in range(count)]
+    try:
+        for index, client in enumerate(clients):
+            client.start_stream(callback=functools.partial(on_response, index))
+            inputs = txt2img_client.build_inputs(grpcclient, "a cat", {**options, "seed": 500 + index})
+            client.async_stream_infer("txt2img_stream", inputs, enable_empty_final_response=True)
+        wait_until(lambda: (len(steps) == count and min(steps.values()) >= 2) or errors, 120, "every stream's step 2")
+        assert not errors, errors
+        [denoise] = [
+            stub
+            for stub in stub_processes(tritonserver_pid(int(server.http_url.rsplit(":", 1)[1])))
+            if stub.model == "denoise_step"
+        ]
+        hang_main_thread(denoise)
+        try:
+            running = count - len(images)
+            assert running > 32, f"only {running} streams still running: too few to tell"
+            deadline = time.monotonic() + 20
+            while (queued := queued_at_denoise_step()) < running and time.monotonic() < deadline:
+                time.sleep(0.2)
+            # each running stream has one call in the held execute or queued, and its second one queued
+            assert queued >= running, f"{queued} step calls queued at denoise_step for {running} running streams"
+        finally:
+            release_main_thread(denoise)
+        wait_until(lambda: len(images) == count or errors, 120, "every stream's image")
+    finally:
+        for client in clients:
+            client.stop_stream()
+            client.close()
+    assert not errors, errors
+    assert all(image.shape == (64, 64, 3) for image in images.values())
+    assert wait_for_metric(server, "stepdiff_active_sequences", 0) == 0
 
 
 def test_sequence_never_ended_is_swept_after_the_idle_ttl(limited_server):

@@ -16,7 +16,14 @@ from pathlib import Path
 from . import openai_api, server
 from .admission import announce_stop, generations_in_server
 from .pipeline_source import local_pipeline, resolve_pipeline
-from .repository import CONSUMER, TEMPLATE, model_settings, serving_gpus, write_repository_for
+from .repository import (
+    CONSUMER,
+    TEMPLATE,
+    model_settings,
+    python_backend_threads,
+    serving_gpus,
+    write_repository_for,
+)
 from .settings import DECODERS, ENCODERS, MODES, Settings, cache_folder, lora_paths
 
 CLIENT = Path(__file__).resolve().parent / "client" / "generate.py"  # client/ in a checkout links here
@@ -182,15 +189,17 @@ def start_from_args(args: argparse.Namespace, stop: threading.Event | None = Non
     """Start tritonserver for ``args`` and wait until every model is ready (or ``stop`` is set)."""
     server.check_ports_free((args.http_port, args.grpc_port, args.metrics_port))  # now, not after the loads
     settings, variables, gpus = settings_from_args(args)
+    repository = write_repository_for(
+        Path(settings.pipeline),
+        args.http_port,
+        args.model_repository,
+        gpus,
+        list(settings.lora_paths()),
+        settings.sequence_idle_seconds,
+    )
     options = server.ServerOptions(
-        model_repository=write_repository_for(
-            Path(settings.pipeline),
-            args.http_port,
-            args.model_repository,
-            gpus,
-            list(settings.lora_paths()),
-            settings.sequence_idle_seconds,
-        ),
+        model_repository=repository,
+        python_backend_threads=python_backend_threads(repository, {**os.environ, **variables}),
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
@@ -215,7 +224,8 @@ def start_from_args(args: argparse.Namespace, stop: threading.Event | None = Non
         f"{settings.max_batch_size or 'model config'}; "
         f"denoiser {settings.denoiser}, encoder {settings.encoder}, decoder {settings.decoder}, "
         f"warm-up {settings.warmup or 'on first use'}, "
-        f"step lookahead {settings.step_lookahead}; "
+        f"step lookahead {settings.step_lookahead} ({options.python_backend_threads} Python backend threads per "
+        "model instance); "
         f"LoRA adapters: {', '.join(settings.lora_paths()) or 'none'}{empty_lora_dir}; "
         f"admin endpoints ({server.RESTRICTED_APIS}) "
         + (

@@ -130,9 +130,9 @@ class GenerationModel:
             # the 2.51 stub runs every async_exec as loop.run_in_executor(None, ...), i.e. in the default
             # executor, and asyncio's own (cpu count + 4 threads, made on first use) would cap the step
             # calls in flight at that, each thread blocked until its call is answered. The stub sets no
-            # executor of its own, so nothing of Triton's is replaced.
-            workers = self.admission.slots.limit * self.settings.step_lookahead + 8
-            self.executor = DemandThreadPool(max_workers=workers)
+            # executor of its own, so nothing of Triton's is replaced. (tritonserver also holds a thread per
+            # call: `stepdiff serve` sizes its pool the same way, repository.python_backend_threads.)
+            self.executor = DemandThreadPool(self.settings.bls_calls_in_flight(self.admission.slots.limit))
             asyncio.get_running_loop().set_default_executor(self.executor)
         for request in requests:
             task = asyncio.ensure_future(self._serve(request))

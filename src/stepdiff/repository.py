@@ -180,6 +180,21 @@ def generations_admitted(repository: Path, environ: Mapping[str, str]) -> int:
     return Settings.load(config_parameters(config), environ).generations_admitted(instances)
 
 
+def python_backend_threads(repository: Path, environ: Mapping[str, str]) -> int:
+    """The Python backend's ``thread-pool-size`` for ``repository`` under ``environ``. In Triton 2.51 every
+    BLS call holds a thread of its model instance's pool in tritonserver until it is answered, and a
+    response sent meanwhile (txt2img's image, txt2img_stream's progress) waits for a free one, with the
+    sending model's event loop. Triton's default of 32 let one txt2img_stream instance keep 16
+    generations' step calls in flight; any orchestrator instance may run every admitted generation."""
+    admitted = generations_admitted(repository, environ)
+    return max(
+        Settings.load(config_parameters(read_config(repository / model / "config.pbtxt")), environ).bls_calls_in_flight(
+            admitted
+        )
+        for model in ORCHESTRATORS
+    )
+
+
 def model_settings(repository: Path, environ: Mapping[str, str]) -> dict[str, Settings]:
     """The settings each model of ``repository`` will load (its config parameters under ``environ``), so
     that a bad value stops the launcher before Triton starts; errors name the model."""

@@ -33,7 +33,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -199,7 +199,7 @@ class ServerOptions:
     metrics_port: int = 8002
     log_verbose: int = 0
     admin_key: str = ""
-    extra_args: Sequence[str] = field(default_factory=tuple)
+    python_backend_threads: int = 0  # its thread-pool-size (0: Triton's default, 32)
 
 
 def server_command(installation: TritonInstallation, options: ServerOptions) -> list[str]:
@@ -221,7 +221,11 @@ def server_command(installation: TritonInstallation, options: ServerOptions) -> 
         f"--log-verbose={options.log_verbose}",
         f"--http-restricted-api={restricted}",
         f"--grpc-restricted-protocol={restricted}",
-        *options.extra_args,
+        *(
+            [f"--backend-config=python,thread-pool-size={options.python_backend_threads}"]
+            if options.python_backend_threads
+            else []
+        ),
     ]
 
 

@@ -42,6 +42,9 @@ DECODERS = ("graphs", "eager", "compiled")
 ENCODERS = ("graphs", "eager")
 
 
+BLS_HEADROOM = 8  # threads beyond the step calls, for responses and the calls of generations leaving
+
+
 @dataclass(frozen=True)
 class Settings:
     """Serving choices and limits; every field is a config parameter and a STEPDIFF_* variable."""
@@ -191,6 +194,12 @@ class Settings:
         sequence in the lowest-numbered free slot over all instances, so while at most that many run,
         every sequence sits in an instance's first share of slots."""
         return min(self.max_active_sequences, instances * self.sequences_per_instance(instances))
+
+    def bls_calls_in_flight(self, generations: int) -> int:
+        """The most BLS calls an orchestrator instance running ``generations`` has in flight at once: up to
+        ``step_lookahead`` step calls each (a generation's other calls go out one at a time), and headroom
+        for the responses it sends meanwhile."""
+        return generations * self.step_lookahead + BLS_HEADROOM
 
     def apply_threads(self) -> None:
         """Pin torch's intra-op threads (results depend on the thread count on CPU)."""
