@@ -216,13 +216,15 @@ def test_txt2img_reads_what_the_served_denoise_step_instances_admit(tmp_path):
 
 
 def test_tritons_python_threads_cover_every_admitted_generations_step_calls(tmp_path):
-    """One orchestrator instance may run every admitted generation, each with step_lookahead calls out."""
+    """Every admitted generation on one orchestrator model, spread over its instances (txt2img_stream:
+    one per GPU), each with step_lookahead calls out."""
     assert python_backend_threads(TEMPLATE, {}) == 256 * 2 + 8
     assert (
         python_backend_threads(TEMPLATE, {"STEPDIFF_MAX_ACTIVE_SEQUENCES": "5", "STEPDIFF_STEP_LOOKAHEAD": "3"}) == 23
     )
     served = write_served_repository(TEMPLATE, tmp_path / "gpus", (), gpus=(0, 1))
-    assert python_backend_threads(served, {"STEPDIFF_MAX_ACTIVE_SEQUENCES": "5"}) == 4 * 2 + 8
+    assert python_backend_threads(served, {}) == 128 * 2 + 8
+    assert python_backend_threads(served, {"STEPDIFF_MAX_ACTIVE_SEQUENCES": "7"}) == 3 * 2 + 8  # 6 admitted
 
 
 @pytest.mark.parametrize(

@@ -185,14 +185,17 @@ def python_backend_threads(repository: Path, environ: Mapping[str, str]) -> int:
     BLS call holds a thread of its model instance's pool in tritonserver until it is answered, and a
     response sent meanwhile (txt2img's image, txt2img_stream's progress) waits for a free one, with the
     sending model's event loop. Triton's default of 32 let one txt2img_stream instance keep 16
-    generations' step calls in flight; any orchestrator instance may run every admitted generation."""
+    generations' step calls in flight. Sized so that every admitted generation may run on one
+    orchestrator model, spread over its instances (Triton hands a request to the instance that has
+    waited longest; txt2img_stream runs one per GPU). The pool is per model instance, every model's."""
     admitted = generations_admitted(repository, environ)
-    return max(
-        Settings.load(config_parameters(read_config(repository / model / "config.pbtxt")), environ).bls_calls_in_flight(
-            admitted
-        )
-        for model in ORCHESTRATORS
-    )
+    threads = []
+    for model in ORCHESTRATORS:
+        config = read_config(repository / model / "config.pbtxt")
+        instances = instance_count(json_format.MessageToDict(config, preserving_proto_field_name=True))
+        settings = Settings.load(config_parameters(config), environ)
+        threads.append(settings.bls_calls_in_flight(-(-admitted // instances)))
+    return max(threads)
 
 
 def model_settings(repository: Path, environ: Mapping[str, str]) -> dict[str, Settings]:
