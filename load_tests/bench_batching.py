@@ -9,8 +9,9 @@
    (images/s, p50/p99, mean requests per denoiser forward; --closed-loop staggered, the default, starts
    the clients spread over a generation's time and counts a window after the ramp: the steady state)
    and Poisson arrivals at a fraction of the peak (counted after a ramp-up, without the drain), for the
-   first scheduler. With --cold-start, each mode's server is first started once with the Inductor
-   cache emptied, and that start is timed too.
+   first scheduler (on txt2img_stream, progress every step, with --model txt2img_stream). With
+   --cold-start, each mode's server is first started once with the Inductor cache emptied, and that
+   start is timed too.
 3. In-process (same run, same GPU), per scheduler: the pipeline's latency at batch 1 with its
    UNet eager, replayed from CUDA graphs (stepdiff's runner, mode exact), and compiled (runner, mode
    compiled: torch.compile + graphs); the UNet alone at 1..N requests per forward (with CFG, 2 rows
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import random
 import shutil
 import statistics
@@ -249,10 +251,11 @@ def in_process_stage_costs(args, device: torch.device, dtype: torch.dtype) -> di
 
 
 class Load:
-    """gRPC clients firing txt2img requests; one client per thread."""
+    """gRPC clients firing requests at ``model`` (txt2img, or txt2img_stream: a progress response per
+    step, over one gRPC stream per client); one client per thread."""
 
-    def __init__(self, url: str, args):
-        self.url, self.args = url, args
+    def __init__(self, url: str, args, model: str = "txt2img"):
+        self.url, self.args, self.model = url, args, model
         self.local = threading.local()
         import tritonclient.grpc as module
 
@@ -269,8 +272,25 @@ class Load:
             width=self.args.size,
             scheduler=scheduler or self.args.schedulers[0],
         )
+        if self.model == "txt2img_stream":
+            return self.streamed(options)
         image, _, seconds = txt2img_client.generate(self.local.client, self.module, PROMPT, options)
         return seconds, image
+
+    def streamed(self, options: dict) -> tuple[float, np.ndarray]:
+        """One txt2img_stream request on this thread's stream: (seconds to its final response, image)."""
+        if not hasattr(self.local, "responses"):
+            responses = self.local.responses = queue.Queue()
+            self.local.client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        started = time.perf_counter()
+        inputs = txt2img_client.build_inputs(self.module, PROMPT, {**options, "output_format": None})
+        self.local.client.async_stream_infer("txt2img_stream", inputs, enable_empty_final_response=True)
+        while True:
+            result, error = self.local.responses.get()
+            if error is not None:
+                raise error
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return time.perf_counter() - started, result.as_numpy("image")
 
 
 def metric(metrics_url: str, name: str) -> float:
@@ -577,6 +597,8 @@ def through_triton(args, references: dict, mode: str, record: dict, save: Callab
             )
         save()
         sweep = record["sweep"] = []
+        record["model"] = args.model
+        load = Load(grpc_url, args, args.model)
         for concurrency in args.concurrency:
             stages_before = stage_executions(grpc_url)
             # a generation's time at this concurrency, from the warm-up's rate at the highest (an underestimate
@@ -699,7 +721,8 @@ def report(result: dict, out: Path) -> None:
         tri, variant = result["triton"][mode], mode  # each mode against the in-process UNet run the same way
         lines += [
             "",
-            f"## Throughput, stepdiff `{mode}`, {schedulers[0]} (ceiling: in-process UNet {variant} at that batch)",
+            f"## Throughput, stepdiff `{mode}`, {tri.get('model', 'txt2img')}, {schedulers[0]} (ceiling: in-process "
+            f"UNet {variant} at that batch)",
             "",
             CLOSED_LOOP_STARTS[tri["sweep"][0].get("starts", "together")] if tri["sweep"] else "",
             "",
@@ -861,6 +884,13 @@ def main() -> int:
         default="staggered",
         help="staggered: the clients start spread over one generation's time and only the duration after "
         "the ramp counts; together: all start at once and everything counts (the figures before 2026-12-04)",
+    )
+    parser.add_argument(
+        "--model",
+        choices=["txt2img", "txt2img_stream"],
+        default="txt2img",
+        help="what the concurrency sweep and the Poisson run call (txt2img_stream: a progress response per step); "
+        "the image checks and concurrency 1 call txt2img",
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--check-seeds", type=csv_of(int), default=[0, 1, 2])

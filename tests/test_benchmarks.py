@@ -103,6 +103,8 @@ def test_batching_benchmark_writes_its_tables(tiny_sd, tmp_path):
         "--check-seeds",
         "0",
         "--cold-start",
+        "--model",
+        "txt2img_stream",  # the sweep on streams; the image checks and concurrency 1 call txt2img
         *TINY,
         env={"TORCHINDUCTOR_CACHE_DIR": str(cache)},
     )
@@ -114,6 +116,11 @@ def test_batching_benchmark_writes_its_tables(tiny_sd, tmp_path):
     # the closed loops started their clients spread out and counted a window after the ramp
     assert [row["starts"] for row in served["sweep"]] == ["staggered", "staggered"]
     assert "Closed loop: the clients start spread" in (tmp_path / "results.md").read_text()
+    assert served["model"] == "txt2img_stream"  # each client finished a request at least (a failure stops the run)
+    assert (
+        "## Throughput, stepdiff `eager`, txt2img_stream, EulerDiscreteScheduler"
+        in (tmp_path / "results.md").read_text()
+    )
     poisson = served["open_loop"]  # counted in the window after its ramp-up (a second: it may hold none)
     assert poisson["images_per_s"] >= 0 and (poisson["requests"] == 0) == math.isnan(poisson["p50_s"])
     for row in results["triton"]["eager"]["sweep"]:  # every generation ran each stage once
