@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import serve_tiny
 import tritonclient.grpc as grpcclient
 
 model, clients, duration, ramp, port = (
@@ -20,34 +21,9 @@ model, clients, duration, ramp, port = (
     float(sys.argv[4]),
     int(sys.argv[5]),
 )
-grpc_port, metrics_port = port + 1, port + 2
-log = Path(f"/tmp/pool_ab_{port}.log").open("w")  # noqa: SIM115 - the server's, for the run
-server = subprocess.Popen(
-    [
-        sys.executable,
-        "-m",
-        "stepdiff",
-        "serve",
-        "--pipeline",
-        "/work/main/build/tiny-sd",
-        "--http-port",
-        str(port),
-        "--grpc-port",
-        str(grpc_port),
-        "--metrics-port",
-        str(metrics_port),
-    ],
-    stdout=log,
-    stderr=subprocess.STDOUT,
-    env={**os.environ, "HF_HUB_OFFLINE": "1"},
-)
+grpc_port = port + 1
+server = serve_tiny.start(port)
 try:
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1)
-            break
-        except OSError:
-            time.sleep(1)
 
     def inputs(seed):
         values = {
