@@ -220,11 +220,15 @@ def test_tritons_python_threads_cover_every_admitted_generations_step_calls(tmp_
     one per GPU), each with step_lookahead calls out."""
     assert python_backend_threads(TEMPLATE, {}) == 256 * 2 + 8
     assert (
-        python_backend_threads(TEMPLATE, {"STEPDIFF_MAX_ACTIVE_SEQUENCES": "5", "STEPDIFF_STEP_LOOKAHEAD": "3"}) == 23
+        python_backend_threads(TEMPLATE, {"STEPDIFF_MAX_ACTIVE_SEQUENCES": "20", "STEPDIFF_STEP_LOOKAHEAD": "3"}) == 68
     )
     served = write_served_repository(TEMPLATE, tmp_path / "gpus", (), gpus=(0, 1))
     assert python_backend_threads(served, {}) == 128 * 2 + 8
-    assert python_backend_threads(served, {"STEPDIFF_MAX_ACTIVE_SEQUENCES": "7"}) == 3 * 2 + 8  # 6 admitted
+    assert python_backend_threads(served, {"STEPDIFF_MAX_ACTIVE_SEQUENCES": "41"}) == 20 * 2 + 8  # 40 admitted
+    # at most 8192 threads over all instances (8 on one GPU, 16 on two), never fewer than Triton's 32
+    assert python_backend_threads(TEMPLATE, {"STEPDIFF_MAX_ACTIVE_SEQUENCES": "100000"}) == 1024
+    assert python_backend_threads(served, {"STEPDIFF_MAX_ACTIVE_SEQUENCES": "100000"}) == 512
+    assert python_backend_threads(TEMPLATE, {"STEPDIFF_MAX_ACTIVE_SEQUENCES": "1"}) == 32
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,8 @@ PRODUCER = "text_encoder"  # outputs the conditioning
 CONSUMER = "denoise_step"  # takes it on START
 STAGE_MODELS = (PRODUCER, CONSUMER, "vae_decode")  # the models that run on GPUs: one instance per GPU with --gpus
 ORCHESTRATORS = ("txt2img", "txt2img_stream")  # KIND_CPU: with --gpus, their instance count per GPU
+TRITON_PYTHON_THREADS = 32  # the Python backend's default thread-pool-size, per model instance
+PYTHON_BACKEND_THREADS_IN_ALL = 8192  # over every instance: a default pid_max is 32768
 
 
 def read_config(path: Path) -> model_config_pb2.ModelConfig:
@@ -187,15 +189,19 @@ def python_backend_threads(repository: Path, environ: Mapping[str, str]) -> int:
     sending model's event loop. Triton's default of 32 let one txt2img_stream instance keep 16
     generations' step calls in flight. Sized so that every admitted generation may run on one
     orchestrator model, spread over its instances (Triton hands a request to the instance that has
-    waited longest; txt2img_stream runs one per GPU). The pool is per model instance, every model's."""
+    waited longest; txt2img_stream runs one per GPU). The pool is per model instance, every model's: at
+    most ``PYTHON_BACKEND_THREADS_IN_ALL`` threads over all instances (past that, calls wait for a
+    thread, as they would in denoise_step's queue), and never fewer than Triton's default."""
     admitted = generations_admitted(repository, environ)
-    threads = []
-    for model in ORCHESTRATORS:
+    needed, instances_in_all = 0, 0
+    for model in (*STAGE_MODELS, *ORCHESTRATORS):
         config = read_config(repository / model / "config.pbtxt")
         instances = instance_count(json_format.MessageToDict(config, preserving_proto_field_name=True))
-        settings = Settings.load(config_parameters(config), environ)
-        threads.append(settings.bls_calls_in_flight(-(-admitted // instances)))
-    return max(threads)
+        instances_in_all += instances
+        if model in ORCHESTRATORS:
+            settings = Settings.load(config_parameters(config), environ)
+            needed = max(needed, settings.bls_calls_in_flight(-(-admitted // instances)))
+    return max(TRITON_PYTHON_THREADS, min(needed, PYTHON_BACKEND_THREADS_IN_ALL // instances_in_all))
 
 
 def model_settings(repository: Path, environ: Mapping[str, str]) -> dict[str, Settings]:
