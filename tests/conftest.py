@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import generate as txt2img_client  # noqa: E402  (client/generate.py)
 
-from stepdiff.server import StubProcess, free_ports  # noqa: E402
+from stepdiff.server import StubProcess, free_ports, stub_processes, tritonserver_pid  # noqa: E402
 
 ADMIN_KEY = "test-admin-key"
 CPU_THREADS = 1  # the server's models and the reference pipeline must use the same thread count
@@ -70,6 +70,14 @@ class Server:
         ]
         assert values, f"metric {name} not exported"
         return sum(values)
+
+    def triton_pid(self) -> int | None:
+        """The tritonserver serving this server (other test servers run here too)."""
+        return tritonserver_pid(int(self.http_url.rsplit(":", 1)[1]))
+
+    def stubs(self) -> list[StubProcess]:
+        """Its tritonserver's model processes."""
+        return stub_processes(self.triton_pid())
 
     def client(self, protocol: str = "grpc"):
         module = txt2img_client.client_module(protocol)

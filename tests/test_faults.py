@@ -28,7 +28,6 @@ from stepdiff.server import (
     model_activity,
     process_alive,
     stub_processes,
-    tritonserver_pid,
 )
 
 STALL_SECONDS = 3
@@ -49,11 +48,6 @@ def watched(tiny_sd, tmp_path_factory) -> Iterator[Server]:
         tiny_sd, log_file, "--stall-seconds", str(STALL_SECONDS), allowed_fatal_errors=allowed
     ) as server:
         yield server
-
-
-def triton_pid(server: Server) -> int | None:
-    """The tritonserver serving ``server`` (other test servers run here too)."""
-    return tritonserver_pid(int(server.http_url.rsplit(":", 1)[1]))
 
 
 def all_ready(server: Server) -> bool:
@@ -105,7 +99,7 @@ def fault_and_recover(server: Server, fault: Callable[[StubProcess], None]) -> t
     remains, and that the same request then gives the same image. Returns the process hit and the Triton log."""
     assert all_ready(server)
     before, _ = server.txt2img("a red panda", **GOOD)
-    first_pid = triton_pid(server)
+    first_pid = server.triton_pid()
     assert first_pid is not None
     stubs = {stub.model: stub for stub in stub_processes(first_pid)}
     assert sorted(stubs) == sorted(MODELS)
@@ -128,12 +122,12 @@ def fault_and_recover(server: Server, fault: Callable[[StubProcess], None]) -> t
         assert outcome.split()[0] in ("503", "StatusCode.UNAVAILABLE"), (index, outcome)
 
     seen_down, deadline = False, time.monotonic() + 120  # health reports the restart, then recovery
-    while time.monotonic() < deadline and (triton_pid(server) in (None, first_pid) or not all_ready(server)):
+    while time.monotonic() < deadline and (server.triton_pid() in (None, first_pid) or not all_ready(server)):
         seen_down = seen_down or not all_ready(server)
         time.sleep(0.5)
     assert seen_down and all_ready(server), "the server did not restart"
     assert not process_alive(first_pid)
-    assert {stub.model for stub in stub_processes(triton_pid(server))} == set(MODELS)
+    assert {stub.model for stub in server.stubs()} == set(MODELS)
     assert not any((Path("/dev/shm") / stub.shm_region).exists() for stub in stubs.values())
 
     after, _ = server.txt2img("a red panda", **GOOD)
@@ -144,7 +138,7 @@ def fault_and_recover(server: Server, fault: Callable[[StubProcess], None]) -> t
 
 def test_progressing_generations_are_not_a_stall(watched):
     """Two generations each several times --stall-seconds long: every step answered resets the clock."""
-    first_pid = triton_pid(watched)
+    first_pid = watched.triton_pid()
     threads, outcomes = start_generations(watched, 2, LONG)
     started, calls_seen = time.monotonic(), 0.0
     while any(thread.is_alive() for thread in threads):
@@ -155,7 +149,7 @@ def test_progressing_generations_are_not_a_stall(watched):
     assert time.monotonic() - started > STALL_SECONDS + 1.5, "the generations were too short to tell"
     assert calls_seen >= 1, "txt2img's calls in flight are not counted"
     assert watched.metric("stepdiff_stage_calls_in_flight") == 0
-    assert triton_pid(watched) == first_pid, "the watchdog restarted a server that made progress"
+    assert watched.triton_pid() == first_pid, "the watchdog restarted a server that made progress"
     assert "restarting tritonserver" not in watched.log_file.read_text(errors="replace")
 
 

@@ -15,7 +15,7 @@ from conftest import final_latents_of_mixes, running_server, txt2img_client
 from stepdiff.adapters import GenerationParams, Stage, load_adapter
 from stepdiff.engine import StepCall, StepEngine
 from stepdiff.runner import DenoiserRunner, GraphedCall, Rows
-from stepdiff.server import GPU_MEMORY_QUERY, gpu_mib_by_pid, stub_processes, tritonserver_pid
+from stepdiff.server import GPU_MEMORY_QUERY, gpu_mib_by_pid
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -219,7 +219,7 @@ def test_orchestrators_hold_no_gpu_memory(tiny_sd, tmp_path):
         options = {"num_inference_steps": 2, "height": 64, "width": 64}
         server.txt2img("a cat", **options)
         txt2img_client.generate_streaming(server.grpc_url, "a dog", options)
-        stubs = {stub.pid: stub.model for stub in stub_processes(tritonserver_pid(int(server.http_url.split(":")[1])))}
+        stubs = {stub.pid: stub.model for stub in server.stubs()}
         query = subprocess.run(GPU_MEMORY_QUERY, capture_output=True, text=True, check=True).stdout
         on_gpu: dict[str, float] = {}
         for pid, mib in gpu_mib_by_pid(query).items():

@@ -15,8 +15,6 @@ from conftest import hang_main_thread, release_main_thread, txt2img_client
 from test_batching import psnr
 from tritonclient.utils import InferenceServerException
 
-from stepdiff.server import stub_processes, tritonserver_pid
-
 
 def stream(server, prompt: str, cancel_after: int | None = None, preview_every: int = 0, **options):
     """Run one streamed request; returns (progress [(step, num_steps, preview)], final outputs or None)."""
@@ -127,11 +125,7 @@ def test_forty_streams_keep_their_step_calls_queued_at_denoise_step(server):
             client.async_stream_infer("txt2img_stream", inputs, enable_empty_final_response=True)
         wait_until(lambda: (len(steps) == count and min(steps.values()) >= 2) or errors, 120, "every stream's step 2")
         assert not errors, errors
-        [denoise] = [
-            stub
-            for stub in stub_processes(tritonserver_pid(int(server.http_url.rsplit(":", 1)[1])))
-            if stub.model == "denoise_step"
-        ]
+        [denoise] = [stub for stub in server.stubs() if stub.model == "denoise_step"]
         hang_main_thread(denoise)
         try:
             running = count - len(images)

@@ -107,9 +107,8 @@ def test_the_orchestrators_processes_load_neither_torch_nor_diffusers(server):
     """txt2img (four instances) and txt2img_stream read what they know of the pipeline from their model
     configs: their processes never load torch, while each stage model's does."""
     from stepdiff.repository import ORCHESTRATORS
-    from stepdiff.server import stub_processes, tritonserver_pid
 
-    stubs = stub_processes(tritonserver_pid(int(server.http_url.rsplit(":", 1)[1])))
+    stubs = server.stubs()
     assert len(stubs) == 8, stubs  # 4 txt2img, txt2img_stream, text_encoder, denoise_step, vae_decode
     for stub in stubs:
         maps = Path(f"/proc/{stub.pid}/maps").read_text()
