@@ -112,6 +112,32 @@ def test_step_wise_images_equal_the_pipelines(adapters, tiny_sd, reference, sche
     assert np.array_equal(image[0], reference_image(reference, "a cat", 3, scheduler, **options))
 
 
+@pytest.mark.parametrize("scheduler", ["DPMSolverMultistepScheduler", "PNDMScheduler"])
+def test_requests_of_one_schedule_keep_their_own_scheduler_state(adapters, scheduler):
+    """START copies a schedule set up once per (scheduler, steps): requests whose schedulers keep a step
+    history (DPM++ 2M's model outputs, PNDM's ets) and whose steps interleave end as each does alone."""
+    encoder, denoiser = adapters
+
+    def final_latents(order: list[int]) -> dict[int, torch.Tensor]:
+        """Each seed's final latents, one step per entry of ``order`` (a seed's first entry starts it)."""
+        engine = StepEngine(denoiser, 8, 8, 60)
+        finals = {}
+        for seed in order:
+            if seed not in engine.states:
+                start(engine, encoder, seed, params(seed=seed, steps=5, scheduler=scheduler))
+            [result] = engine.run([StepCall(seed, end=engine.states[seed].step_index == 4)])
+            assert result.error is None, result.error
+            if result.done:
+                finals[seed] = result.latents
+        return finals
+
+    alone = final_latents([1] * 5) | final_latents([2] * 5)
+    assert len([key for key in denoiser.schedules if key[:2] == (scheduler, 5)]) == 1
+    interleaved = final_latents([1, 1, 2, 1, 2, 2, 1, 2, 1, 2])
+    assert torch.equal(interleaved[1], alone[1]) and torch.equal(interleaved[2], alone[2])
+    assert not torch.equal(alone[1], alone[2])
+
+
 def test_compatible_requests_share_one_forward_and_batches_are_capped(adapters):
     encoder, denoiser = adapters
     engine = StepEngine(denoiser, 2, 8, 60)

@@ -1,11 +1,12 @@
-"""On a CUDA device only (``make test-gpu``; ``make test`` deselects them): host synchronizations per
-intermediate step, graph replay byte-identical to stock diffusers, capture fallback."""
+"""On a CUDA device only (``make test-gpu``; ``make test`` deselects them): host synchronizations at
+START and per intermediate step, graph replay byte-identical to stock diffusers, capture fallback."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -38,25 +39,36 @@ def needs_cuda():
         pytest.fail("these tests need a CUDA device (make test deselects them)")
 
 
-def syncs_per_step(engine: StepEngine, encoder, params: GenerationParams) -> list[int]:
-    """Host synchronizations counted by torch.cuda.set_sync_debug_mode in each intermediate step's run."""
+def counted_syncs(run: Callable[[], list]) -> tuple[list, int]:
+    """``run()``'s result and the host synchronizations torch.cuda.set_sync_debug_mode counted in it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = run()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return result, sum("synchroniz" in str(warning.message) for warning in caught)
+
+
+def syncs_per_call(engine: StepEngine, encoder, params: GenerationParams) -> list[int]:
+    """Host synchronizations in a START that takes the first step, then in each intermediate step's run.
+
+    The conditioning comes in host memory, as denoise_step takes it. An earlier START with the same
+    scheduler and steps (aborted) has set up the schedule that later STARTs copy."""
     with torch.inference_mode():
-        conditioning = encoder.encode_prompt(params)
-    [started] = engine.run([StepCall(1, start=True, params=params, conditioning=conditioning)])
+        conditioning = {name: value.cpu() for name, value in encoder.encode_prompt(params).items()}
+    engine.run([StepCall(1, start=True, params=params, conditioning=conditioning)])
+    engine.run([StepCall(1, end=True, abort=True)])
+    [started], at_start = counted_syncs(
+        lambda: engine.run([StepCall(2, start=True, step=0, params=params, conditioning=conditioning)])
+    )
     assert started.error is None, started.error
-    counts = []
-    for index in range(started.num_steps):
-        last = index == started.num_steps - 1
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                [result] = engine.run([StepCall(1, step=index, end=last)])
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
+    counts = [at_start]
+    for index in range(1, started.num_steps - 1):  # the last step returns the latents
+        [result], count = counted_syncs(lambda index=index: engine.run([StepCall(2, step=index)]))
         assert result.error is None, result.error
-        if index > 0 and not last:  # the first step may look up its index; the last returns the latents
-            counts.append(sum("synchroniz" in str(warning.message) for warning in caught))
+        counts.append(count)
     return counts
 
 
@@ -69,20 +81,20 @@ def sd(tiny_sd):
 
 
 @pytest.mark.parametrize("scheduler", SD_SCHEDULERS)
-def test_no_host_sync_in_intermediate_steps(sd, scheduler):
+def test_no_host_sync_at_start_or_in_intermediate_steps(sd, scheduler):
     encoder, denoiser = sd
     engine = StepEngine(denoiser, 8, 8, 60, max_runahead=1000)  # the runahead bound waits on purpose
-    counts = syncs_per_step(engine, encoder, GenerationParams("a cat", None, 0, 8, 7.5, 64, 64, scheduler))
-    assert counts == [0] * len(counts), f"{scheduler}: synchronizations per intermediate step {counts}"
+    counts = syncs_per_call(engine, encoder, GenerationParams("a cat", None, 0, 8, 7.5, 64, 64, scheduler))
+    assert counts == [0] * len(counts), f"{scheduler}: synchronizations at START, then per intermediate step {counts}"
 
 
-def test_no_host_sync_in_intermediate_flow_match_steps(tiny_qwen):
+def test_no_host_sync_at_start_or_in_intermediate_flow_match_steps(tiny_qwen):
     encoder = load_adapter(str(tiny_qwen), Stage.TEXT_ENCODER, CUDA, torch.bfloat16)
     denoiser = load_adapter(str(tiny_qwen), Stage.DENOISE, CUDA, torch.bfloat16)
     engine = StepEngine(denoiser, 8, 8, 60, max_runahead=1000)
     params = GenerationParams("a cat", "blurry", 0, 8, 1.0, 64, 64, denoiser.info.default_scheduler, true_cfg_scale=4.0)
-    counts = syncs_per_step(engine, encoder, params)
-    assert counts == [0] * len(counts), f"FlowMatchEulerDiscreteScheduler: {counts}"
+    counts = syncs_per_call(engine, encoder, params)
+    assert counts == [0] * len(counts), f"FlowMatchEuler: at START, then per intermediate step {counts}"
 
 
 @pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "PNDMScheduler", "UniPCMultistepScheduler"])

@@ -222,6 +222,15 @@ def scheduler_step_kwargs(scheduler: Any, generator: torch.Generator, eta: float
     return kwargs
 
 
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``tensor.to(device, dtype)`` without waiting for the GPU: a host tensor goes to a CUDA device from
+    pinned memory, queued behind the work already there (a copy from pageable memory first waits for
+    that work to finish). A dtype change happens on the host first, as the plain copy does it."""
+    if tensor.device.type != "cpu" or torch.device(device).type != "cuda":
+        return tensor.to(device, dtype)
+    return tensor.to(dtype=dtype or tensor.dtype).pin_memory().to(device, non_blocking=True)
+
+
 def host_schedule(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
     """``timesteps`` on the host for the scheduler's own arithmetic, and the scheduler's start index set.
 

@@ -7,11 +7,13 @@ and the conditioning tensors its text encoders produce, and writes the slices of
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
-from collections.abc import Hashable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -28,11 +30,22 @@ from .base import (
     scheduler_step_kwargs,
     split_lora_key,
     stall_free_step,
+    to_device,
 )
 from .loading import Stage, load_component_config, load_stage_pipeline, new_scheduler
 from .mixed_lora import LORA_SCALES, MixedLoRA
 
 log = logging.getLogger(__name__)
+
+SCHEDULES_KEPT = 256  # set-up schedulers kept for copying (per scheduler, step count and image size)
+
+
+class Schedule(NamedTuple):
+    """A request's scheduler with its timesteps set, and those timesteps on the device and the host."""
+
+    scheduler: Any
+    timesteps: torch.Tensor  # what the denoiser takes
+    host_timesteps: torch.Tensor  # what the scheduler's arithmetic takes
 
 
 class DiffusersAdapter:
@@ -64,6 +77,7 @@ class DiffusersAdapter:
         self.active_loras: tuple[tuple[str, float], ...] | None = None
         self.loaded_loras: frozenset[str] = frozenset()  # adapters with weights in this stage's components
         self.mixed_lora: MixedLoRA | None = None
+        self.schedules: OrderedDict[Hashable, Schedule] = OrderedDict()  # least recently used first
 
     def compile_decode(self) -> None:
         """Run the VAE's decode through ``torch.compile`` from now on (``decoder=compiled``): faster, not
@@ -216,23 +230,43 @@ class DiffusersAdapter:
         correlation_id: int,
         params: GenerationParams,
         conditioning: dict[str, torch.Tensor],
-        scheduler: Any,
-        timesteps: torch.Tensor,
+        schedule: Schedule,
         generator: torch.Generator,
         latents: torch.Tensor,
     ) -> RequestState:
-        """The request's state; the scheduler's host schedule is set up for stall-free steps."""
         return RequestState(
             correlation_id=correlation_id,
             params=params,
-            scheduler=scheduler,
+            scheduler=schedule.scheduler,
             generator=generator,
-            timesteps=timesteps,
-            host_timesteps=host_schedule(scheduler, timesteps),
+            timesteps=schedule.timesteps,
+            host_timesteps=schedule.host_timesteps,
             latents=latents,
             conditioning=conditioning,
             do_cfg=self.uses_cfg(params),
         )
+
+    def schedule(
+        self, params: GenerationParams, set_timesteps: Callable[[Any], torch.Tensor], *key: Hashable
+    ) -> Schedule:
+        """A fresh scheduler for the request with its timesteps set by ``set_timesteps(scheduler)`` (the
+        pipeline's ``retrieve_timesteps`` call) and set up for stall-free steps (``host_schedule``).
+
+        Set up once per (scheduler, steps, ``key``: whatever else ``set_timesteps`` depends on) and
+        deep-copied for each request: setting timesteps on the device copies them from pageable memory
+        and reading them back waits for the GPU, so a START doing either would wait for every forward
+        queued before it. The copy also costs the host a fraction of the set-up."""
+        cache_key = (params.scheduler, params.num_inference_steps, *key)
+        template = self.schedules.pop(cache_key, None)
+        if template is None:
+            scheduler = self.new_scheduler(params)
+            timesteps = set_timesteps(scheduler)
+            template = Schedule(scheduler, timesteps, host_schedule(scheduler, timesteps))
+        self.schedules[cache_key] = template
+        if len(self.schedules) > SCHEDULES_KEPT:
+            self.schedules.popitem(last=False)
+        scheduler, timesteps = copy.deepcopy((template.scheduler, template.timesteps))
+        return Schedule(scheduler, timesteps, template.host_timesteps)
 
     def checked_conditioning(self, params: GenerationParams, conditioning: dict[str, torch.Tensor]) -> None:
         """InvalidInput unless START brought every conditioning tensor the request needs."""
@@ -246,9 +280,9 @@ class DiffusersAdapter:
         for spec in self.conditioning:
             if spec.name.startswith("negative_"):
                 continue
-            value = conditioning[spec.name].to(self.device, self.dtype)
+            value = to_device(conditioning[spec.name], self.device, self.dtype)
             if self.uses_cfg(params):
-                value = torch.cat([conditioning[f"negative_{spec.name}"].to(self.device, self.dtype), value])
+                value = torch.cat([to_device(conditioning[f"negative_{spec.name}"], self.device, self.dtype), value])
             kept[spec.name] = value
         return kept
 

@@ -10,6 +10,9 @@ import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
+from ..params import GenerationParams
+from .diffusers_base import DiffusersAdapter, Schedule
+
 
 def resolution_shift(scheduler: Any, image_seq_len: int, default_max_shift: float = 1.15) -> float:
     """``mu`` for dynamic shifting: linear in the number of image tokens between the scheduler's bounds
@@ -25,14 +28,24 @@ def resolution_shift(scheduler: Any, image_seq_len: int, default_max_shift: floa
 
 
 def flow_timesteps(scheduler: Any, num_steps: int, device: torch.device, image_seq_len: int) -> torch.Tensor:
-    """Timesteps from the pipelines' default sigmas ``linspace(1, 1/n, n)``, shifted for the image size
-    (QwenImagePipeline, FluxPipeline)."""
+    """Timesteps from the pipelines' default sigmas ``linspace(1, 1/n, n)``, shifted for the image size,
+    with the scheduler started at index 0 (QwenImagePipeline, FluxPipeline)."""
     sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
     if scheduler.config.get("use_flow_sigmas"):
         sigmas = None
     mu = resolution_shift(scheduler, image_seq_len)  # used by the scheduler only with dynamic shifting
     timesteps, _ = retrieve_timesteps(scheduler, num_steps, device, sigmas=sigmas, mu=mu)
+    scheduler.set_begin_index(0)
     return timesteps
+
+
+def flow_schedule(adapter: DiffusersAdapter, params: GenerationParams, image_seq_len: int) -> Schedule:
+    """A request's schedule (``DiffusersAdapter.schedule``) of ``flow_timesteps`` for an image of
+    ``image_seq_len`` tokens."""
+    steps = params.num_inference_steps
+    return adapter.schedule(
+        params, lambda scheduler: flow_timesteps(scheduler, steps, adapter.device, image_seq_len), image_seq_len
+    )
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,6 @@ from typing import ClassVar
 import numpy as np
 import torch
 from diffusers import FluxPipeline
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..runner import Rows
 from .base import (
@@ -27,11 +26,18 @@ from .base import (
     RequestState,
     pooled_embeddings,
     text_embeddings,
+    to_device,
     to_uint8,
 )
 from .diffusers_base import DiffusersAdapter, split_rows
-from .flow_matching import flow_timesteps, pack_latents, unpack_latents
-from .loading import Stage, compatible_schedulers, load_component_config, vae_scale_factor
+from .flow_matching import flow_schedule, pack_latents, unpack_latents
+from .loading import (
+    Stage,
+    compatible_schedulers,
+    load_component_config,
+    randn_tensor_without_sync,
+    vae_scale_factor,
+)
 
 STAGE_COMPONENTS = {
     Stage.TEXT_ENCODER: ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
@@ -136,19 +142,17 @@ class FluxAdapter(DiffusersAdapter):
     ) -> RequestState:
         self.checked_conditioning(params, conditioning)
         kept = {
-            name: conditioning[name].to(self.device, self.dtype)
+            name: to_device(conditioning[name], self.device, self.dtype)
             for name in self.required_conditioning(self.uses_cfg(params))
         }
         generator = self.seeded_generator(params)
         height, width = self._latent_size(params.height, params.width)
-        noise = randn_tensor(
+        noise = randn_tensor_without_sync(
             (1, self.noise_channels, height, width), generator=generator, device=self.device, dtype=self.dtype
         )
         latents = pack_latents(noise)
-        scheduler = self.new_scheduler(params)
-        timesteps = flow_timesteps(scheduler, params.num_inference_steps, self.device, latents.shape[1])
-        scheduler.set_begin_index(0)
-        return self.new_state(correlation_id, params, kept, scheduler, timesteps, generator, latents)
+        schedule = flow_schedule(self, params, latents.shape[1])
+        return self.new_state(correlation_id, params, kept, schedule, generator, latents)
 
     def _latent_size(self, height: int, width: int) -> tuple[int, int]:
         """Latent height and width (2x2 latent pixels per packed token)."""

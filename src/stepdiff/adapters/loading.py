@@ -13,7 +13,7 @@ import diffusers
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .base import InvalidInput
+from .base import InvalidInput, to_device
 
 
 class Stage(enum.Enum):
@@ -93,9 +93,9 @@ def new_scheduler(name: str, scheduler_config: dict[str, Any]) -> Any:
 def randn_tensor_without_sync(
     shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, layout: Any = None
 ) -> torch.Tensor:
-    """diffusers' ``randn_tensor`` as the schedulers call it, with the noise of a CPU generator copied to
-    the GPU from pinned memory without waiting (diffusers' plain copy stalls the host at every step of
-    ancestral/SDE schedulers). The same generator draws the same values."""
+    """diffusers' ``randn_tensor``, with the noise of a CPU generator copied to the GPU from pinned memory
+    without waiting (diffusers' plain copy stalls the host: at START for the initial latents, and at
+    every step of ancestral/SDE schedulers). The same generator draws the same values."""
     device = torch.device(device) if device is not None else None
     if (
         device is None
@@ -105,4 +105,4 @@ def randn_tensor_without_sync(
     ):
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype, layout=layout)
     noise = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=dtype, layout=layout)
-    return noise.pin_memory().to(device, non_blocking=True)
+    return to_device(noise, device)

@@ -24,6 +24,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from .base import to_device
+
 # The forward input holding each row's adapter scales ([rows, adapters], in ``MixedLoRA.names`` order)
 LORA_SCALES = "lora_scales"
 # Above this many stacked rank columns in one layer, every row paying for every adapter costs more than
@@ -117,7 +119,7 @@ class MixedLoRA:
         for name, scale in loras:
             if name in self.names:
                 row[0, self.names.index(name)] = scale
-        return row.to(device)
+        return to_device(row, device)
 
     @contextlib.contextmanager
     def applied(self, scales: torch.Tensor) -> Iterator[None]:

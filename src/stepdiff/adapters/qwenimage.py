@@ -14,7 +14,6 @@ from typing import ClassVar
 import numpy as np
 import torch
 from diffusers import QwenImagePipeline
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..runner import Rows
 from .base import (
@@ -23,12 +22,13 @@ from .base import (
     PipelineInfo,
     RequestState,
     text_embeddings,
+    to_device,
     to_uint8,
     token_masks,
 )
 from .diffusers_base import DiffusersAdapter
-from .flow_matching import flow_timesteps, pack_latents, unpack_latents
-from .loading import Stage, compatible_schedulers, load_component_config
+from .flow_matching import flow_schedule, pack_latents, unpack_latents
+from .loading import Stage, compatible_schedulers, load_component_config, randn_tensor_without_sync
 
 STAGE_COMPONENTS = {
     Stage.TEXT_ENCODER: ("text_encoder", "tokenizer"),
@@ -137,22 +137,20 @@ class QwenImageAdapter(DiffusersAdapter):
         kept = {}
         for text in self._texts(self.uses_cfg(params)):
             embeds, mask = self._checked_text(text, conditioning)
-            kept[f"{text}_embeds"] = embeds[:, :MAX_SEQUENCE_LENGTH].to(self.device, self.dtype)
+            kept[f"{text}_embeds"] = to_device(embeds[:, :MAX_SEQUENCE_LENGTH], self.device, self.dtype)
             if mask is not None:  # as encode_prompt: cut, then drop an all-ones mask
                 mask = mask[:, :MAX_SEQUENCE_LENGTH]
                 if not mask.all():
-                    kept[f"{text}_embeds_mask"] = mask.to(self.device)
+                    kept[f"{text}_embeds_mask"] = to_device(mask, self.device)
         generator = self.seeded_generator(params)
         _, grid_height, grid_width = self._patch_grid(params)
         height, width = 2 * grid_height, 2 * grid_width  # latent size: 2x2 latent pixels per patch
-        noise = randn_tensor(
+        noise = randn_tensor_without_sync(
             (1, 1, self.noise_channels, height, width), generator=generator, device=self.device, dtype=self.dtype
         )
         latents = pack_latents(noise[:, 0])
-        scheduler = self.new_scheduler(params)
-        timesteps = flow_timesteps(scheduler, params.num_inference_steps, self.device, latents.shape[1])
-        scheduler.set_begin_index(0)
-        return self.new_state(correlation_id, params, kept, scheduler, timesteps, generator, latents)
+        schedule = flow_schedule(self, params, latents.shape[1])
+        return self.new_state(correlation_id, params, kept, schedule, generator, latents)
 
     def _checked_text(
         self, text: str, conditioning: dict[str, torch.Tensor]

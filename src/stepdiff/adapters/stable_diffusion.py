@@ -14,12 +14,17 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..runner import Rows
-from .base import GenerationParams, PipelineInfo, RequestState, text_embeddings, to_uint8
+from .base import GenerationParams, PipelineInfo, RequestState, text_embeddings, to_device, to_uint8
 from .diffusers_base import DiffusersAdapter, classifier_free_guidance
-from .loading import Stage, compatible_schedulers, load_component_config, vae_scale_factor
+from .loading import (
+    Stage,
+    compatible_schedulers,
+    load_component_config,
+    randn_tensor_without_sync,
+    vae_scale_factor,
+)
 
 STAGE_COMPONENTS = {
     Stage.TEXT_ENCODER: ("text_encoder", "tokenizer"),
@@ -86,21 +91,22 @@ class StableDiffusionAdapter(DiffusersAdapter):
     ) -> RequestState:
         self.checked_conditioning(params, conditioning)
         kept = self.guided_conditioning(params, conditioning)
-        scheduler = self.new_scheduler(params)
-        timesteps, _ = retrieve_timesteps(scheduler, params.num_inference_steps, self.device)
+        steps = params.num_inference_steps
+        schedule = self.schedule(params, lambda scheduler: retrieve_timesteps(scheduler, steps, self.device)[0])
         generator = self.seeded_generator(params)
         shape = (1, self.in_channels, params.height // self.vae_scale_factor, params.width // self.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=kept["prompt_embeds"].dtype)
-        latents = latents * scheduler.init_noise_sigma
+        dtype = kept["prompt_embeds"].dtype
+        latents = randn_tensor_without_sync(shape, generator=generator, device=self.device, dtype=dtype)
+        latents = latents * schedule.scheduler.init_noise_sigma
         if self.time_cond_proj_dim is not None:
             kept["timestep_cond"] = self.timestep_cond(params)
-        return self.new_state(correlation_id, params, kept, scheduler, timesteps, generator, latents)
+        return self.new_state(correlation_id, params, kept, schedule, generator, latents)
 
     def timestep_cond(self, params: GenerationParams) -> torch.Tensor:
         """The guidance-scale embedding an LCM-distilled UNet takes, as the pipeline builds it."""
         scale = torch.tensor(params.guidance_scale - 1).repeat(1)
         embedding = self.pipe.get_guidance_scale_embedding(scale, embedding_dim=self.time_cond_proj_dim)
-        return embedding.to(device=self.device, dtype=self.dtype)
+        return to_device(embedding, self.device, self.dtype)
 
     def batch_key(self, state: RequestState) -> Hashable:
         return (tuple(state.latents.shape), tuple(state.conditioning["prompt_embeds"].shape[1:]))

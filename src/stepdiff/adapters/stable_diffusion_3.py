@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 from collections.abc import Hashable, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..runner import Rows
 from .base import (
@@ -31,7 +30,13 @@ from .base import (
 )
 from .diffusers_base import DiffusersAdapter, classifier_free_guidance
 from .flow_matching import resolution_shift
-from .loading import Stage, compatible_schedulers, load_component_config, vae_scale_factor
+from .loading import (
+    Stage,
+    compatible_schedulers,
+    load_component_config,
+    randn_tensor_without_sync,
+    vae_scale_factor,
+)
 
 STAGE_COMPONENTS = {
     Stage.TEXT_ENCODER: ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"),
@@ -144,14 +149,17 @@ class StableDiffusion3Adapter(DiffusersAdapter):
         kept = self.guided_conditioning(params, conditioning)
         generator = self.seeded_generator(params)
         shape = (1, self.in_channels, params.height // self.vae_scale_factor, params.width // self.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
-        scheduler = self.new_scheduler(params)
-        shift = {}
-        if scheduler.config.get("use_dynamic_shifting"):
-            image_seq_len = (shape[2] // self.patch_size) * (shape[3] // self.patch_size)
-            shift["mu"] = resolution_shift(scheduler, image_seq_len, default_max_shift=1.16)
-        timesteps, _ = retrieve_timesteps(scheduler, params.num_inference_steps, self.device, **shift)
-        return self.new_state(correlation_id, params, kept, scheduler, timesteps, generator, latents)
+        latents = randn_tensor_without_sync(shape, generator=generator, device=self.device, dtype=self.dtype)
+        image_seq_len = (shape[2] // self.patch_size) * (shape[3] // self.patch_size)
+
+        def set_timesteps(scheduler: Any) -> torch.Tensor:
+            shift = {}
+            if scheduler.config.get("use_dynamic_shifting"):
+                shift["mu"] = resolution_shift(scheduler, image_seq_len, default_max_shift=1.16)
+            return retrieve_timesteps(scheduler, params.num_inference_steps, self.device, **shift)[0]
+
+        schedule = self.schedule(params, set_timesteps, image_seq_len)
+        return self.new_state(correlation_id, params, kept, schedule, generator, latents)
 
     def batch_key(self, state: RequestState) -> Hashable:
         return tuple(state.latents.shape[1:]), state.conditioning["prompt_embeds"].shape[1]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from .base import GenerationParams, RequestState, pooled_embeddings, text_embeddings, to_uint8
+from .base import GenerationParams, RequestState, pooled_embeddings, text_embeddings, to_device, to_uint8
 from .loading import Stage, load_component_config
 from .stable_diffusion import StableDiffusionAdapter
 
@@ -89,7 +89,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
             size, (0, 0), size, dtype=self.dtype, text_encoder_projection_dim=self.pooled_dim
         )
         rows = 2 if state.do_cfg else 1  # the negative time ids are the same ones
-        state.conditioning["add_time_ids"] = time_ids.to(self.device).repeat(rows, 1)
+        state.conditioning["add_time_ids"] = to_device(time_ids, self.device).repeat(rows, 1)
         state.scheduler.set_begin_index(0)  # as the pipeline does before its loop
         return state
 
