@@ -52,7 +52,7 @@ class RecordingStages:
         return {"latents": np.ones((1, 4, 8, 8), np.float32)} if "latents" in outputs else {}
 
 
-def test_two_calls_in_flight_previews_alone_and_an_end_call_after_the_last_step():
+def test_two_calls_in_flight_previews_alone_and_an_end_call_behind_the_last_step():
     stages, progress = RecordingStages(), []
 
     async def on_step(step, num_steps, latents):
@@ -67,11 +67,43 @@ def test_two_calls_in_flight_previews_alone_and_an_end_call_after_the_last_step(
     alone = [1 + index for index, call in enumerate(steps) if "step" in call["inputs"]]
     assert alone == [3, 7]  # previews after steps 4 and 8
     assert all(steps[index - 1]["in_flight_before"] == 0 for index in alone)
-    # the last step overlaps like any other; END then takes no step and fetches the final latents
+    # the last step overlaps like any other; END, sent while it is in flight, takes no step and fetches
+    # the final latents
     assert [1 + index for index, call in enumerate(steps) if call["in_flight_before"] == 1] == [2, 5, 6, 9]
     assert not any(call["end"] for call in steps) and all("latents" not in call["outputs"] for call in steps[7:])
-    assert end["end"] and end["inputs"] == set() and end["outputs"] == ["latents"] and end["in_flight_before"] == 0
+    assert end["end"] and end["inputs"] == set() and end["outputs"] == ["latents"] and end["in_flight_before"] == 1
     assert progress == [(step, step in (4, 8)) for step in range(1, 11)]
+
+
+def test_an_end_that_overtakes_the_last_step_takes_it():
+    """END reaches Triton before the last step's call: it takes the last step, Triton refuses the step
+    call that comes after it, and the generation still ends with the image and every step reported."""
+    stages, progress = RecordingStages(num_steps=4), []
+    overtaken = asyncio.Event()
+
+    async def end_first(model, inputs, outputs, correlation_id=0, start=False, end=False):
+        if model == "denoise_step" and not start and not end and len(stages.calls) == 2:  # the last step
+            await overtaken.wait()
+            stages.calls.append({"inputs": set(inputs), "end": end, "refused": True})
+            raise RuntimeError(
+                f"inference request for sequence {correlation_id} to model 'denoise_step' must specify the "
+                "START flag on the first request of the sequence"
+            )
+        answer = await RecordingStages.__call__(stages, model, inputs, outputs, correlation_id, start, end)
+        if end:
+            overtaken.set()
+        return answer
+
+    async def on_step(step, num_steps, latents):
+        progress.append(step)
+
+    result = asyncio.run(generate(end_first, PARAMS, ["prompt_embeds"], on_step=on_step, lookahead=2))
+    assert result is not None and progress == [1, 2, 3, 4]
+    assert [(call["end"], "refused" in call) for call in stages.calls] == [(False, False)] * 2 + [
+        (True, False),
+        (False, True),
+    ]
+    assert not any("abort" in call["inputs"] for call in stages.calls)
 
 
 def test_a_preview_after_every_step_gets_the_first_from_start():

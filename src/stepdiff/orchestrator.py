@@ -77,6 +77,9 @@ def new_correlation_id() -> int:
 MODEL_PROCESS_DIED = "is not healthy"  # "Stub process '<instance>' is not healthy." (the launcher restarts)
 SERVER_NOT_READY = "Server not ready"  # the server is stopping or restarting: it takes no new requests
 NOTHING_TO_ABORT = (MODEL_PROCESS_DIED, SERVER_NOT_READY)
+# A call of a sequence that has ended (Triton 2.51's sequence batcher: "inference request for sequence
+# <id> to model 'denoise_step' must specify the START flag on the first request of the sequence")
+SEQUENCE_ENDED = "must specify the START flag"
 
 
 @dataclass
@@ -110,12 +113,16 @@ async def generate(
     instead of following it. Calls in flight together are interchangeable ("the next step", no
     ``step`` input), since two calls sent at once may reach Triton in either order. A call that must
     see exactly its step (a preview) waits until none is in flight and goes out alone. The last step
-    goes out like the others; once every step is back, an END call that takes no step fetches the
-    final latents. (END on the last step itself would have to go out alone, and the forward it joins
-    would wait for the GPU to copy its latents out: at 30 steps and 32 requests, nearly every forward
-    holds some request's last step.) A cancel is checked right before each call: at most
-    ``lookahead - 1`` more steps run. So is ``is_stopping`` (the server is about to stop): the generation
-    then ends the same way and raises ServerStopping.
+    goes out like the others; once it is the only call in flight, an END call that takes no step goes
+    out for the final latents, so that it joins the forward right after the last step's (sent once the
+    last step was back, it would miss that forward and wait for the next: one forward's time more per
+    generation). Should END reach Triton first, it takes the last step itself (it is "the next step,
+    then the latents") and Triton refuses the step call that comes after it (``SEQUENCE_ENDED``), which
+    the generation then expects. (END on the last step itself would make the forward it joins wait
+    for the GPU to copy its latents out: at 30 steps and 32 requests, nearly every forward holds some
+    request's last step.) A cancel is checked right before each call: at most ``lookahead - 1`` more
+    steps run. So is ``is_stopping`` (the server is about to stop): the generation then ends the same
+    way and raises ServerStopping.
 
     The denoise sequence always ends: normally with the END call after the last step; otherwise (a cancel, an
     error, a refused START) with an END carrying ``abort`` once the calls in flight are back. That frees
@@ -141,14 +148,27 @@ async def generate(
             step_errors.append(str(error))
             raise
 
+    async def report(num_steps: int, latents: Any = None) -> None:
+        progress["steps"] += 1
+        if on_step is not None:
+            await on_step(progress["steps"], num_steps, latents)
+
     async def collect(num_steps: int, preview: bool = False) -> Any:
         """Await the oldest call in flight; report its step."""
-        result = await in_flight.popleft()
-        progress["steps"] += 1
-        latents = result.get("latents")
-        if on_step is not None:
-            await on_step(progress["steps"], num_steps, latents if preview else None)
+        latents = (await in_flight.popleft()).get("latents")
+        await report(num_steps, latents if preview else None)
         return latents
+
+    def ending() -> bool:
+        """Whether the generation is cancelled; ServerStopping when the server is about to stop."""
+        if is_cancelled():  # checked right before sending: a cancel seen while waiting counts
+            return True
+        if is_stopping():
+            raise ServerStopping(
+                f"server stopping: the generation was ended after step {progress['steps']} of {num_steps}; "
+                "retry on another server or once it is back"
+            )
+        return False
 
     try:
         first_preview = preview_every == 1
@@ -167,24 +187,30 @@ async def generate(
             alone = preview or lookahead == 1
             while in_flight and (alone or len(in_flight) >= lookahead):
                 await collect(num_steps)
-            if is_cancelled():  # checked right before sending: a cancel seen while waiting counts
+            if ending():
                 return None
-            if is_stopping():
-                raise ServerStopping(
-                    f"server stopping: the generation was ended after step {progress['steps']} of {num_steps}; "
-                    "retry on another server or once it is back"
-                )
             step_input = {"step": batch_of_one(index, np.int32)} if alone else {}
             wanted = ["step_index", "latents"] if preview else ["step_index"]
             in_flight.append(asyncio.ensure_future(denoise_call(step_input, wanted, correlation_id)))
             if alone:
                 await collect(num_steps, preview)
-        while in_flight:
+        while len(in_flight) > 1:
             await collect(num_steps)
-        if is_cancelled():
+        if ending():
             return None
-        latents = (await denoise_call({}, ["latents"], correlation_id, end=True)).get("latents")
+        in_flight.append(asyncio.ensure_future(denoise_call({}, ["latents"], correlation_id, end=True)))
+        overtaken = False
+        if len(in_flight) > 1:  # the last step's call
+            try:
+                await collect(num_steps)
+            except Exception as error:
+                if SEQUENCE_ENDED not in str(error):
+                    raise
+                overtaken = True  # END came first and took the last step
+        latents = (await in_flight.popleft()).get("latents")
         finished = True
+        if overtaken:
+            await report(num_steps)
     finally:
         if not finished:
             for pending in in_flight:  # let them finish before the abort (they may still be on their way)
