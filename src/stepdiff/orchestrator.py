@@ -149,6 +149,7 @@ async def generate(
             raise
 
     async def report(num_steps: int, latents: Any = None) -> None:
+        """Count one more step done and tell ``on_step``."""
         progress["steps"] += 1
         if on_step is not None:
             await on_step(progress["steps"], num_steps, latents)
@@ -158,17 +159,6 @@ async def generate(
         latents = (await in_flight.popleft()).get("latents")
         await report(num_steps, latents if preview else None)
         return latents
-
-    def ending() -> bool:
-        """Whether the generation is cancelled; ServerStopping when the server is about to stop."""
-        if is_cancelled():  # checked right before sending: a cancel seen while waiting counts
-            return True
-        if is_stopping():
-            raise ServerStopping(
-                f"server stopping: the generation was ended after step {progress['steps']} of {num_steps}; "
-                "retry on another server or once it is back"
-            )
-        return False
 
     try:
         first_preview = preview_every == 1
@@ -187,8 +177,13 @@ async def generate(
             alone = preview or lookahead == 1
             while in_flight and (alone or len(in_flight) >= lookahead):
                 await collect(num_steps)
-            if ending():
+            if is_cancelled():  # checked right before sending: a cancel seen while waiting counts
                 return None
+            if is_stopping():
+                raise ServerStopping(
+                    f"server stopping: the generation was ended after step {progress['steps']} of {num_steps}; "
+                    "retry on another server or once it is back"
+                )
             step_input = {"step": batch_of_one(index, np.int32)} if alone else {}
             wanted = ["step_index", "latents"] if preview else ["step_index"]
             in_flight.append(asyncio.ensure_future(denoise_call(step_input, wanted, correlation_id)))
@@ -196,7 +191,7 @@ async def generate(
                 await collect(num_steps, preview)
         while len(in_flight) > 1:
             await collect(num_steps)
-        if ending():
+        if is_cancelled():  # a stopping server still takes this END, as it would take the abort
             return None
         in_flight.append(asyncio.ensure_future(denoise_call({}, ["latents"], correlation_id, end=True)))
         overtaken = False
