@@ -298,9 +298,22 @@ def metric(metrics_url: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
-def forward_counters(metrics_url: str) -> tuple[float, float]:
-    return metric(metrics_url, "stepdiff_denoise_batch_size_sum"), metric(
-        metrics_url, "stepdiff_denoise_batch_size_count"
+def forward_counters(metrics_url: str) -> tuple[float, float, float, float]:
+    """denoise_step's requests in forwards, forwards, and Triton's calls and executions of it, so far."""
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+
+    def total(name: str, model: str = "") -> float:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + "{") and f'model="{model}"' in line
+        )
+
+    return (
+        total("stepdiff_denoise_batch_size_sum", "denoise_step"),
+        total("stepdiff_denoise_batch_size_count", "denoise_step"),
+        total("nv_inference_count", "denoise_step"),
+        total("nv_inference_exec_count", "denoise_step"),
     )
 
 
@@ -335,7 +348,7 @@ class WindowReadings:
 
     def __init__(self, metrics_url: str, server_pid: int | None, window: tuple[float, float] | None = None):
         self.metrics_url, self.server_pid = metrics_url, server_pid
-        self.edges: dict[str, tuple[float, tuple[float, float], dict[str, float]]] = {}
+        self.edges: dict[str, tuple[float, tuple[float, ...], dict[str, float]]] = {}
         self.timers = [
             threading.Timer(at - time.monotonic(), self.read, (edge,))
             for edge, at in (zip(("begin", "end"), window, strict=True) if window else ())
@@ -355,12 +368,17 @@ class WindowReadings:
             timer.join()
         if not self.timers:
             self.read("end")
-        (began, (rows0, forwards0), cpu0), (ended, (rows, forwards), cpu) = self.edges["begin"], self.edges["end"]
+        (began, counts0, cpu0), (ended, counts, cpu) = self.edges["begin"], self.edges["end"]
+        rows, forwards, calls, executions = (now - before for now, before in zip(counts, counts0, strict=True))
         elapsed = ended - began
         return {
             "seconds": elapsed,
-            "mean_forward_batch": (rows - rows0) / max(forwards - forwards0, 1),
-            "step_calls_per_s": (rows - rows0) / elapsed,
+            "mean_forward_batch": rows / max(forwards, 1),
+            "step_calls_per_s": rows / elapsed,
+            # more than one forward per execute: rows of different shapes, or two calls of one sequence in one
+            # batch (a pass each)
+            "forwards_per_execute": forwards / max(executions, 1),
+            "calls_per_execute": calls / max(executions, 1),
             "cpu_cores": {name: round((cpu[name] - cpu0[name]) / elapsed, 2) for name in cpu if name in cpu0},
         }
 
@@ -614,6 +632,8 @@ def through_triton(args, references: dict, mode: str, record: dict, save: Callab
                 f"[{mode}] closed loop c={concurrency:3d}: {row['images_per_s']:6.2f} images/s  p50 "
                 f"{row['p50_s']:.2f} s  "
                 f"p99 {row['p99_s']:.2f} s  mean forward batch {row['mean_forward_batch']:.2f}  "
+                f"calls per execute {row['calls_per_execute']:.2f}  "
+                f"forwards per execute {row['forwards_per_execute']:.2f}  "
                 f"step calls/s {row['step_calls_per_s']:.0f}  CPU cores {row['cpu_cores']}  stages {row['stages']}",
                 flush=True,
             )

@@ -54,11 +54,11 @@ def counted_syncs(run: Callable[[], list]) -> tuple[list, int]:
 def syncs_per_call(engine: StepEngine, encoder, params: GenerationParams) -> list[int]:
     """Host synchronizations in a START that takes the first step, then in each intermediate step's run.
 
-    The conditioning comes in host memory, as denoise_step takes it. An earlier START with the same
-    scheduler and steps (aborted) has set up the schedule that later STARTs copy."""
+    The conditioning comes in host memory, as denoise_step takes it. An earlier START of the same kind
+    (aborted) has set up what later ones reuse: the schedule they copy, the forward's CUDA graph."""
     with torch.inference_mode():
         conditioning = {name: value.cpu() for name, value in encoder.encode_prompt(params).items()}
-    engine.run([StepCall(1, start=True, params=params, conditioning=conditioning)])
+    engine.run([StepCall(1, start=True, step=0, params=params, conditioning=conditioning)])
     engine.run([StepCall(1, end=True, abort=True)])
     [started], at_start = counted_syncs(
         lambda: engine.run([StepCall(2, start=True, step=0, params=params, conditioning=conditioning)])
