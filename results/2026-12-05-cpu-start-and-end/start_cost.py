@@ -1,6 +1,11 @@
 """Host time of a START without a step (adapter.prepare through StepEngine.run, then an abort), tiny SD, CPU."""
-import json, statistics, sys, time
+
+import json
+import statistics
+import time
+
 import torch
+
 import stepdiff
 from stepdiff.adapters import GenerationParams, Stage, load_adapter
 from stepdiff.engine import StepCall, StepEngine
