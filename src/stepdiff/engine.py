@@ -1,9 +1,11 @@
 """The denoise_step core: per-sequence state on the device and step-level batching, without Triton.
 
 Triton's sequence batcher hands ``StepEngine.run`` one call per sequence. A START call creates the
-request's state (with ``step`` 0 it also takes the first step, in the same forward as the others'
-steps); a step call advances it by one step (the rows of all compatible step calls of one
-``run`` share the runner's denoiser forwards); a step call can ask for its latents (previews). END
+request's state (with ``step`` 0 it also takes the first step, in the same forward as the other steps
+of its run: under Triton those are other STARTs', since a START's inputs differ from a step call's and
+Triton never batches different input sets); a step call advances it by one step (the rows of all
+compatible step calls of one ``run`` share the runner's denoiser forwards); a step call can ask for its
+latents (previews). END
 on the last step returns the final latents and frees the state; so does END on a call after the last
 step, which takes no step (txt2img's way: its last step then batches like any other); an abort frees it.
 A call refused for its place in the sequence (a wrong ``step``, a step after the last) leaves the
