@@ -5,9 +5,9 @@ request's state (with ``step`` 0 it also takes the first step, in the same forwa
 of its run: under Triton those are other STARTs', since a START's inputs differ from a step call's and
 Triton never batches different input sets); a step call advances it by one step (the rows of all
 compatible step calls of one ``run`` share the runner's denoiser forwards); a step call can ask for its
-latents (previews). END
-on the last step returns the final latents and frees the state; so does END on a call after the last
-step, which takes no step (txt2img's way: its last step then batches like any other); an abort frees it.
+latents (previews). END on the last step returns the final latents and frees the state; so does END on
+a call after the last step, which takes no step (txt2img's way: its last step then batches like any
+other); an abort frees it.
 A call refused for its place in the sequence (a wrong ``step``, a step after the last) leaves the
 sequence as it was; any other failed call frees it.
 
