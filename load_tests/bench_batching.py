@@ -293,28 +293,34 @@ class Load:
                 return time.perf_counter() - started, result.as_numpy("image")
 
 
-def metric(metrics_url: str, name: str) -> float:
-    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
-
-
-def forward_counters(metrics_url: str) -> tuple[float, float, float, float]:
-    """denoise_step's requests in forwards, forwards, and Triton's calls and executions of it, so far."""
-    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-
-    def total(name: str, model: str = "") -> float:
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(name + "{") and f'model="{model}"' in line
-        )
-
-    return (
-        total("stepdiff_denoise_batch_size_sum", "denoise_step"),
-        total("stepdiff_denoise_batch_size_count", "denoise_step"),
-        total("nv_inference_count", "denoise_step"),
-        total("nv_inference_exec_count", "denoise_step"),
+def metric_total(text: str, name: str, model: str | None = None) -> float:
+    """The sum of metric ``name`` over its label sets (those of ``model`` only, when given) in Prometheus text."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and (model is None or f'model="{model}"' in line)
     )
+
+
+def metrics_text(metrics_url: str) -> str:
+    return urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+
+
+def metric(metrics_url: str, name: str) -> float:
+    return metric_total(metrics_text(metrics_url), name)
+
+
+def forward_counters(metrics_url: str) -> tuple[float, ...]:
+    """denoise_step's requests in forwards, forwards, and Triton's calls and executions of it, so far
+    (one reading of the metrics)."""
+    text = metrics_text(metrics_url)
+    names = (
+        "stepdiff_denoise_batch_size_sum",
+        "stepdiff_denoise_batch_size_count",
+        "nv_inference_count",
+        "nv_inference_exec_count",
+    )
+    return tuple(metric_total(text, name, "denoise_step") for name in names)
 
 
 def cpu_seconds(server_pid: int | None) -> dict[str, float]:

@@ -169,9 +169,7 @@ async def generate(
             start=True,
         )
         num_steps = host_scalar(first["num_steps"])
-        progress["steps"] = 1
-        if on_step is not None:
-            await on_step(1, num_steps, first.get("latents") if first_preview and num_steps > 1 else None)
+        await report(num_steps, first.get("latents") if first_preview and num_steps > 1 else None)
         for index in range(1, num_steps):
             preview = index < num_steps - 1 and preview_every > 0 and (index + 1) % preview_every == 0
             alone = preview or lookahead == 1
