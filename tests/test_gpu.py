@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,8 +40,9 @@ def needs_cuda():
         pytest.fail("these tests need a CUDA device (make test deselects them)")
 
 
-def counted_syncs(run: Callable[[], list]) -> tuple[list, int]:
-    """``run()``'s result and the host synchronizations torch.cuda.set_sync_debug_mode counted in it."""
+def counted_syncs(run: Callable[[], list]) -> tuple[list, list[str]]:
+    """``run()``'s result and the host synchronizations torch.cuda.set_sync_debug_mode saw in it, each as
+    the ``file:line`` of the Python code that caused it."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -48,11 +50,13 @@ def counted_syncs(run: Callable[[], list]) -> tuple[list, int]:
             result = run()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    return result, sum("synchroniz" in str(warning.message) for warning in caught)
+    syncs = [warning for warning in caught if "synchroniz" in str(warning.message)]
+    return result, [f"{Path(warning.filename).name}:{warning.lineno}" for warning in syncs]
 
 
-def syncs_per_call(engine: StepEngine, encoder, params: GenerationParams) -> list[int]:
-    """Host synchronizations in a START that takes the first step, then in each intermediate step's run.
+def syncs_per_call(engine: StepEngine, encoder, params: GenerationParams) -> list[list[str]]:
+    """Host synchronizations (where each happened) in a START that takes the first step, then in each
+    intermediate step's run.
 
     The conditioning comes in host memory, as denoise_step takes it. An earlier START of the same kind
     (aborted) has set up what later ones reuse: the schedule they copy, the forward's CUDA graph."""
@@ -85,7 +89,7 @@ def test_no_host_sync_at_start_or_in_intermediate_steps(sd, scheduler):
     encoder, denoiser = sd
     engine = StepEngine(denoiser, 8, 8, 60, max_runahead=1000)  # the runahead bound waits on purpose
     counts = syncs_per_call(engine, encoder, GenerationParams("a cat", None, 0, 8, 7.5, 64, 64, scheduler))
-    assert counts == [0] * len(counts), f"{scheduler}: synchronizations at START, then per intermediate step {counts}"
+    assert counts == [[]] * len(counts), f"{scheduler}: synchronizations at START, then per intermediate step {counts}"
 
 
 def test_no_host_sync_at_start_or_in_intermediate_flow_match_steps(tiny_qwen):
@@ -94,7 +98,7 @@ def test_no_host_sync_at_start_or_in_intermediate_flow_match_steps(tiny_qwen):
     engine = StepEngine(denoiser, 8, 8, 60, max_runahead=1000)
     params = GenerationParams("a cat", "blurry", 0, 8, 1.0, 64, 64, denoiser.info.default_scheduler, true_cfg_scale=4.0)
     counts = syncs_per_call(engine, encoder, params)
-    assert counts == [0] * len(counts), f"FlowMatchEuler: at START, then per intermediate step {counts}"
+    assert counts == [[]] * len(counts), f"FlowMatchEuler: at START, then per intermediate step {counts}"
 
 
 @pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "PNDMScheduler", "UniPCMultistepScheduler"])
