@@ -74,7 +74,6 @@ def test_waiters_start_in_arrival_order_across_processes_and_the_overflow_is_ref
             await asyncio.sleep(0.02)
         assert started == [0, 1]
         assert [item.observer.length for item in doors] == [2, 2]
-        assert [item.slots.running_count() for item in doors] == [2, 2]  # the server's, not the process's
         with pytest.raises(QueueFull, match=r"2 generations in progress \(limit 2\) and 4 waiting \(max_queue 4\)"):
             async with doors[0].slot(never):
                 pass

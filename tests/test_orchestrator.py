@@ -117,26 +117,6 @@ def test_a_preview_after_every_step_gets_the_first_from_start():
     assert progress == [(1, True), (2, True), (3, False)]  # the last step's latents are the image's
 
 
-def test_a_start_that_takes_no_step_sends_every_step_as_a_call():
-    """With other generations running, START only sets up: the first step joins the others' forward."""
-    stages, progress = RecordingStages(num_steps=4), []
-
-    async def on_step(step, num_steps, latents):
-        progress.append((step, latents is not None))
-
-    result = asyncio.run(
-        generate(
-            stages, PARAMS, ["prompt_embeds"], on_step=on_step, preview_every=1, lookahead=2, start_takes_step=False
-        )
-    )
-    assert result is not None
-    assert "step" not in stages.start["inputs"] and "latents" not in stages.start["outputs"]
-    *steps, end = stages.calls
-    assert len(steps) == 4 and end["end"]
-    assert ["latents" in call["outputs"] for call in steps] == [True, True, True, False]  # previews, not the last
-    assert progress == [(1, True), (2, True), (3, True), (4, False)]
-
-
 def test_lookahead_one_sends_every_step_alone_with_its_index():
     stages = RecordingStages()
     asyncio.run(generate(stages, PARAMS, ["prompt_embeds"], lookahead=1))

@@ -180,11 +180,6 @@ class SharedSlots:
         with self._state() as state:
             return {entry for entry, _ in state["running"] if entry in entries}
 
-    def running_count(self) -> int:
-        """How many generations run in the server now."""
-        with self._state() as state:
-            return len(state["running"])
-
     def leave(self, entry: str) -> None:
         """Take a generation out, running or waiting; its slot goes to the oldest waiter."""
         with self._state() as state:

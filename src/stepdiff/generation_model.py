@@ -173,7 +173,6 @@ class GenerationModel:
                     lookahead=self.settings.step_lookahead,
                     preview_every=preview_every,
                     is_stopping=self.admission.slots.stopping,
-                    start_takes_step=self.admission.slots.running_count() == 1,  # this generation alone
                 )
                 if started
                 else None

@@ -97,7 +97,6 @@ async def generate(
     preview_every: int = 0,
     lookahead: int = 2,
     is_stopping: Callable[[], bool] = lambda: False,
-    start_takes_step: bool = True,
 ) -> GenerationResult | None:
     """Run one request through the three stages; returns None when cancelled between steps.
 
@@ -106,12 +105,8 @@ async def generate(
 
     ``on_step`` is awaited after every step, with the current latents every ``preview_every`` steps.
 
-    With ``start_takes_step`` (the caller's choice for a generation that runs alone) the START call also
-    takes the first step (``step`` 0): it saves a round trip, and with nothing else running no other
-    generation waits for that forward. Otherwise START only sets the sequence up and the first step goes
-    out like the others: Triton never batches a START with step calls (their inputs differ), so a START
-    that took a step would run a small forward of its own between the others' forwards, which all of
-    them would wait for.
+    The START call also takes the first step (``step`` 0): a sequence's calls each wait for a forward of
+    denoise_step's, so a START of its own would cost every generation one forward's time more.
 
     Up to ``lookahead`` step calls are in flight at once, so that the next step already waits in
     Triton's sequence batcher when denoise_step finishes one: the per-step round trip overlaps the GPU
@@ -166,17 +161,16 @@ async def generate(
         return latents
 
     try:
-        first_preview = start_takes_step and preview_every == 1
+        first_preview = preview_every == 1
         first = await denoise_call(
-            {**inputs, **conditioning, **({"step": batch_of_one(0, np.int32)} if start_takes_step else {})},
+            {**inputs, **conditioning, "step": batch_of_one(0, np.int32)},
             ["num_steps", "step_index", *(["latents"] if first_preview else [])],
             correlation_id,
             start=True,
         )
         num_steps = host_scalar(first["num_steps"])
-        if start_takes_step:
-            await report(num_steps, first.get("latents") if first_preview and num_steps > 1 else None)
-        for index in range(int(start_takes_step), num_steps):
+        await report(num_steps, first.get("latents") if first_preview and num_steps > 1 else None)
+        for index in range(1, num_steps):
             preview = index < num_steps - 1 and preview_every > 0 and (index + 1) % preview_every == 0
             alone = preview or lookahead == 1
             while in_flight and (alone or len(in_flight) >= lookahead):
