@@ -75,9 +75,19 @@ def test_two_calls_in_flight_previews_alone_and_an_end_call_behind_the_last_step
     assert progress == [(step, step in (4, 8)) for step in range(1, 11)]
 
 
-def test_an_end_that_overtakes_the_last_step_takes_it():
-    """END reaches Triton before the last step's call: it takes the last step, Triton refuses the step
-    call that comes after it, and the generation still ends with the image and every step reported."""
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        # Triton, when the step call reaches it after END
+        "inference request for sequence {id} to model 'denoise_step' must specify the START flag on the first "
+        "request of the sequence",
+        # Triton, when the step call was queued behind END in the sequence's slot (cancelled as END frees it)
+        "denoise_step: Cancelled",
+    ],
+)
+def test_an_end_that_overtakes_the_last_step_takes_it(refusal):
+    """END reaches Triton before the last step's call: it takes the last step, the step call after it
+    fails, and the generation still ends with the image and every step reported."""
     stages, progress = RecordingStages(num_steps=4), []
     overtaken = asyncio.Event()
 
@@ -85,10 +95,7 @@ def test_an_end_that_overtakes_the_last_step_takes_it():
         if model == "denoise_step" and not start and not end and len(stages.calls) == 2:  # the last step
             await overtaken.wait()
             stages.calls.append({"inputs": set(inputs), "end": end, "refused": True})
-            raise RuntimeError(
-                f"inference request for sequence {correlation_id} to model 'denoise_step' must specify the "
-                "START flag on the first request of the sequence"
-            )
+            raise RuntimeError(refusal.format(id=correlation_id))
         answer = await RecordingStages.__call__(stages, model, inputs, outputs, correlation_id, start, end)
         if end:
             overtaken.set()
@@ -231,6 +238,28 @@ def test_a_failed_step_call_ends_the_sequence_with_an_abort():
     assert "abort" in abort["inputs"] and abort["end"] and abort["in_flight_before"] == 0
     assert not any("abort" in call["inputs"] or call["end"] for call in steps)
     assert len(steps) <= 6  # nothing is sent after the failure but the call already in flight
+
+
+def test_a_failed_last_step_whose_end_fails_too_raises_its_own_error():
+    """The last step's call failed for real: denoise_step freed the state, END finds none, and the
+    generation reports the step's error, not END's."""
+    stages = RecordingStages(num_steps=4)
+
+    async def last_step_fails(model, inputs, outputs, correlation_id=0, start=False, end=False):
+        calls_before = len(stages.calls)
+        answer = await RecordingStages.__call__(stages, model, inputs, outputs, correlation_id, start, end)
+        if model == "denoise_step" and not start and calls_before == 2:  # the last step (steps 1 to 3)
+            raise RuntimeError("denoise_step: RuntimeError: CUDA error: an illegal memory access")
+        if end and "abort" not in inputs:
+            raise RuntimeError(f"denoise_step: sequence {correlation_id}: unknown or already finished")
+        return answer
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        asyncio.run(generate(last_step_fails, PARAMS, ["prompt_embeds"], lookahead=2))
+    assert [("abort" in call["inputs"], call["end"]) for call in stages.calls] == [(False, False)] * 3 + [
+        (False, True),  # END, sent while the last step was in flight
+        (True, True),  # then the abort
+    ]
 
 
 @pytest.mark.parametrize("failure", ["Stub process 'denoise_step_0_0' is not healthy.", "Server not ready"])

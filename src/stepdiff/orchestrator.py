@@ -127,8 +127,10 @@ async def generate(
     out for the final latents, so that it joins the forward right after the last step's (sent once the
     last step was back, it would miss that forward and wait for the next: one forward's time more per
     generation). Should END reach Triton first, it takes the last step itself (it is "the next step,
-    then the latents") and Triton refuses the step call that comes after it (``SEQUENCE_ENDED``), which
-    the generation then expects. (END on the last step itself would make the forward it joins wait
+    then the latents") and the step call after it fails (Triton refuses it, ``SEQUENCE_ENDED``, or
+    cancels it when it was queued behind END): a failed last step whose END still brings the final
+    latents was overtaken, while one whose END fails too raises its own error (a failed call frees the
+    sequence's state, so END finds none). (END on the last step itself would make the forward it joins wait
     for the GPU to copy its latents out: at 30 steps and 32 requests, nearly every forward holds some
     request's last step.) A cancel is checked right before each call: at most ``lookahead - 1`` more
     steps run. So is ``is_stopping`` (the server is about to stop): the generation then ends the same
@@ -222,17 +224,20 @@ async def generate(
         if is_cancelled():  # a stopping server still takes this END, as it would take the abort
             return None
         in_flight.append(asyncio.ensure_future(denoise_call({}, ["latents"], correlation_id, end=True)))
-        overtaken = False
+        last_step_error: Exception | None = None
         if len(in_flight) > 1:  # the last step's call
             try:
                 await collect(num_steps)
-            except Exception as error:
-                if SEQUENCE_ENDED not in str(error):
-                    raise
-                overtaken = True  # END came first and took the last step
-        latents = (await in_flight.popleft()).get("latents")
+            except Exception as error:  # noqa: BLE001 - END may have come first and taken the last step
+                last_step_error = error
+        try:
+            latents = (await in_flight.popleft()).get("latents")
+        except Exception:
+            if last_step_error is not None:
+                raise last_step_error from None
+            raise
         finished = True
-        if overtaken:
+        if last_step_error is not None:  # END took the last step
             await report(num_steps)
     finally:
         if not finished:
