@@ -214,11 +214,14 @@ async def generate(
                     f"server stopping: the generation was ended after step {progress['steps']} of {num_steps}; "
                     "retry on another server or once it is back"
                 )
-            step_input = {"step": batch_of_one(index, np.int32)} if alone else {}
+            if not alone:
+                in_flight.append(next_step())
+                continue
             wanted = ["step_index", "latents"] if preview else ["step_index"]
-            in_flight.append(asyncio.ensure_future(denoise_call(step_input, wanted, correlation_id)))
-            if alone:
-                await collect(num_steps, preview)
+            in_flight.append(
+                asyncio.ensure_future(denoise_call({"step": batch_of_one(index, np.int32)}, wanted, correlation_id))
+            )
+            await collect(num_steps, preview)
         while len(in_flight) > 1:
             await collect(num_steps)
         if is_cancelled():  # a stopping server still takes this END, as it would take the abort
