@@ -31,12 +31,14 @@ leaves the served figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -347,13 +349,44 @@ CLOSED_LOOP_STARTS = {  # how the throughput tables' closed loops ran
 }
 
 
+class GpuBusy:
+    """How busy each GPU was between ``start`` and ``stop``: nvidia-smi's ``utilization.gpu`` (the share of
+    time a kernel ran) sampled every 100 ms and averaged. Where the served GPU is busy nearly all the time,
+    more throughput can only come from less GPU work, not from less waiting."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and shutil.which("nvidia-smi") is not None
+        self.sampler: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        if self.enabled:
+            query = ["nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"]
+            self.sampler = subprocess.Popen(query, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def stop(self) -> dict[int, float] | None:
+        """The mean busy share per GPU index; None without nvidia-smi or off the GPU."""
+        if self.sampler is None:
+            return None
+        self.sampler.terminate()
+        samples: dict[int, list[float]] = {}
+        for line in self.sampler.communicate()[0].splitlines():
+            index, _, busy = line.partition(",")
+            with contextlib.suppress(ValueError):  # "[N/A]" where a GPU cannot tell
+                samples.setdefault(int(index), []).append(float(busy) / 100)
+        return {index: round(statistics.mean(values), 3) for index, values in samples.items()} or None
+
+
 class WindowReadings:
     """The denoiser's forward counters and the Triton processes' CPU seconds at the two edges of a
-    measurement window: read by timers at the ``window``'s (monotonic) times; without a window, now and
-    when ``measured`` is called."""
+    measurement window, and how busy the GPUs were in between (with ``gpu``): read by timers at the
+    ``window``'s (monotonic) times; without a window, now and when ``measured`` is called."""
 
-    def __init__(self, metrics_url: str, server_pid: int | None, window: tuple[float, float] | None = None):
+    def __init__(
+        self, metrics_url: str, server_pid: int | None, window: tuple[float, float] | None = None, gpu: bool = False
+    ):
         self.metrics_url, self.server_pid = metrics_url, server_pid
+        self.busy_sampler = GpuBusy(gpu)
+        self.busy: dict[int, float] | None = None  # per GPU over the window
         self.edges: dict[str, tuple[float, tuple[float, ...], dict[str, float]]] = {}
         self.timers = [
             threading.Timer(at - time.monotonic(), self.read, (edge,))
@@ -366,10 +399,15 @@ class WindowReadings:
 
     def read(self, edge: str) -> None:  # "begin" or "end"
         self.edges[edge] = (time.monotonic(), forward_counters(self.metrics_url), cpu_seconds(self.server_pid))
+        if edge == "begin":
+            self.busy_sampler.start()
+        else:
+            self.busy = self.busy_sampler.stop()
 
     def measured(self) -> dict:
         """After the window's end (without a window: read now): seconds between the edges, mean requests
-        per forward, forwards' requests per second, and the share of one core each process used."""
+        per forward, forwards' requests per second, the share of one core each process used and how busy each
+        GPU was."""
         for timer in self.timers:
             timer.join()
         if not self.timers:
@@ -386,6 +424,7 @@ class WindowReadings:
             "forwards_per_execute": forwards / max(executions, 1),
             "calls_per_execute": calls / max(executions, 1),
             "cpu_cores": {name: round((cpu[name] - cpu0[name]) / elapsed, 2) for name in cpu if name in cpu0},
+            "gpu_busy": self.busy,
         }
 
 
@@ -411,7 +450,7 @@ def closed_loop(
     window = (start + 2 * generation_s, start + 2 * generation_s + duration) if generation_s else None
     deadline = window[1] if window else start + duration
     completed: list[tuple[float, float]] = []  # (when, seconds) per request
-    readings = WindowReadings(metrics_url, server_pid, window)
+    readings = WindowReadings(metrics_url, server_pid, window, gpu=load.args.device.startswith("cuda"))
 
     def client(worker: int) -> None:
         if generation_s:
@@ -444,7 +483,7 @@ def open_loop(load: Load, metrics_url: str, rate: float, duration: float) -> dic
     arrivals: list[tuple[float, float]] = []  # (arrived, seconds) per request
     start = time.monotonic()
     window = (start + duration / 2, start + 1.5 * duration)
-    readings = WindowReadings(metrics_url, None, window)
+    readings = WindowReadings(metrics_url, None, window, gpu=load.args.device.startswith("cuda"))
 
     def request(arrived: float) -> None:
         seconds, _ = load.request(random.randrange(2**31))
@@ -468,6 +507,7 @@ def open_loop(load: Load, metrics_url: str, rate: float, duration: float) -> dic
         "p50_s": percentile(latencies, 50),
         "p99_s": percentile(latencies, 99),
         "mean_forward_batch": measured["mean_forward_batch"],
+        "gpu_busy": measured["gpu_busy"],
     }
 
 
@@ -643,6 +683,7 @@ def through_triton(args, references: dict, mode: str, record: dict, save: Callab
                 f"calls per execute {row['calls_per_execute']:.2f}  "
                 f"forwards per execute {row['forwards_per_execute']:.2f}  "
                 f"steps/s {row['steps_per_s']:.0f} ({row['images_per_s_of_steps']:.2f} images/s)  "
+                f"GPU busy {row['gpu_busy']}  "
                 f"CPU cores {row['cpu_cores']}  stages {row['stages']}",
                 flush=True,
             )
@@ -660,6 +701,15 @@ def through_triton(args, references: dict, mode: str, record: dict, save: Callab
         save()
     finally:
         process.stop()
+
+
+def busy_cell(busy: dict | None) -> str:
+    """A throughput row's GPU busy shares (``GpuBusy``) for a table: "97%", or per GPU "0: 97%, 1: 95%"."""
+    if not busy:
+        return "—"
+    if len(busy) == 1:
+        return f"{next(iter(busy.values())):.0%}"
+    return ", ".join(f"{index}: {share:.0%}" for index, share in busy.items())
 
 
 def per_request_ms(table: dict[int, float], batch: float) -> float:
@@ -756,10 +806,10 @@ def report(result: dict, out: Path) -> None:
             CLOSED_LOOP_STARTS[tri["sweep"][0].get("starts", "together")] if tri["sweep"] else "",
             "",
             "| concurrency | images/s | p50 s | p99 s | mean requests/forward | steps/s (images/s of steps) "
-            "| ceiling images/s | vs ceiling | ceiling with text encoder + VAE | vs that "
+            "| GPU busy | ceiling images/s | vs ceiling | ceiling with text encoder + VAE | vs that "
             "| text_encoder requests/execution, execute ms/request "
             "| vae_decode requests/execution, execute ms/request |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in tri["sweep"]:
             ceil = ceiling.get(variant, {}).get(row["concurrency"], {}).get("images_per_s")
@@ -782,7 +832,7 @@ def report(result: dict, out: Path) -> None:
             lines.append(
                 f"| {row['concurrency']} | {row['images_per_s']:.2f} | {row['p50_s']:.2f} | {row['p99_s']:.2f} | "
                 f"{row['mean_forward_batch']:.2f} | {row['steps_per_s']:.0f} ({row['images_per_s_of_steps']:.2f}) | "
-                f"{versus} | "
+                f"{busy_cell(row.get('gpu_busy'))} | {versus} | "
                 f"{encoder['mean_batch']:.2f}, {encoder['execute_ms_per_request']:.1f} | "
                 f"{decoder['mean_batch']:.2f}, {decoder['execute_ms_per_request']:.1f} |"
             )

@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from stepdiff.server import free_ports
@@ -69,6 +70,22 @@ def test_batching_benchmark_names_a_bad_variants_list_before_loading_anything(tm
             completed.stderr
         )
         assert not (tmp_path / "out").exists()
+
+
+def test_gpu_busy_is_the_mean_of_nvidia_smis_samples_per_gpu(tmp_path, monkeypatch):
+    """The benchmarks' GPU busy share: nvidia-smi's utilization samples over the window, per GPU index."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf '0, 90\\n1, 10\\n0, 100\\n1, [N/A]\\n1, 30\\n'\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.syspath_prepend(str(ROOT / "load_tests"))
+    import bench_batching
+
+    assert bench_batching.GpuBusy(enabled=False).stop() is None  # off the GPU: nothing sampled
+    sampler = bench_batching.GpuBusy(enabled=True)
+    sampler.start()
+    time.sleep(0.5)
+    assert sampler.stop() == {0: 0.95, 1: 0.2}
 
 
 def test_batching_benchmark_writes_its_tables(tiny_sd, tmp_path):

@@ -31,7 +31,7 @@ import torch
 from .adapters.base import RequestState, StepAdapter, lora_key, mixed_lora_key
 from .adapters.mixed_lora import LORA_SCALES
 from .admission import ServerBusy
-from .params import UNKNOWN_SEQUENCE, GenerationParams, InvalidInput
+from .params import GenerationParams, InvalidInput
 from .runner import DenoiserRunner, Rows
 
 
@@ -172,7 +172,7 @@ class StepEngine:
             return state if call.step == 0 else None
         state = self.states.get(call.correlation_id)
         if state is None:
-            raise InvalidInput(f"sequence {call.correlation_id}: {UNKNOWN_SEQUENCE}")
+            raise InvalidInput(f"sequence {call.correlation_id}: unknown or already finished (send START first)")
         state.last_active = time.monotonic()
         if call.step is not None and call.step != state.step_index:
             raise StepRefused(

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .admission import ServerStopping
-from .params import UNKNOWN_SEQUENCE, GenerationParams
+from .params import GenerationParams
 
 # (steps done, number of steps, latents after that step when a preview was asked for, else None)
 ProgressCallback = Callable[[int, int, Any], Awaitable[None]]
@@ -80,10 +80,6 @@ NOTHING_TO_ABORT = (MODEL_PROCESS_DIED, SERVER_NOT_READY)
 # A call of a sequence that has ended (Triton 2.51's sequence batcher: "inference request for sequence
 # <id> to model 'denoise_step' must specify the START flag on the first request of the sequence")
 SEQUENCE_ENDED = "must specify the START flag"
-# What a call sent right behind its sequence's START gets when it overtakes START: Triton refuses it
-# (SEQUENCE_ENDED), or, when it slips into the sequence's queue ahead of START (Triton 2.51 registers a
-# request under its lock but queues it after letting go), denoise_step finds no state for it yet
-AHEAD_OF_START = (SEQUENCE_ENDED, UNKNOWN_SEQUENCE)
 
 
 @dataclass
@@ -113,10 +109,10 @@ async def generate(
     denoise_step's, so a START of its own would cost every generation one forward's time more. (Under
     load a START's step runs in a small forward of its own, since Triton never batches a START with step
     calls; on 2026-12-05 a START without its step was still slower at 32 in flight: 1.4% compiled, 7%
-    exact.) The second step's call goes out right behind START, without waiting for its answer, so that
-    it is queued in Triton when START's forward ends, like every later step (sent after START's answer,
-    it would miss the forward that forms then and wait for the next). Should it overtake START
-    (``AHEAD_OF_START``), it goes out again once START is back.
+    exact.) The second step's call goes out once START has answered: sent right behind START it would
+    wait in Triton for START's forward to end, but on one H200 that bought nothing (0.96-0.99x the steps
+    per second at 32 in flight, both modes, results/2026-12-05-h200-step-behind-start-ab) and such a
+    call can overtake START (Triton 2.51 queues a sequence's requests after letting go of its lock).
 
     Up to ``lookahead`` step calls are in flight at once, so that the next step already waits in
     Triton's sequence batcher when denoise_step finishes one: the per-step round trip overlaps the GPU
@@ -170,39 +166,23 @@ async def generate(
         """Send a "next step" call (no ``step`` input, no latents)."""
         return asyncio.ensure_future(denoise_call({}, ["step_index"], correlation_id))
 
-    behind_start: asyncio.Future | None = None  # the second step's call, sent before START's answer
-
     async def collect(num_steps: int, preview: bool = False) -> Any:
         """Await the oldest call in flight; report its step."""
-        oldest = in_flight.popleft()
-        try:
-            answer = await oldest
-        except Exception as error:
-            if oldest is not behind_start or not any(reason in str(error) for reason in AHEAD_OF_START):
-                raise
-            answer = await next_step()  # it overtook START
-        latents = answer.get("latents")
+        latents = (await in_flight.popleft()).get("latents")
         await report(num_steps, latents if preview else None)
         return latents
 
     try:
         first_preview = preview_every == 1
-        start = asyncio.ensure_future(
-            denoise_call(
-                {**inputs, **conditioning, "step": batch_of_one(0, np.int32)},
-                ["num_steps", "step_index", *(["latents"] if first_preview else [])],
-                correlation_id,
-                start=True,
-            )
+        first = await denoise_call(
+            {**inputs, **conditioning, "step": batch_of_one(0, np.int32)},
+            ["num_steps", "step_index", *(["latents"] if first_preview else [])],
+            correlation_id,
+            start=True,
         )
-        # (a preview after the second step goes out alone, with its index, once START is back)
-        if lookahead > 1 and params.num_inference_steps > 1 and preview_every not in (1, 2):
-            behind_start = next_step()
-            in_flight.append(behind_start)
-        first = await start
         num_steps = host_scalar(first["num_steps"])
         await report(num_steps, first.get("latents") if first_preview and num_steps > 1 else None)
-        for index in range(1 + len(in_flight), num_steps):
+        for index in range(1, num_steps):
             preview = index < num_steps - 1 and preview_every > 0 and (index + 1) % preview_every == 0
             alone = preview or lookahead == 1
             while in_flight and (alone or len(in_flight) >= lookahead):

@@ -18,10 +18,6 @@ class InvalidInput(ValueError):
     """A request input is missing or out of range; the message names the field and what is allowed."""
 
 
-# denoise_step's answer to a call of a sequence it has no state for
-UNKNOWN_SEQUENCE = "unknown or already finished (send START first)"
-
-
 @dataclass(frozen=True)
 class GenerationParams:
     """One request's validated sampling parameters (the public ``txt2img`` inputs)."""
