@@ -12,9 +12,7 @@ import asyncio
 import collections
 import shutil
 import statistics
-import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ import tritonclient.grpc.aio as grpcclient
 from model import forward_ms
 from tritonclient.grpc import InferInput, InferRequestedOutput
 
-from stepdiff.server import ServerOptions, locate_triton, server_command, server_environment
+from stepdiff.server import ServerOptions, TritonProcess, locate_triton, server_command, server_environment
 
 HERE = Path(__file__).resolve().parent
 CONFIG = """name: "sim"
@@ -102,7 +100,7 @@ async def load(args: argparse.Namespace) -> float:
     return began
 
 
-def serve(args: argparse.Namespace, log: Path) -> subprocess.Popen:
+def serve(args: argparse.Namespace, log: Path) -> TritonProcess:
     """tritonserver with the sim model, once ready."""
     repository = HERE / "repository"
     shutil.rmtree(repository, ignore_errors=True)
@@ -112,20 +110,15 @@ def serve(args: argparse.Namespace, log: Path) -> subprocess.Popen:
     (repository / "sim" / "config.pbtxt").write_text(config)
     installation = locate_triton()
     options = ServerOptions(repository, http_port=args.port, grpc_port=args.port + 1, metrics_port=args.port + 2)
-    server = subprocess.Popen(
+    server = TritonProcess(
         server_command(installation, options),
-        env=server_environment(installation, {}),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        server_environment(installation, {}),
+        repository / "tritonserver.log",
+        options.http_port,
+        options.metrics_port,
     )
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(f"http://localhost:{args.port}/v2/health/ready", timeout=1)
-            return server
-        except OSError:
-            time.sleep(0.5)
-    server.kill()
-    raise SystemExit("tritonserver did not become ready")
+    server.wait_ready(models=["sim"], timeout=60)
+    return server
 
 
 def main() -> None:
@@ -149,8 +142,7 @@ def main() -> None:
     try:
         began = asyncio.run(load(args))
     finally:
-        server.terminate()
-        server.wait()
+        server.stop()
         shutil.rmtree(HERE / "repository", ignore_errors=True)
     executes = [tuple(map(float, line.split())) for line in log.read_text().splitlines()]
     log.unlink()
