@@ -551,6 +551,19 @@ def triton_statistics(grpc_url: str) -> dict[str, dict[str, float]]:
     return stats
 
 
+def statistics_after(grpc_url: str, before: dict, requests: int, timeout: float = 5.0) -> dict:
+    """``triton_statistics`` once each stage counts ``requests`` more than ``before``: a Python model reports
+    an execute's statistics after sending its responses, so the last decode's may come after the image."""
+    deadline = time.monotonic() + timeout
+    while True:
+        after = triton_statistics(grpc_url)
+        if time.monotonic() > deadline or all(
+            after[stage]["count"] - before[stage]["count"] >= requests for stage in SERVED_STAGES
+        ):
+            return after
+        time.sleep(0.05)
+
+
 def stage_executions(grpc_url: str) -> dict[str, tuple[int, int, int]]:
     """text_encoder and vae_decode: requests, executions and compute ns summed over executions (Triton's
     batch statistics count a batched execution once, where the request statistics count it per request)."""
@@ -653,7 +666,8 @@ def through_triton(args, references: dict, mode: str, record: dict, save: Callab
         for scheduler in args.schedulers:
             before = triton_statistics(grpc_url)
             latency_c1[scheduler] = statistics.median(load.request(seed, scheduler)[0] for seed in range(args.repeats))
-            breakdown[scheduler] = step_breakdown(before, triton_statistics(grpc_url), args.repeats)
+            after = statistics_after(grpc_url, before, args.repeats)
+            breakdown[scheduler] = step_breakdown(before, after, args.repeats)
             print(
                 f"[{mode}] latency at concurrency 1, {scheduler}: {latency_c1[scheduler] * 1e3:.0f} ms; "
                 f"breakdown {breakdown[scheduler]}",

@@ -34,6 +34,7 @@ from bench_batching import (  # also puts client/ and src/ on sys.path
     csv_of,
     sd_arguments,
     start_server,
+    statistics_after,
     step_breakdown,
     triton_statistics,
 )
@@ -78,7 +79,7 @@ def measure(args, gpus: tuple[int, ...]) -> tuple[dict, dict[int, np.ndarray]]:
         closed_loop(load, metrics_url, max(args.concurrency), 3)  # warm-up at every batch size
         before = triton_statistics(grpc_url)
         latency_c1 = statistics.median(load.request(seed)[0] for seed in range(args.repeats))
-        breakdown = step_breakdown(before, triton_statistics(grpc_url), args.repeats)
+        breakdown = step_breakdown(before, statistics_after(grpc_url, before, args.repeats), args.repeats)
         print(f"[--gpus {name}] latency at concurrency 1: {latency_c1 * 1e3:.0f} ms; {breakdown}", flush=True)
         sweep = []
         for concurrency in args.concurrency:
