@@ -28,7 +28,8 @@ class TritonPythonModel:
         parameters = json.loads(args["model_config"])["parameters"]
         setting = {key: value["string_value"] for key, value in parameters.items()}
         self.runahead = int(setting["runahead"])
-        self.host_ms = float(setting["host_ms"])
+        self.host_ms, self.host_ms_per_request = float(setting["host_ms"]), float(setting["host_ms_per_request"])
+        self.gpu_scale = float(setting["gpu_scale"])  # e.g. 0.75 for a compiled UNet
         self.gpu_free = time.monotonic()
         self.done_at: list[float] = []  # when each run's forward ends on the GPU
         self.log = open(setting["log"], "a")  # noqa: SIM115 - one line per execute, for sim.py
@@ -38,10 +39,10 @@ class TritonPythonModel:
 
         kinds = [int(pb_utils.get_input_tensor_by_name(r, "x").as_numpy().ravel()[0]) for r in requests]
         rows = sum(kind in (0, 2) for kind in kinds)
-        time.sleep((self.host_ms + 0.05 * len(requests)) / 1e3)  # batch assembly on the host
+        time.sleep((self.host_ms + self.host_ms_per_request * len(requests)) / 1e3)  # batch assembly on the host
         now = time.monotonic()
         if rows:
-            self.gpu_free = max(now, self.gpu_free) + forward_ms(2 * rows) / 1e3
+            self.gpu_free = max(now, self.gpu_free) + self.gpu_scale * forward_ms(2 * rows) / 1e3
             self.done_at.append(self.gpu_free)
             if len(self.done_at) >= self.runahead:
                 time.sleep(max(0.0, self.done_at[-self.runahead] - time.monotonic()))

@@ -40,6 +40,8 @@ sequence_batching {{
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 parameters {{ key: "runahead" value: {{ string_value: "{runahead}" }} }}
 parameters {{ key: "host_ms" value: {{ string_value: "{host_ms}" }} }}
+parameters {{ key: "host_ms_per_request" value: {{ string_value: "{host_ms_per_request}" }} }}
+parameters {{ key: "gpu_scale" value: {{ string_value: "{gpu_scale}" }} }}
 parameters {{ key: "log" value: {{ string_value: "{log}" }} }}
 """
 # START with its step (stepdiff), or START only; "behind": the next step's call goes out before START's answer
@@ -106,7 +108,14 @@ def serve(args: argparse.Namespace, log: Path) -> TritonProcess:
     shutil.rmtree(repository, ignore_errors=True)
     (repository / "sim" / "1").mkdir(parents=True)
     shutil.copy(HERE / "model.py", repository / "sim" / "1" / "model.py")
-    config = CONFIG.format(delay=args.delay, runahead=args.runahead, host_ms=args.host_ms, log=log)
+    config = CONFIG.format(
+        delay=args.delay,
+        runahead=args.runahead,
+        host_ms=args.host_ms,
+        host_ms_per_request=args.host_ms_per_request,
+        gpu_scale=args.gpu_scale,
+        log=log,
+    )
     (repository / "sim" / "config.pbtxt").write_text(config)
     installation = locate_triton()
     options = ServerOptions(repository, http_port=args.port, grpc_port=args.port + 1, metrics_port=args.port + 2)
@@ -130,12 +139,17 @@ def main() -> None:
     parser.add_argument("--runahead", type=int, default=2, help="as StepEngine's max_runahead")
     parser.add_argument("--delay", type=int, default=500, help="max_queue_delay_microseconds")
     parser.add_argument("--host-ms", type=float, default=2.0, help="host time per execute")
+    parser.add_argument("--host-ms-per-request", type=float, default=0.05, help="and per call in it")
+    parser.add_argument("--gpu-scale", type=float, default=1.0, help="forward times x this (0.75: compiled-like)")
     parser.add_argument("--te-ms", type=float, default=6.0)
     parser.add_argument("--vae-ms", type=float, default=25.0)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--port", type=int, default=8100)
     args = parser.parse_args()
-    tag = f"{args.policy}-delay{args.delay}-runahead{args.runahead}-users{args.users}"
+    tag = (
+        f"{args.policy}-delay{args.delay}-runahead{args.runahead}-users{args.users}"
+        f"-host{args.host_ms}+{args.host_ms_per_request}-gpu{args.gpu_scale}"
+    )
     log = HERE / f"{tag}.log"
     log.unlink(missing_ok=True)
     server = serve(args, log)
@@ -153,7 +167,7 @@ def main() -> None:
     # the simulated GPU's forwards (each ends at gpu_end), clipped to the window
     gpu_busy = (
         sum(
-            max(0.0, min(end, last) - max(end - forward_ms(2 * rows) / 1e3, first))
+            max(0.0, min(end, last) - max(end - args.gpu_scale * forward_ms(2 * rows) / 1e3, first))
             for _, _, rows, end in executes
             if rows
         )
