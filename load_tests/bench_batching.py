@@ -313,14 +313,16 @@ def metric(metrics_url: str, name: str) -> float:
 
 
 def forward_counters(metrics_url: str) -> tuple[float, ...]:
-    """denoise_step's requests in forwards, forwards, and Triton's calls and executions of it, so far
-    (one reading of the metrics)."""
+    """denoise_step's requests in forwards, forwards, Triton's calls and executions of it, and its executes'
+    seconds on the host and waiting for the GPU, so far (one reading of the metrics)."""
     text = metrics_text(metrics_url)
     names = (
         "stepdiff_denoise_batch_size_sum",
         "stepdiff_denoise_batch_size_count",
         "nv_inference_count",
         "nv_inference_exec_count",
+        "stepdiff_denoise_host_seconds_total",
+        "stepdiff_denoise_gpu_wait_seconds_total",
     )
     return tuple(metric_total(text, name, "denoise_step") for name in names)
 
@@ -413,7 +415,8 @@ class WindowReadings:
         if not self.timers:
             self.read("end")
         (began, counts0, cpu0), (ended, counts, cpu) = self.edges["begin"], self.edges["end"]
-        rows, forwards, calls, executions = (now - before for now, before in zip(counts, counts0, strict=True))
+        deltas = (now - before for now, before in zip(counts, counts0, strict=True))
+        rows, forwards, calls, executions, host_seconds, gpu_wait_seconds = deltas
         elapsed = ended - began
         return {
             "seconds": elapsed,
@@ -423,6 +426,9 @@ class WindowReadings:
             # batch (a pass each)
             "forwards_per_execute": forwards / max(executions, 1),
             "calls_per_execute": calls / max(executions, 1),
+            # where an execute's time goes: the host's work (on CPU the forward too), and waiting for the GPU
+            "host_ms_per_execute": 1e3 * host_seconds / max(executions, 1),
+            "gpu_wait_ms_per_execute": 1e3 * gpu_wait_seconds / max(executions, 1),
             "cpu_cores": {name: round((cpu[name] - cpu0[name]) / elapsed, 2) for name in cpu if name in cpu0},
             "gpu_busy": self.busy,
         }
@@ -696,6 +702,8 @@ def through_triton(args, references: dict, mode: str, record: dict, save: Callab
                 f"p99 {row['p99_s']:.2f} s  mean forward batch {row['mean_forward_batch']:.2f}  "
                 f"calls per execute {row['calls_per_execute']:.2f}  "
                 f"forwards per execute {row['forwards_per_execute']:.2f}  "
+                f"ms per execute on the host {row['host_ms_per_execute']:.1f}, waiting for the GPU "
+                f"{row['gpu_wait_ms_per_execute']:.1f}  "
                 f"steps/s {row['steps_per_s']:.0f} ({row['images_per_s_of_steps']:.2f} images/s)  "
                 f"GPU busy {row['gpu_busy']}  "
                 f"CPU cores {row['cpu_cores']}  stages {row['stages']}",

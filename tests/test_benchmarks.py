@@ -146,6 +146,8 @@ def test_batching_benchmark_writes_its_tables(tiny_sd, tmp_path):
         assert row["stages"]["vae_decode"]["execute_ms_per_request"] > 0
         # each execute of denoise_step holds at least one call and takes at most a forward per call
         assert row["calls_per_execute"] >= 1 and 0 < row["forwards_per_execute"] <= row["calls_per_execute"]
+        # on CPU an execute never waits for a GPU, and its host time holds the forward
+        assert row["host_ms_per_execute"] > 0 and row["gpu_wait_ms_per_execute"] == 0
     breakdown = results["triton"]["eager"]["breakdown_c1"]["EulerDiscreteScheduler"]  # where each stage's time goes
     for stage in ("text_encoder", "vae_decode"):
         assert 0 < breakdown[f"{stage}_execute_ms"] <= breakdown[f"{stage}_ms"]

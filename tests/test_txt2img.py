@@ -79,9 +79,13 @@ def test_same_seed_same_image_over_both_protocols(server):
 
 def test_state_is_freed_after_each_request(server):
     steps_before = server.metric("stepdiff_denoise_steps_total")
+    host_before = server.metric("stepdiff_denoise_host_seconds_total")
     server.txt2img("a red cat", seed=1, num_inference_steps=6, scheduler="DDIMScheduler")
     assert server.metric("stepdiff_active_sequences") == 0
     assert server.metric("stepdiff_denoise_steps_total") - steps_before == 6
+    # the executes' time is counted (on CPU all of it on the host: there is no GPU to wait for)
+    assert server.metric("stepdiff_denoise_host_seconds_total") > host_before
+    assert server.metric("stepdiff_denoise_gpu_wait_seconds_total") == 0
 
 
 def test_true_cfg_scale_is_ignored_by_stable_diffusion(server):

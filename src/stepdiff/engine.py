@@ -87,6 +87,7 @@ class StepEngine:
         self.states: dict[int, RequestState] = {}
         self.forward_batch_sizes: list[int] = []
         self.steps_done = 0
+        self.gpu_wait_seconds = 0.0  # of the last run: blocked on the GPU (runahead, final latents)
 
     @torch.inference_mode()
     def run(self, calls: Sequence[StepCall]) -> list[StepResult]:
@@ -98,6 +99,7 @@ class StepEngine:
         """
         self.forward_batch_sizes = []
         self.steps_done = 0
+        self.gpu_wait_seconds = 0.0
         passes: list[list[int]] = []
         seen: dict[int, int] = defaultdict(int)
         for index, call in enumerate(calls):
@@ -137,7 +139,7 @@ class StepEngine:
                 # of whoever had arrived, and generations split into groups taking turns).
                 self._wait_for_gpu(self.max_runahead - 1)
         if copied is not None:
-            copied.synchronize()
+            self._wait(copied)
         for index, call in enumerate(calls):
             state = self.states.get(call.correlation_id)
             result = results[index]
@@ -207,7 +209,13 @@ class StepEngine:
     def _wait_for_gpu(self, pending: int) -> None:
         """Wait until at most ``pending`` earlier runs may still have GPU work queued."""
         while len(self.queued) > pending:
-            self.queued.popleft().synchronize()
+            self._wait(self.queued.popleft())
+
+    def _wait(self, event: torch.cuda.Event) -> None:
+        """Block until the GPU reaches ``event``; the time counts in ``gpu_wait_seconds``."""
+        began = time.perf_counter()
+        event.synchronize()
+        self.gpu_wait_seconds += time.perf_counter() - began
 
     def _step(self, stepping: list[tuple[int, RequestState]], results: list[StepResult]) -> None:
         """The runner's forwards per compatible group (at most ``max_batch_size`` requests), then each

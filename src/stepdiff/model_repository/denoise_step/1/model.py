@@ -8,6 +8,7 @@ instance that took its START, and each instance admits its share of ``max_active
 
 import json
 import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -28,6 +29,8 @@ METRICS = (
     ("stepdiff_denoiser_graphs", "CUDA graphs the denoiser runner has captured", "GAUGE"),
     ("stepdiff_denoiser_graph_memory_bytes", "GPU memory reserved while capturing the denoiser's graphs", "GAUGE"),
     ("stepdiff_lora_requests_total", "Generations started with a LoRA adapter, per adapter", "COUNTER"),
+    ("stepdiff_denoise_host_seconds_total", "Seconds denoise_step's executes worked on the host", "COUNTER"),
+    ("stepdiff_denoise_gpu_wait_seconds_total", "Seconds denoise_step's executes waited for the GPU", "COUNTER"),
 )
 
 
@@ -69,6 +72,8 @@ class TritonPythonModel:
         )
         self.graphs_gauge = self.metric_families["stepdiff_denoiser_graphs"].Metric(labels=labels)
         self.graph_memory_gauge = self.metric_families["stepdiff_denoiser_graph_memory_bytes"].Metric(labels=labels)
+        self.host_seconds = self.metric_families["stepdiff_denoise_host_seconds_total"].Metric(labels=labels)
+        self.gpu_wait_seconds = self.metric_families["stepdiff_denoise_gpu_wait_seconds_total"].Metric(labels=labels)
         self.lora_counters = {
             name: self.metric_families["stepdiff_lora_requests_total"].Metric(labels={**labels, "adapter": name})
             for name in settings.lora_paths()
@@ -109,6 +114,7 @@ class TritonPythonModel:
             return self._execute(requests)
 
     def _execute(self, requests):
+        began = time.perf_counter()
         self.engine.sweep()
         calls, responses = [], [None] * len(requests)
         for index, request in enumerate(requests):
@@ -137,12 +143,16 @@ class TritonPythonModel:
         self.active_gauge.set(len(self.engine.states))
         self.graphs_gauge.set(self.engine.runner.stats.graphs)
         self.graph_memory_gauge.set(self.engine.runner.stats.graph_memory_bytes)
+        waited = self.engine.gpu_wait_seconds  # (a preview's latents read back wait too, counted as host time)
+        self.gpu_wait_seconds.increment(waited)
+        self.host_seconds.increment(time.perf_counter() - began - waited)
         return responses
 
     def finalize(self):
         self.stopping.set()
         self.sweeper.join(timeout=10)
         del self.active_gauge, self.steps_counter, self.batch_histogram, self.graphs_gauge, self.graph_memory_gauge
+        del self.host_seconds, self.gpu_wait_seconds
         del self.lora_counters
         del self.metric_families
         release_triton_objects()
