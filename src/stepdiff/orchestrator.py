@@ -162,10 +162,6 @@ async def generate(
         if on_step is not None:
             await on_step(progress["steps"], num_steps, latents)
 
-    def next_step() -> asyncio.Future:
-        """Send a "next step" call (no ``step`` input, no latents)."""
-        return asyncio.ensure_future(denoise_call({}, ["step_index"], correlation_id))
-
     async def collect(num_steps: int, preview: bool = False) -> Any:
         """Await the oldest call in flight; report its step."""
         latents = (await in_flight.popleft()).get("latents")
@@ -194,8 +190,8 @@ async def generate(
                     f"server stopping: the generation was ended after step {progress['steps']} of {num_steps}; "
                     "retry on another server or once it is back"
                 )
-            if not alone:
-                in_flight.append(next_step())
+            if not alone:  # a "next step" call: no ``step`` input, no latents
+                in_flight.append(asyncio.ensure_future(denoise_call({}, ["step_index"], correlation_id)))
                 continue
             wanted = ["step_index", "latents"] if preview else ["step_index"]
             in_flight.append(

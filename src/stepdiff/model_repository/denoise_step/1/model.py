@@ -143,7 +143,7 @@ class TritonPythonModel:
         self.active_gauge.set(len(self.engine.states))
         self.graphs_gauge.set(self.engine.runner.stats.graphs)
         self.graph_memory_gauge.set(self.engine.runner.stats.graph_memory_bytes)
-        waited = self.engine.gpu_wait_seconds  # (a preview's latents read back wait too, counted as host time)
+        waited = self.engine.gpu_wait_seconds  # (reading latents back above waits too: counted as host time)
         self.gpu_wait_seconds.increment(waited)
         self.host_seconds.increment(time.perf_counter() - began - waited)
         return responses
