@@ -753,7 +753,10 @@ def report(result: dict, out: Path) -> None:
         f"# stepdiff vs diffusers in-process ({cfg['date']}, {cfg['gpu']})",
         "",
         f"Pipeline: {cfg['pipeline_kind']}, {cfg['dtype']}, {cfg['size']}x{cfg['size']}, {cfg['steps']} steps, "
-        f"guidance {cfg['guidance']}. Command: `{cfg['command']}`",
+        f"guidance {cfg['guidance']}. "
+        + ("Command" if len(cfg["commands"]) == 1 else "Commands, one after the other on the same machine")
+        + ": "
+        + "; ".join(f"`{command}`" for command in cfg["commands"]),
         "",
         "## Concurrency 1 (median latency, prompt to image)",
         "",
@@ -939,6 +942,29 @@ def report(result: dict, out: Path) -> None:
     fig.savefig(out / "results.png", dpi=110)
 
 
+RESUMABLE_SETTINGS = ("gpu", "pipeline_kind", "dtype", "size", "steps", "guidance", "schedulers")
+
+
+def merged(earlier: dict, later: dict) -> dict:
+    """earlier with later's entries added, dictionaries merged key by key (later wins where both have one)."""
+    both = dict(earlier)
+    for key, value in later.items():
+        both[key] = merged(both[key], value) if isinstance(value, dict) and isinstance(both.get(key), dict) else value
+    return both
+
+
+def resumed(earlier: dict, fresh: dict) -> dict:
+    """A run continued in another slice: earlier's results and fresh's (still empty) with the commands of both.
+    ValueError names a generation setting that differs, since the report compares the slices' figures."""
+    before, now = earlier["config"], fresh["config"]
+    for setting in RESUMABLE_SETTINGS:
+        if before.get(setting) != now[setting]:
+            raise ValueError(f"{setting} is {now[setting]!r} here but {before.get(setting)!r} in the results resumed")
+    both = merged(earlier, fresh)
+    both["config"] = {**before, "commands": [*before["commands"], *now["commands"]]}
+    return both
+
+
 def csv_of(kind: type):
     return lambda text: [kind(item) for item in text.split(",")]
 
@@ -1006,6 +1032,12 @@ def main() -> int:
         help="before each mode's measured server, time one start with the Inductor cache emptied "
         "(`compiled` then compiles from nothing; the measured server starts warm)",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="add to the results.json already in --out (a run in slices, e.g. one mode per call on a lent "
+        "machine): the same pipeline, GPU and generation settings, one report over every slice",
+    )
     parser.add_argument("--port", type=int, default=18100)
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose")
     args = parser.parse_args()
@@ -1029,10 +1061,15 @@ def main() -> int:
             "guidance": args.guidance,
             "schedulers": args.schedulers,
             "open_loop_fraction": args.open_loop_fraction,
-            "command": " ".join(sys.argv),
+            "commands": [" ".join(sys.argv)],
         },
         "triton": {},
     }
+    if args.resume and (args.out / "results.json").exists():
+        try:
+            result = resumed(json.loads((args.out / "results.json").read_text()), result)
+        except ValueError as error:
+            parser.error(f"--resume: {error}")
 
     def save() -> None:  # after every phase: a run cut off keeps what it measured
         (args.out / "results.json").write_text(json.dumps(result, indent=2))
@@ -1042,9 +1079,9 @@ def main() -> int:
     references = in_process_references(args, device, dtype)
     for mode in args.modes:
         through_triton(args, references, mode, result["triton"].setdefault(mode, {}), save)
-    result["baseline"] = in_process_baseline(args, device, dtype, references)
+    result["baseline"] = merged(result.get("baseline", {}), in_process_baseline(args, device, dtype, references))
     save()
-    result["baseline"]["stage_costs"] = in_process_stage_costs(args, device, dtype)
+    result["baseline"] = merged(result["baseline"], {"stage_costs": in_process_stage_costs(args, device, dtype)})
     save()
     report(result, args.out)
     print((args.out / "results.md").read_text())

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from stepdiff.server import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +90,7 @@ def test_gpu_busy_is_the_mean_of_nvidia_smis_samples_per_gpu(tmp_path, monkeypat
     assert sampler.stop() == {0: 0.95, 1: 0.2}
 
 
-def test_batching_benchmark_writes_its_tables(tiny_sd, tmp_path):
+def test_batching_benchmark_writes_its_tables(tiny_sd, tmp_path, monkeypatch):
     [port] = free_ports(1)
     cache = tmp_path / "inductor"  # --cold-start empties it (here, not the user's own cache)
     cache.mkdir()
@@ -162,6 +164,30 @@ def test_batching_benchmark_writes_its_tables(tiny_sd, tmp_path):
     assert "| eager, EulerDiscreteScheduler, vae_decode |" in markdown  # served against in-process, per stage
     assert "1 of 1 byte-identical" in markdown  # the served image against stock diffusers, on CPU
     assert (tmp_path / "results.png").stat().st_size > 0
+    monkeypatch.syspath_prepend(str(ROOT / "load_tests"))
+    check_a_second_slice_resumes_the_run(results, tmp_path)
+
+
+def check_a_second_slice_resumes_the_run(results: dict, tmp_path: Path) -> None:
+    """--resume: a second slice (here the same mode under another name) adds to the first's results, and one
+    report holds both with both commands; a slice with other generation settings is refused, naming them."""
+    import bench_batching
+
+    fresh = {"config": {**results["config"], "commands": ["bench_batching.py --modes compiled"]}, "triton": {}}
+    later = bench_batching.merged(
+        bench_batching.resumed(results, fresh), {"triton": {"second": results["triton"]["eager"]}}
+    )
+    assert later["config"]["commands"] == [*results["config"]["commands"], "bench_batching.py --modes compiled"]
+    assert set(later["triton"]) == {"eager", "second"} and later["baseline"] == results["baseline"]
+    out = tmp_path / "resumed"
+    out.mkdir()
+    bench_batching.report(later, out)
+    markdown = (out / "results.md").read_text()
+    assert "Commands, one after the other on the same machine" in markdown
+    assert "## Throughput, stepdiff `second`" in markdown and "## Throughput, stepdiff `eager`" in markdown
+    other = {"config": {**fresh["config"], "steps": 50}, "triton": {}}
+    with pytest.raises(ValueError, match="steps is 50 here but 3 in the results resumed"):
+        bench_batching.resumed(results, other)
 
 
 def test_families_benchmark_appends_each_family_to_one_table(tiny_qwen, tiny_sdxl, tmp_path):
