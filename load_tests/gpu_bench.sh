@@ -3,7 +3,9 @@
 # after a command ends: each call runs one whole slice, from a fresh install to its results in $OUT,
 # so that nothing waits for a later call on the same machine.
 #   bash load_tests/gpu_bench.sh batching [BENCH_BATCHING_ARGS ...]
-#       make-tiny sd15-size (float16), then bench_batching.py with the arguments given
+#       make-tiny sd15-size (float16), then bench_batching.py with the arguments given; one run in
+#       slices, one call each on the same machine: `--modes exact --variants eager,exact ...`, then
+#       `--resume --modes compiled --variants eager,compiled ...` (one results.md over both)
 #   bash load_tests/gpu_bench.sh starts MODE
 #       `stepdiff serve --denoiser MODE` (and `--decoder compiled` for compiled) with the 512x512 warm-up,
 #       timed to ready twice: first with the Inductor cache emptied, then again with it filled; the
